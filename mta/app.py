@@ -1,0 +1,150 @@
+"""Wiring and lifetime of ``mta serve``: build the parts, run, shut down.
+
+Start: open (and lock) the spool and load it, then start the scheduler, the
+listeners, the control socket and the health endpoints.  SIGTERM or SIGINT:
+readiness turns false at once, listeners stop accepting, sessions in a
+transaction may finish until ``shutdown.timeout``, deliveries in flight get
+the same deadline and are then abandoned (their mail stays queued), and the
+spool is closed.  Nothing that was answered 250 depends on a clean shutdown:
+it is on disk before the reply.
+
+Failure: ``StartupError`` with a message naming what could not start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+
+from mta.config import Config
+from mta.control import ControlServer, socket_path
+from mta.delivery.client import ClientSettings, Connector
+from mta.delivery.mx import MxResolver, make_resolver
+from mta.obs.http import HealthServer
+from mta.obs.log import event
+from mta.scheduler.queue import Scheduler
+from mta.smtp.server import Listener
+from mta.smtp.session import SessionHandler
+from spool import Spool, SpoolError
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    pass
+
+
+class App:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.spool = Spool(config.spool_shard)
+        self.listeners: list[Listener] = []
+        self.stopping = False
+
+    def _connector(self) -> Connector:
+        config = self.config
+        resolver = make_resolver(config.dns.servers, config.dns.timeout)
+        settings = ClientSettings(
+            helo_name=config.hostname,
+            port=config.delivery.port,
+            source_address=str(config.delivery.source_address) if config.delivery.source_address else None,
+            connect_timeout=config.delivery.connect_timeout,
+            command_timeout=config.delivery.command_timeout,
+        )
+        return Connector(settings, MxResolver(resolver))
+
+    # -- readiness ---------------------------------------------------------
+
+    def _listeners_ready(self) -> tuple[bool, str]:
+        if self.stopping:
+            return False, "shutting down"
+        down = [item.config.name for item in self.listeners if not item.serving]
+        return (not down, f"not serving: {', '.join(down)}" if down else "all serving")
+
+    def _spool_ready(self) -> tuple[bool, str]:
+        probe = self.config.spool_shard / "tmp" / f"readyz.{os.getpid()}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, b"ok")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            probe.unlink()
+        except OSError as exc:
+            return False, f"cannot write to the spool: {exc.strerror}"
+        return True, "writable"
+
+    # -- lifetime ------------------------------------------------------------
+
+    async def run(self) -> None:
+        config = self.config
+        try:
+            loaded = self.spool.open()
+        except SpoolError as exc:
+            raise StartupError(str(exc)) from None
+        except OSError as exc:
+            raise StartupError(f"spool.path {config.spool.path}: {exc.strerror}") from None
+        event("spool_loaded", path=str(config.spool_shard), messages=len(loaded.records),
+              quarantined=len(loaded.corrupt), removed_uncommitted=loaded.removed_uncommitted)
+        scheduler = Scheduler(self.spool, config, self._connector().open)
+        scheduler.load(loaded.records)
+        control = ControlServer(socket_path(config.spool.path), scheduler)
+        host, port = config.http.host_port
+        health = HealthServer(host, port, {"listeners": self._listeners_ready, "spool": self._spool_ready})
+        scheduler_task: asyncio.Task[None] | None = None
+        try:
+            for item in config.listeners:
+                listener = Listener(item, config, SessionHandler(item, config, self.spool, scheduler))
+                try:
+                    await listener.start()
+                except OSError as exc:
+                    raise StartupError(f"listener {item.name!r} cannot listen on {item.address}: "
+                                       f"{exc.strerror}") from None
+                self.listeners.append(listener)
+            try:
+                await control.start()
+                await health.start()
+            except OSError as exc:
+                raise StartupError(f"http.address {config.http.address} or control socket: {exc.strerror}") \
+                    from None
+            scheduler_task = asyncio.create_task(scheduler.run())
+            event("started", hostname=config.hostname, pid=os.getpid(),
+                  listeners=",".join(f"{item.name}={item.address}" for item in config.listeners))
+            await self._wait_for_signal(scheduler_task)
+        finally:
+            await self._shutdown(scheduler, scheduler_task, control, health)
+
+    async def _wait_for_signal(self, scheduler_task: asyncio.Task[None]) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({stopper, scheduler_task}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if scheduler_task in done:
+            scheduler_task.result()  # the scheduler must never end on its own: surface why
+
+    async def _shutdown(self, scheduler: Scheduler, scheduler_task: asyncio.Task[None] | None,
+                        control: ControlServer, health: HealthServer) -> None:
+        self.stopping = True
+        event("stopping", timeout=self.config.shutdown.timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.shutdown.timeout
+        for listener in self.listeners:
+            listener.stop_accepting()
+        await asyncio.gather(*(listener.drain(deadline) for listener in self.listeners))
+        await scheduler.stop(time.monotonic() + max(0.0, deadline - loop.time()))
+        if scheduler_task is not None:
+            scheduler_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await scheduler_task
+        await control.stop()
+        await health.stop()
+        self.spool.close()
+        event("stopped")

@@ -1,0 +1,1 @@
+"""Delivery status notifications (bounces) for mail that cannot be delivered."""

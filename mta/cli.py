@@ -1,0 +1,175 @@
+"""The ``mta`` command: serve, check-config, queue.
+
+Every subcommand takes ``-c FILE`` (or ``$MTA_CONFIG``) and the same
+``MTA__...`` environment overrides as the server.  ``mta queue`` talks to
+the running server through its control socket when a server owns the
+spool, and works on the spool files itself (holding the spool lock) when
+none does, so it never races a server.
+
+Exit codes: 0 done, 1 the action failed (unknown id, server unreachable),
+2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+from mta import config as config_module
+from mta import control
+from mta.config import Config, ConfigError
+from spool import Spool, SpoolLocked
+
+QUEUE_ACTIONS = {
+    "list": "show queued messages",
+    "show": "show messages in full (header included)",
+    "flush": "retry deferred mail now (all of it when no id is given)",
+    "delete": "remove messages from the queue without a bounce",
+    "hold": "keep messages queued but do not deliver them",
+    "release": "end a hold; deliver now",
+    "bounce": "return messages to their senders now",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    help_text = "configuration file (default: $MTA_CONFIG, else the embedded default)"
+    parser = argparse.ArgumentParser(prog="mta", description="kubemta: an SMTP mail transfer agent")
+    parser.add_argument("-c", "--config", metavar="FILE", help=help_text)
+    # Subcommands accept -c too; SUPPRESS keeps them from resetting a -c given before them.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", metavar="FILE", help=help_text, default=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("serve", parents=[common], help="run the MTA")
+    sub.add_parser("check-config", parents=[common], help="validate the configuration and print it")
+    queue = sub.add_parser("queue", parents=[common], help="inspect and manage the queue")
+    qsub = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in QUEUE_ACTIONS.items():
+        item = qsub.add_parser(action, parents=[common], help=text)
+        if action == "list":
+            item.add_argument("--json", action="store_true", help="one JSON array")
+        elif action == "show":
+            item.add_argument("ids", nargs="+", metavar="ID")
+            item.add_argument("--json", action="store_true", help="JSON output")
+        elif action == "flush":
+            item.add_argument("ids", nargs="*", metavar="ID")
+        else:
+            item.add_argument("ids", nargs="+", metavar="ID")
+    return parser
+
+
+def _load_config(path: str | None) -> Config:
+    return config_module.load(path)
+
+
+def _serve(config: Config) -> int:
+    from mta.app import App, StartupError
+    from mta.obs import log
+
+    log.setup(config.log.level)
+    try:
+        asyncio.run(App(config).run())
+    except StartupError as exc:
+        print(f"mta: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _queue_offline(config: Config, action: str, ids: list[str]) -> Any:
+    from mta.scheduler.queue import Scheduler
+
+    spool = Spool(config.spool_shard)
+    loaded = spool.open()
+    try:
+        async def run() -> Any:
+            scheduler = Scheduler(spool, config, opener=None)
+            scheduler.load(loaded.records)
+            if action == "list":
+                return scheduler.list()
+            if action == "show":
+                return {i: scheduler.show(i) for i in ids}
+            return await scheduler.act(action, ids)
+
+        return asyncio.run(run())
+    finally:
+        spool.close()
+
+
+def queue_request(config: Config, action: str, ids: list[str]) -> Any:
+    """Run a queue action through the server, or on the spool when none runs."""
+    spool = Spool(config.spool_shard)
+    if not spool.in_use():
+        if action == "list" and not config.spool_shard.exists():
+            return []
+        try:
+            return _queue_offline(config, action, ids)
+        except SpoolLocked:
+            pass  # a server started meanwhile: ask it
+    return control.request(control.socket_path(config.spool.path), action, ids)
+
+
+def _print_list(records: list[dict[str, Any]]) -> None:
+    if not records:
+        print("queue is empty")
+        return
+    for item in records:
+        print(f"{item['id']}  {item['size']:>8}  {item['created']}  {item['state']:<8}  "
+              f"attempts={item['attempts']}  next={item['next_attempt']}  from=<{item['sender']}>")
+        for rcpt in item["recipients"]:
+            reply = f"  ({rcpt['last_reply']})" if rcpt["last_reply"] else ""
+            print(f"    {rcpt['state']:<9} <{rcpt['address']}>{reply}")
+    print(f"{len(records)} message(s)")
+
+
+def _queue(config: Config, args: argparse.Namespace) -> int:
+    ids = list(getattr(args, "ids", []) or [])
+    try:
+        result = queue_request(config, args.action, ids)
+    except control.ControlError as exc:
+        print(f"mta queue: {exc}", file=sys.stderr)
+        return 1
+    if args.action == "list":
+        if args.json:
+            print(json.dumps(result, indent=1))
+        else:
+            _print_list(result)
+        return 0
+    if args.action == "show":
+        missing = [i for i, info in result.items() if info is None]
+        if args.json:
+            print(json.dumps(result, indent=1))
+        else:
+            for info in result.values():
+                if info is not None:
+                    _print_list([info])
+                    print(info.get("header") or "")
+        for i in missing:
+            print(f"mta queue show: {i}: unknown id", file=sys.stderr)
+        return 1 if missing else 0
+    failed = False
+    for record_id, outcome in result.items():
+        print(f"{record_id}: {outcome}")
+        failed = failed or (outcome not in ("ok",) and not outcome.startswith("will be done"))
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = _load_config(args.config)
+    except ConfigError as exc:
+        print(f"mta: configuration error:\n{exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        return _serve(config)
+    if args.command == "check-config":
+        print(json.dumps(config.model_dump(mode="json"), indent=2))
+        print("configuration OK", file=sys.stderr)
+        return 0
+    return _queue(config, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""The configuration: one typed tree, loaded once at start and validated.
+
+Sources, later ones winning: built-in defaults, a YAML file (``-c FILE`` or
+``$MTA_CONFIG``), environment variables ``MTA__SECTION__KEY`` (list items by
+index: ``MTA__LISTENERS__0__ADDRESS``; values are parsed as YAML scalars).
+No other module reads files or the environment for settings.
+
+Failure: ``ConfigError`` whose message names the key (or the environment
+variable, or the file) and the reason; ``mta`` prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "MTA__"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_SIZE = re.compile(r"^\s*(\d+)\s*(k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which key and why."""
+
+
+def _duration(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 5m, 1h or 5d")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"{value!r} is not a duration such as 30s, 5m, 1h or 5d")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 1048576, 512K or 25M")
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a size such as 1048576, 512K or 25M")
+    unit = (match.group(2) or "")[:1].lower() or None
+    return int(match.group(1)) * _SIZE_UNITS[unit]
+
+
+Duration = Annotated[float, BeforeValidator(_duration)]
+Size = Annotated[int, BeforeValidator(_size)]
+
+
+def parse_host_port(value: str, default_port: int | None = None) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or (with a default) a bare host."""
+    text = str(value).strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f"{value!r}: unclosed '[' in address")
+        port_text = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{value!r}: expected ':port' after ']'")
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""  # a bare name, or a bare IPv6 address
+    if not host:
+        raise ValueError(f"{value!r}: missing host")
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"{value!r}: missing ':port'")
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{value!r}: port must be a number from 1 to 65535")
+    return host, int(port_text)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenerConfig(Section):
+    name: str = Field(min_length=1)
+    address: str
+    mode: Literal["relay", "submission"] = "relay"
+    trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parse_host_port(value)
+        return value
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return parse_host_port(self.address)
+
+
+class SpoolConfig(Section):
+    path: Path = Path("./var/spool")
+
+
+class DnsConfig(Section):
+    nameservers: list[str] = Field(default_factory=list)
+    timeout: Duration = 5.0
+
+    @field_validator("nameservers")
+    @classmethod
+    def _nameservers(cls, value: list[str]) -> list[str]:
+        for item in value:
+            host, _ = parse_host_port(item, 53)
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(f"{item!r}: a nameserver must be an IP address (host or host:port)") from None
+        return value
+
+    @property
+    def servers(self) -> list[tuple[str, int]]:
+        return [parse_host_port(item, 53) for item in self.nameservers]
+
+
+class DeliveryConfig(Section):
+    port: int = Field(25, gt=0, lt=65536)
+    source_address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    connect_timeout: Duration = 30.0
+    command_timeout: Duration = 120.0
+    max_concurrency: int = Field(100, ge=1)
+    max_per_destination: int = Field(10, ge=1)
+    max_messages_per_connection: int = Field(100, ge=1)
+
+
+class QueueConfig(Section):
+    retry_initial: Duration = 300.0
+    retry_max: Duration = 3600.0
+    retry_jitter: float = Field(0.2, ge=0, lt=1)
+    lifetime: Duration = 5 * 86400.0
+    bounce_lifetime: Duration = 5 * 86400.0
+
+    @model_validator(mode="after")
+    def _order(self) -> QueueConfig:
+        if self.retry_initial <= 0:
+            raise ValueError("retry_initial must be positive")
+        if self.retry_max < self.retry_initial:
+            raise ValueError("retry_max must not be shorter than retry_initial")
+        return self
+
+
+class RouteConfig(Section):
+    domains: list[str] = Field(min_length=1)
+    relay: str
+    tls: Literal["starttls", "implicit", "opportunistic", "none"] = "starttls"
+    tls_verify: bool = True
+    ca_file: Path | None = None
+    auth_file: Path | None = None
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, value: list[str]) -> list[str]:
+        out = []
+        for item in value:
+            name = item.strip().lower().rstrip(".")
+            bare = name[2:] if name.startswith("*.") else name
+            if name != "*" and not _HOSTNAME.match(bare):
+                raise ValueError(f"{item!r} is not a domain, '*.domain' or '*'")
+            out.append(name)
+        return out
+
+    @field_validator("relay")
+    @classmethod
+    def _relay(cls, value: str) -> str:
+        parse_host_port(value, 25)
+        return value
+
+    @field_validator("auth_file", "ca_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not os.access(value, os.R_OK):
+            raise ValueError(f"{value} is not a readable file")
+        return value
+
+    @property
+    def relay_host_port(self) -> tuple[str, int]:
+        return parse_host_port(self.relay, 465 if self.tls == "implicit" else 25)
+
+
+class LimitsConfig(Section):
+    max_message_size: Size = 25 * 1024 * 1024
+    max_recipients: int = Field(1000, ge=1)
+    session_timeout: Duration = 300.0
+
+
+class HttpConfig(Section):
+    address: str = "127.0.0.1:8080"
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parse_host_port(value)
+        return value
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return parse_host_port(self.address)
+
+
+class ShutdownConfig(Section):
+    # Keep below the pod's terminationGracePeriodSeconds.
+    timeout: Duration = 25.0
+
+
+class LogConfig(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+def _default_listeners() -> list[ListenerConfig]:
+    return [
+        ListenerConfig(
+            name="relay",
+            address="127.0.0.1:2525",
+            mode="relay",
+            trusted_networks=[ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")],
+        )
+    ]
+
+
+def _default_hostname() -> str:
+    name = socket.getfqdn()
+    # HELO and Received need a qualified name; a bare container hostname is not.
+    return name if "." in name.strip(".") else f"{name}.localdomain"
+
+
+class Config(Section):
+    hostname: str = Field(default_factory=_default_hostname)
+    spool: SpoolConfig = SpoolConfig()
+    listeners: list[ListenerConfig] = Field(default_factory=_default_listeners)
+    dns: DnsConfig = DnsConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    queue: QueueConfig = QueueConfig()
+    routes: list[RouteConfig] = Field(default_factory=list)
+    limits: LimitsConfig = LimitsConfig()
+    http: HttpConfig = HttpConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
+    log: LogConfig = LogConfig()
+
+    @property
+    def spool_shard(self) -> Path:
+        """The spool directory of this process (one shard for now)."""
+        return self.spool.path / "0"
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, value: str) -> str:
+        if not _HOSTNAME.match(value) or "." not in value.strip("."):
+            raise ValueError(f"{value!r} is not a fully qualified host name")
+        return value.rstrip(".")
+
+    @model_validator(mode="after")
+    def _unique(self) -> Config:
+        names = [item.name for item in self.listeners]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"listener names must be unique: {', '.join(dupes)}")
+        addresses = [item.host_port for item in self.listeners]
+        if len(set(addresses)) != len(addresses):
+            raise ValueError("two listeners share one address")
+        seen: set[str] = set()
+        for route in self.routes:
+            for domain in route.domains:
+                if domain in seen:
+                    raise ValueError(f"domain {domain!r} appears in more than one route")
+                seen.add(domain)
+        return self
+
+
+# -- loading -----------------------------------------------------------------
+
+
+def _set_path(tree: dict[str, Any], parts: list[str], value: Any, env_name: str) -> None:
+    node: Any = tree
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) > len(node):
+                raise ConfigError(f"{env_name}: {part!r} is not an index of that list (it has {len(node)} items)")
+            index = int(part)
+            if index == len(node):
+                node.append({})
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{env_name}: {'.'.join(parts[:depth])} is not a section")
+        if last:
+            node[part] = value
+        else:
+            if part not in node or node[part] is None:
+                node[part] = [] if parts[depth + 1].isdigit() else {}
+            node = node[part]
+
+
+def _env_overrides(tree: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        if not all(parts):
+            raise ConfigError(f"{name}: empty key segment")
+        try:
+            value = yaml.safe_load(environ[name]) if environ[name] != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{name}: not a valid value: {exc}") from None
+        if parts[0] == "listeners" and len(parts) > 1 and "listeners" not in tree:
+            # Overriding one listener key starts from the default listeners.
+            tree["listeners"] = [item.model_dump(mode="json") for item in _default_listeners()]
+        _set_path(tree, parts, value, name)
+
+
+def _suggest(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """For an unknown key, the known key it most resembles."""
+    node: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = node.model_fields.get(part) if hasattr(node, "model_fields") else None
+        if field is None:
+            return ""
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        node = next((a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if node is None:
+            return ""
+    if not hasattr(node, "model_fields"):
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(node.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _format(exc: ValidationError, source: str) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key" + _suggest(Config, loc)
+        lines.append(f"{source}: {key}: {message}")
+    return "\n".join(lines)
+
+
+def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Build the configuration from a file (or the embedded default) and env."""
+    environ = os.environ if environ is None else environ
+    if path is None and environ.get("MTA_CONFIG"):
+        path = environ["MTA_CONFIG"]
+    tree: dict[str, Any] = {}
+    source = "embedded default"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        tree = loaded
+    if any(name.startswith(ENV_PREFIX) for name in environ):
+        _env_overrides(tree, environ)
+        source += " + environment"
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, source)) from None

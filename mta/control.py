@@ -1,0 +1,108 @@
+"""Operator control of a running server through a Unix socket in the spool.
+
+``mta queue ...`` must never race the server for the spool's files, so
+while a server owns the spool the CLI asks it to act: one JSON request line
+(``{"action": "hold", "ids": [...]}``) gets one JSON reply line.  The socket
+lives inside the spool directory, so only who may touch the spool may use
+it.  Failure: the client raises ``ControlError`` with a readable reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from mta.scheduler.queue import Scheduler
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("list", "show", "flush", "delete", "hold", "release", "bounce")
+MAX_REQUEST = 1024 * 1024
+
+
+class ControlError(Exception):
+    pass
+
+
+def socket_path(spool_root: Path) -> Path:
+    return Path(spool_root) / "control.sock"
+
+
+async def handle(scheduler: Scheduler, request: dict[str, Any]) -> dict[str, Any]:
+    action = request.get("action")
+    ids = request.get("ids") or []
+    if action not in ACTIONS or not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        return {"ok": False, "error": f"bad request; actions are {', '.join(ACTIONS)}"}
+    if action == "list":
+        return {"ok": True, "result": scheduler.list()}
+    if action == "show":
+        found = {i: scheduler.show(i) for i in ids}
+        return {"ok": True, "result": found}
+    return {"ok": True, "result": await scheduler.act(action, ids)}
+
+
+class ControlServer:
+    def __init__(self, path: Path, scheduler: Scheduler) -> None:
+        self.path = path
+        self.scheduler = scheduler
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        # A socket file left by a killed server; we own the spool lock, so it is stale.
+        if self.path.exists() or self.path.is_symlink():
+            self.path.unlink()
+        self.server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=MAX_REQUEST)
+        os.chmod(self.path, 0o600)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), timeout=10)
+            try:
+                request = json.loads(line)
+                response = await handle(self.scheduler, request) if isinstance(request, dict) else \
+                    {"ok": False, "error": "request must be a JSON object"}
+            except ValueError:
+                response = {"ok": False, "error": "request is not JSON"}
+            writer.write(json.dumps(response).encode() + b"\n")
+            await writer.drain()
+        except (TimeoutError, ConnectionError, asyncio.LimitOverrunError, ValueError) as exc:
+            log.warning("control request failed: %s", exc)
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        if self.path.exists():
+            self.path.unlink()
+
+
+def request(path: Path, action: str, ids: list[str], timeout: float = 30.0) -> Any:
+    """Send one request to the running server; returns its ``result``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except OSError as exc:
+            raise ControlError(f"the server owns the spool but its control socket {path} "
+                               f"does not answer: {exc.strerror}") from None
+        sock.sendall(json.dumps({"action": action, "ids": ids}).encode() + b"\n")
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    try:
+        response = json.loads(b"".join(chunks))
+    except ValueError:
+        raise ControlError("the server's reply was not understood") from None
+    if not response.get("ok"):
+        raise ControlError(response.get("error", "the server refused the request"))
+    return response["result"]

@@ -1,0 +1,282 @@
+"""One outbound SMTP connection (aiosmtplib) and the transactions on it.
+
+``Connector.open`` finds a server for a next hop — MX hosts in order, each
+of their addresses, skipping hosts that do not answer — binds the configured
+source address, says EHLO with our host name and upgrades to TLS: always for
+smart hosts that ask for it (verified against the configured roots),
+opportunistically for MX hosts (unverified, and in plain text again if the
+handshake fails, as RFC 7435 allows).  ``Connection.send`` runs one mail
+transaction and maps every reply to an ``Outcome`` per recipient.
+
+Failure: ``ConnectFailed`` carrying the outcome for every recipient of the
+hop; ``send`` never raises for remote trouble, it reports it, and marks the
+connection unusable when the session is broken.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosmtplib
+
+from mta.delivery import result
+from mta.delivery.mx import LookupFailed, MxResolver
+from mta.delivery.result import Outcome
+from mta.delivery.route import NextHop
+
+log = logging.getLogger(__name__)
+
+MAX_ADDRESSES = 10  # servers tried per attempt before giving up for now
+
+
+class ConnectFailed(Exception):
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.reply)
+        self.outcome = outcome
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    helo_name: str
+    port: int = 25
+    source_address: str | None = None
+    connect_timeout: float = 30.0
+    command_timeout: float = 120.0
+
+
+def _reply_text(exc: aiosmtplib.SMTPResponseException) -> str:
+    return f"{exc.code} {' '.join(exc.message.split())}"
+
+
+def read_credentials(path: Path) -> tuple[str, str]:
+    """``user:password`` on the first line (a Secret mounted as a file)."""
+    lines = path.read_text().splitlines()
+    line = lines[0] if lines else ""
+    user, sep, password = line.partition(":")
+    if not sep or not user:
+        raise ValueError(f"{path}: expected 'username:password' on the first line")
+    return user, password
+
+
+def _tls_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class Connection:
+    """An open, greeted SMTP session with one server."""
+
+    def __init__(self, smtp: aiosmtplib.SMTP, remote: str) -> None:
+        self.smtp = smtp
+        self.remote = remote
+        self.usable = True
+        self.transactions = 0
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.smtp.get_transport_info("sslcontext"))
+
+    async def send(
+        self, sender: str, recipients: Sequence[str], data: bytes, *, smtputf8: bool = False, eight_bit: bool = False
+    ) -> dict[str, Outcome]:
+        smtp, remote = self.smtp, self.remote
+        outcomes: dict[str, Outcome] = {}
+        options: list[str] = []
+        encoding = "ascii"
+        if smtputf8:
+            if not smtp.supports_extension("smtputf8"):
+                outcome = result.permanent("553 5.6.7 remote server does not support SMTPUTF8", remote)
+                return dict.fromkeys(recipients, outcome)
+            options.append("SMTPUTF8")
+            encoding = "utf-8"
+        if eight_bit and smtp.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        if smtp.supports_extension("size"):
+            options.append(f"SIZE={len(data)}")
+        self.transactions += 1
+        try:
+            try:
+                await smtp.mail(sender, options=options, encoding=encoding)
+            except aiosmtplib.SMTPResponseException as exc:
+                outcome = result.from_reply(exc.code, " ".join(exc.message.split()), remote)
+                await self._reset_after(exc.code)
+                return dict.fromkeys(recipients, outcome)
+            accepted = []
+            for rcpt in recipients:
+                try:
+                    await smtp.rcpt(rcpt, encoding=encoding)
+                    accepted.append(rcpt)
+                except aiosmtplib.SMTPResponseException as exc:
+                    outcomes[rcpt] = result.from_reply(exc.code, " ".join(exc.message.split()), remote)
+                    if exc.code == 421:
+                        raise
+            if not accepted:
+                await self._reset_after(0)
+                return outcomes
+            try:
+                response = await smtp.data(data)
+            except aiosmtplib.SMTPResponseException as exc:
+                outcome = result.from_reply(exc.code, " ".join(exc.message.split()), remote)
+                if exc.code == 421:
+                    self.usable = False
+                outcomes.update(dict.fromkeys(accepted, outcome))
+                return outcomes
+            done = result.delivered(f"{response.code} {' '.join(response.message.split())}", remote)
+            outcomes.update(dict.fromkeys(accepted, done))
+            return outcomes
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            # The session broke (disconnect, timeout, 421): everything not yet
+            # answered for is undecided and will be tried again.
+            self.usable = False
+            reply = _reply_text(exc) if isinstance(exc, aiosmtplib.SMTPResponseException) else f"{exc}"
+            outcome = result.transient(f"451 4.4.2 connection to {remote} lost: {reply}", remote)
+            for rcpt in recipients:
+                outcomes.setdefault(rcpt, outcome)
+            return outcomes
+
+    async def _reset_after(self, code: int) -> None:
+        if code == 421:
+            self.usable = False
+            return
+        try:
+            await self.smtp.rset()
+        except (aiosmtplib.SMTPException, OSError):
+            self.usable = False
+
+    async def close(self) -> None:
+        try:
+            if self.usable and self.smtp.is_connected:
+                await self.smtp.quit()
+        except (aiosmtplib.SMTPException, OSError):
+            pass
+        finally:
+            self.smtp.close()
+
+
+class Connector:
+    """Opens connections to next hops; the network pieces are injectable."""
+
+    def __init__(self, settings: ClientSettings, mx: MxResolver) -> None:
+        self.settings = settings
+        self.mx = mx
+
+    def _families(self) -> tuple[int, ...]:
+        source = self.settings.source_address
+        if source is None:
+            return (4, 6)
+        return (6,) if ":" in source else (4,)
+
+    async def open(self, hop: NextHop) -> Connection:
+        if hop.kind == "relay":
+            return await self._open_relay(hop)
+        return await self._open_mx(hop.name)
+
+    async def _open_mx(self, domain: str) -> Connection:
+        try:
+            hosts = await self.mx.mx_hosts(domain)
+        except LookupFailed as exc:
+            raise ConnectFailed(Outcome(result.Kind.PERMANENT if exc.permanent else result.Kind.TRANSIENT,
+                                        exc.reply)) from None
+        tried = 0
+        last: Outcome | None = None
+        lookup_permanent = True
+        for host in hosts:
+            try:
+                addresses = await self.mx.addresses(host.name, self._families())
+            except LookupFailed as exc:
+                lookup_permanent = lookup_permanent and exc.permanent
+                last = result.transient(exc.reply)
+                continue
+            for address in addresses:
+                if tried >= MAX_ADDRESSES:
+                    break
+                tried += 1
+                remote = f"{host.name}[{address}]"
+                try:
+                    return await self._connect(address, self.settings.port, remote, tls="opportunistic",
+                                               server_name=host.name)
+                except ConnectFailed as exc:
+                    last = exc.outcome
+                    log.info("delivery to %s: %s", remote, exc.outcome.reply)
+        if tried == 0 and lookup_permanent:
+            # Every mail exchanger name is dead in DNS (or the domain has no
+            # address at all): waiting will not help.
+            raise ConnectFailed(result.permanent(f"550 5.1.2 no address found for the mail exchangers of {domain}"))
+        raise ConnectFailed(last or result.transient(f"451 4.4.1 no mail exchanger of {domain} answered"))
+
+    async def _open_relay(self, hop: NextHop) -> Connection:
+        route = hop.route
+        assert route is not None
+        host, port = route.relay_host_port
+        connection = await self._connect(host, port, hop.name, tls=route.tls, server_name=host,
+                                         verify=route.tls_verify, ca_file=route.ca_file)
+        if route.auth_file is not None:
+            if not connection.tls and route.tls != "none":
+                await connection.close()
+                raise ConnectFailed(result.transient(
+                    f"454 4.7.0 smart host {hop.name} offered no TLS; credentials not sent"))
+            try:
+                user, password = read_credentials(route.auth_file)
+            except (OSError, ValueError) as exc:
+                await connection.close()
+                raise ConnectFailed(result.transient(f"451 4.3.5 smart host credentials unusable: {exc}")) from None
+            try:
+                await connection.smtp.login(user, password)
+            except aiosmtplib.SMTPException as exc:
+                await connection.close()
+                detail = _reply_text(exc) if isinstance(exc, aiosmtplib.SMTPResponseException) else str(exc)
+                raise ConnectFailed(result.transient(
+                    f"454 4.7.0 authentication to smart host {hop.name} failed: {detail}", hop.name)) from None
+        return connection
+
+    async def _connect(self, address: str, port: int, remote: str, *, tls: str, server_name: str,
+                       verify: bool = False, ca_file: Path | None = None, plaintext_retry: bool = True
+                       ) -> Connection:
+        settings = self.settings
+        context = _tls_context(verify, ca_file)
+        smtp = aiosmtplib.SMTP(
+            hostname=address,
+            port=port,
+            local_hostname=settings.helo_name,
+            source_address=(settings.source_address, 0) if settings.source_address else None,
+            timeout=settings.command_timeout,
+            use_tls=tls == "implicit",
+            start_tls=False,
+            tls_context=context if tls == "implicit" else None,
+            validate_certs=verify,
+        )
+        try:
+            await smtp.connect(timeout=settings.connect_timeout, server_hostname=server_name) \
+                if tls == "implicit" else await smtp.connect(timeout=settings.connect_timeout)
+            await smtp.ehlo()
+        except aiosmtplib.SMTPResponseException as exc:
+            smtp.close()
+            raise ConnectFailed(result.transient(f"451 4.4.0 {remote} refused the session: {_reply_text(exc)}",
+                                                 remote)) from None
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            smtp.close()
+            raise ConnectFailed(result.transient(f"451 4.4.1 cannot connect to {remote}: {exc}", remote)) from None
+        if tls in ("starttls", "opportunistic"):
+            if smtp.supports_extension("starttls"):
+                try:
+                    await smtp.starttls(server_hostname=server_name, tls_context=context, validate_certs=verify)
+                except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
+                    smtp.close()
+                    if tls == "opportunistic" and plaintext_retry:
+                        log.warning("STARTTLS with %s failed (%s); retrying in plain text", remote, exc)
+                        return await self._connect(address, port, remote, tls="none", server_name=server_name,
+                                                   plaintext_retry=False)
+                    raise ConnectFailed(result.transient(f"454 4.7.5 TLS with {remote} failed: {exc}", remote)) \
+                        from None
+            elif tls == "starttls":
+                await Connection(smtp, remote).close()
+                raise ConnectFailed(result.transient(f"454 4.7.4 {remote} does not offer STARTTLS", remote))
+        return Connection(smtp, remote)

@@ -1,0 +1,1 @@
+"""What operators see: event logs and the health endpoints."""

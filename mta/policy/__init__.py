@@ -1,0 +1,1 @@
+"""Who may send what through which listener: address syntax and relay rules."""

@@ -1,0 +1,38 @@
+"""Relay authorisation: which clients may send mail anywhere.
+
+Without AUTH (a later layer) the only grant is a client address inside the
+listener's ``trusted_networks``.  Everything else is refused at RCPT with
+``554 5.7.1``: this MTA never relays for strangers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+from mta.smtp import replies
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def client_ip(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if not isinstance(peer, tuple) or not peer:
+        return None
+    try:
+        ip = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+    except ValueError:
+        return None
+    # An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def is_trusted(peer: object, networks: Sequence[Network]) -> bool:
+    ip = client_ip(peer)
+    return ip is not None and any(ip.version == net.version and ip in net for net in networks)
+
+
+def check_relay(peer: object, networks: Sequence[Network]) -> None:
+    if not is_trusted(peer, networks):
+        raise replies.Rejected(replies.RELAY_DENIED, f"client {peer!r} not in trusted_networks")

@@ -1,0 +1,1 @@
+"""Deciding what is tried when, and what happens after each attempt."""

@@ -1,0 +1,1 @@
+"""The SMTP front end: listeners, sessions and the replies they send."""

@@ -1,0 +1,248 @@
+"""One spool directory: its layout, the durable write protocol, loading.
+
+Layout of a spool directory (one per shard, one shard per worker process)::
+
+    lock              flock'd by the owning process
+    tmp/              metadata being written; cleared at open
+    msg/<ID>          the raw message, written once, never changed
+    incoming/<ID>.json   metadata of mail not yet attempted
+    deferred/<ID>.json   metadata of mail waiting for a retry
+    hold/<ID>.json       metadata of mail an operator put on hold
+    corrupt/          files that failed to load, kept for a human
+
+A message's state is the directory its metadata is in; a state change is a
+rename.  Storing writes ``msg/<ID>`` and ``tmp/<ID>.json``, fsyncs both and
+the ``msg`` directory, then renames the metadata into ``incoming/`` and
+fsyncs that directory: the metadata file is the commit marker.  A message
+file without metadata was never acknowledged and is removed at open.  If two
+metadata files exist for one id (a crash between rename and unlink), the
+higher ``revision`` wins.
+
+Failures: writes raise ``SpoolError`` and keep nothing of the failed change;
+a file that fails to load is moved to ``corrupt/``, logged and counted, and
+loading goes on.  ``SpoolLocked`` when another process owns the directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spool.commit import Batch, Change, Committer
+from spool.errors import SpoolError, UnknownMessage
+from spool.lock import DirectoryLock
+from spool.record import Record, RecordError, loads
+
+log = logging.getLogger(__name__)
+
+INCOMING = "incoming"
+DEFERRED = "deferred"
+HOLD = "hold"
+STATES = (INCOMING, DEFERRED, HOLD)
+CORRUPT = "corrupt"
+
+
+@dataclass
+class LoadResult:
+    records: list[Record] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)  # names moved to corrupt/
+    removed_uncommitted: int = 0
+
+
+class Spool:
+    """A spool directory owned by this process."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.lock = DirectoryLock(self.root / "lock")
+        self._committer: Committer | None = None
+
+    # -- ownership -------------------------------------------------------
+
+    def open(self) -> LoadResult:
+        """Take ownership, create the layout and load every message."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        try:
+            for name in ("tmp", "msg", CORRUPT, *STATES):
+                (self.root / name).mkdir(exist_ok=True)
+            for leftover in (self.root / "tmp").iterdir():
+                leftover.unlink()
+            result = self._load()
+        except BaseException:
+            self.lock.release()
+            raise
+        self._committer = Committer(name=f"spool-commit:{self.root.name}")
+        return result
+
+    def close(self) -> None:
+        if self._committer is not None:
+            self._committer.close()
+            self._committer = None
+        self.lock.release()
+
+    def in_use(self) -> bool:
+        """True when another process owns this spool now."""
+        return self.lock.held_elsewhere()
+
+    @property
+    def stats(self) -> tuple[int, int]:
+        """(commit rounds, changes committed) since open."""
+        c = self._committer
+        return (c.rounds, c.changes) if c else (0, 0)
+
+    # -- paths -----------------------------------------------------------
+
+    def message_path(self, record_id: str) -> Path:
+        return self.root / "msg" / record_id
+
+    def _meta_path(self, state: str, record_id: str) -> Path:
+        if state not in STATES:
+            raise ValueError(f"unknown spool state {state!r}")
+        return self.root / state / f"{record_id}.json"
+
+    def read_message(self, record_id: str) -> bytes:
+        try:
+            return self.message_path(record_id).read_bytes()
+        except FileNotFoundError:
+            raise UnknownMessage(record_id) from None
+
+    # -- changes ---------------------------------------------------------
+
+    def _store_change(self, data: bytes, record: Record) -> Change:
+        record = dataclasses.replace(record, size=len(data), state=INCOMING, revision=1)
+        tmp = self.root / "tmp" / f"{record.id}.1.json"
+
+        def change(batch: Batch) -> Record:
+            batch.write(self.message_path(record.id), data)
+            batch.write(tmp, record.dumps())
+            batch.rename(tmp, self._meta_path(INCOMING, record.id))
+            return record
+
+        return change
+
+    def _save_change(self, record: Record, state: str | None) -> Change:
+        new_state = state or record.state
+        new = dataclasses.replace(record, state=new_state, revision=record.revision + 1)
+        tmp = self.root / "tmp" / f"{record.id}.{new.revision}.json"
+        old_path = self._meta_path(record.state, record.id)
+
+        def change(batch: Batch) -> Record:
+            batch.write(tmp, new.dumps())
+            batch.rename(tmp, self._meta_path(new_state, record.id))
+            if new_state != record.state:
+                batch.unlink(old_path)
+            return new
+
+        return change
+
+    def _remove_change(self, record: Record) -> Change:
+        def change(batch: Batch) -> None:
+            # Metadata first: once it is gone the message no longer exists,
+            # and a leftover message file is cleaned at the next open.
+            batch.unlink(self._meta_path(record.state, record.id))
+            batch.unlink(self.message_path(record.id))
+
+        return change
+
+    def _committer_or_fail(self) -> Committer:
+        if self._committer is None:
+            raise SpoolError("spool is not open")
+        return self._committer
+
+    async def store(self, data: bytes, record: Record) -> Record:
+        """Make a new message durable; returns the stored record."""
+        future = self._committer_or_fail().submit(self._store_change(data, record))
+        return await asyncio.wrap_future(future)
+
+    async def save(self, record: Record, state: str | None = None) -> Record:
+        """Write a new revision of ``record``, moving it to ``state`` if given."""
+        future = self._committer_or_fail().submit(self._save_change(record, state))
+        return await asyncio.wrap_future(future)
+
+    async def remove(self, record: Record) -> None:
+        future = self._committer_or_fail().submit(self._remove_change(record))
+        await asyncio.wrap_future(future)
+
+    # Blocking twins, for tools that run without an event loop.
+    def store_blocking(self, data: bytes, record: Record) -> Record:
+        return self._committer_or_fail().run(self._store_change(data, record))
+
+    def save_blocking(self, record: Record, state: str | None = None) -> Record:
+        return self._committer_or_fail().run(self._save_change(record, state))
+
+    def remove_blocking(self, record: Record) -> None:
+        self._committer_or_fail().run(self._remove_change(record))
+
+    # -- loading ---------------------------------------------------------
+
+    def _quarantine(self, path: Path, reason: str, result: LoadResult) -> None:
+        target = self.root / CORRUPT / f"{path.parent.name}-{path.name}-{int(time.time())}"
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:
+            return
+        log.error("spool file %s quarantined to %s: %s", path, target, reason)
+        result.corrupt.append(target.name)
+
+    def _metadata_files(self) -> Iterator[tuple[str, Path]]:
+        for state in STATES:
+            for path in sorted((self.root / state).iterdir()):
+                yield state, path
+
+    def _load(self) -> LoadResult:
+        result = LoadResult()
+        best: dict[str, tuple[Record, Path]] = {}
+        bad_ids: set[str] = set()
+        for state, path in self._metadata_files():
+            try:
+                if path.suffix != ".json":
+                    raise RecordError("not a metadata file")
+                record = loads(path.read_bytes())
+                if record.id != path.stem:
+                    raise RecordError(f"id {record.id} does not match file name")
+            except (RecordError, OSError) as exc:
+                bad_ids.add(path.name.removesuffix(".json"))
+                self._quarantine(path, str(exc), result)
+                continue
+            record.state = state
+            previous = best.get(record.id)
+            if previous is None:
+                best[record.id] = (record, path)
+                continue
+            # A crash between a rename and its unlink: keep the newer one.
+            keep, drop = (record, path), previous
+            if previous[0].revision >= record.revision:
+                keep, drop = previous, (record, path)
+            best[record.id] = keep
+            drop[1].unlink()
+        for record_id, (record, path) in sorted(best.items()):
+            msg = self.message_path(record_id)
+            try:
+                size = msg.stat().st_size
+            except FileNotFoundError:
+                self._quarantine(path, "message file missing", result)
+                continue
+            if size != record.size:
+                self._quarantine(path, f"message file has {size} bytes, expected {record.size}", result)
+                self._quarantine(msg, "truncated or altered message file", result)
+                continue
+            result.records.append(record)
+        for msg in (self.root / "msg").iterdir():
+            if msg.name in best:
+                continue
+            if msg.name in bad_ids:
+                self._quarantine(msg, "its metadata failed to load", result)
+            else:
+                # Never acknowledged: the commit marker was not written.
+                msg.unlink()
+                result.removed_uncommitted += 1
+        if result.corrupt:
+            log.error("spool %s: %d file(s) quarantined", self.root, len(result.corrupt))
+        return result
