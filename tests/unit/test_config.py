@@ -1,0 +1,95 @@
+"""Configuration: defaults, YAML, environment overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mta import config
+from mta.config import ConfigError
+
+
+def test_embedded_default_is_a_loopback_relay_on_2525() -> None:
+    cfg = config.load(environ={})
+    assert [(item.name, item.address, item.mode) for item in cfg.listeners] == [("relay", "127.0.0.1:2525", "relay")]
+    assert str(cfg.spool.path) == "var/spool"
+    assert cfg.delivery.port == 25
+    assert cfg.queue.retry_initial == 300 and cfg.queue.retry_max == 3600 and cfg.queue.lifetime == 5 * 86400
+    assert "." in cfg.hostname
+
+
+def test_yaml_file_and_environment_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "mta.yaml"
+    path.write_text(
+        "hostname: mta.example.com\n"
+        "spool: {path: /var/spool/kubemta}\n"
+        "listeners:\n"
+        "  - {name: submission, address: '0.0.0.0:587', mode: submission, trusted_networks: [10.0.0.0/8]}\n"
+        "dns: {nameservers: ['127.0.0.1:5353', '::1']}\n"
+        "delivery: {port: 2525, source_address: 192.0.2.10}\n"
+        "routes:\n"
+        "  - {domains: ['*'], relay: 'smtp.example.net:587', tls: starttls}\n"
+        "http: {address: '0.0.0.0:8080'}\n"
+        "queue: {lifetime: 2d, retry_initial: 1m}\n"
+    )
+    cfg = config.load(path, environ={"MTA__DELIVERY__PORT": "2600", "MTA__LISTENERS__0__TRUSTED_NETWORKS":
+                                     "[10.1.0.0/16, '::1/128']"})
+    assert cfg.delivery.port == 2600
+    assert [str(n) for n in cfg.listeners[0].trusted_networks] == ["10.1.0.0/16", "::1/128"]
+    assert cfg.dns.servers == [("127.0.0.1", 5353), ("::1", 53)]
+    assert cfg.queue.lifetime == 2 * 86400 and cfg.queue.retry_initial == 60
+    assert cfg.routes[0].relay_host_port == ("smtp.example.net", 587)
+    assert str(cfg.delivery.source_address) == "192.0.2.10"
+
+
+def test_mta_config_variable_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("hostname: from-env.example.com\n")
+    assert config.load(environ={"MTA_CONFIG": str(path)}).hostname == "from-env.example.com"
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "expected"),
+    [
+        ("delivery: {prot: 25}\n", {}, "delivery.prot: unknown key (did you mean 'port'?)"),
+        ("listeners: [{name: a, address: '127.0.0.1:25', mode: relya}]\n", {}, "listeners.0.mode"),
+        ("listeners: [{name: a, address: 'nowhere'}]\n", {}, "listeners.0.address"),
+        ("queue: {lifetime: soon}\n", {}, "queue.lifetime: 'soon' is not a duration"),
+        ("delivery: {port: 70000}\n", {}, "delivery.port"),
+        ("dns: {nameservers: [dns.example.com]}\n", {}, "dns.nameservers"),
+        ("hostname: not_a_host\n", {}, "hostname:"),
+        ("routes: [{domains: ['bad domain'], relay: 'x.example:25'}]\n", {}, "routes.0.domains"),
+        ("routes: [{domains: ['*'], relay: 'x.example:25', auth_file: /nonexistent/creds}]\n", {},
+         "routes.0.auth_file: /nonexistent/creds is not a readable file"),
+        ("listeners: [{name: a, address: '127.0.0.1:25'}, {name: a, address: '127.0.0.1:26'}]\n", {},
+         "listener names must be unique"),
+        ("- just a list\n", {}, "the top level must be a mapping"),
+        ("key: [unclosed\n", {}, "not valid YAML"),
+        ("", {"MTA__DELIVERY__PORT": "many"}, "delivery.port"),
+        ("", {"MTA__LISTENERS__5__NAME": "x"}, "MTA__LISTENERS__5__NAME"),
+    ],
+)
+def test_bad_config_names_the_key_and_reason(tmp_path: Path, text: str, environ: dict[str, str],
+                                             expected: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.load(path, environ=environ)
+    assert expected in str(info.value)
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        config.load(tmp_path / "absent.yaml", environ={})
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90", 90), (45, 45), ("500ms", 0.5), ("5m", 300), ("1h", 3600),
+                                               ("5d", 432000)])
+def test_durations(text: object, seconds: float) -> None:
+    assert config._duration(text) == seconds
+
+
+@pytest.mark.parametrize(("text", "size"), [(1000, 1000), ("512K", 524288), ("25M", 26214400), ("1GiB", 1 << 30)])
+def test_sizes(text: object, size: int) -> None:
+    assert config._size(text) == size

@@ -1,0 +1,60 @@
+"""Routing, retry schedule and DSN format."""
+
+from __future__ import annotations
+
+import email
+import random
+from datetime import UTC, datetime
+
+from mta.bounce import dsn
+from mta.config import RouteConfig
+from mta.delivery.route import Router
+from mta.scheduler.backoff import retry_delay
+
+
+def test_routes_exact_then_wildcard_then_default_then_direct() -> None:
+    exact = RouteConfig(domains=["example.com"], relay="exact.relay:25")
+    wild = RouteConfig(domains=["*.corp.example"], relay="wild.relay:25")
+    default = RouteConfig(domains=["*"], relay="default.relay:587")
+    router = Router([exact, wild, default])
+    assert router.next_hop("EXAMPLE.com").route is exact
+    assert router.next_hop("a.b.corp.example").route is wild
+    assert router.next_hop("other.net").route is default
+    assert Router([exact]).next_hop("other.net").kind == "mx"
+    assert Router([exact]).next_hop("Other.NET.").name == "other.net"
+
+
+def test_backoff_doubles_from_initial_to_cap_with_bounded_jitter() -> None:
+    rng = random.Random(1)
+    delays = [retry_delay(n, 300, 3600, 0.2, rng) for n in range(1, 8)]
+    assert 240 <= delays[0] <= 360
+    assert 480 <= delays[1] <= 720
+    assert all(2880 <= d <= 4320 for d in delays[4:])
+    assert retry_delay(1, 300, 3600, 0.0, rng) == 300
+
+
+def test_dsn_is_a_valid_multipart_report() -> None:
+    when = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+    raw = dsn.build(
+        reporting_mta="mta.example.com", queue_id="Q1", original_sender="sender@example.com",
+        original_header=b"Subject: hello\r\nMessage-ID: <orig@example.com>\r\n", arrival=when,
+        failed=[dsn.FailedRecipient("nobody@example.net", "550 5.1.1 <nobody@example.net>: User unknown",
+                                    "mx.example.net[192.0.2.25]"),
+                dsn.FailedRecipient("late@example.org", "4.4.7 message expired", None, expired=True)],
+        now=when,
+    )
+    msg = email.message_from_bytes(raw)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    assert msg["To"] == "<sender@example.com>"
+    parts = msg.get_payload()
+    assert [p.get_content_type() for p in parts] == ["text/plain", "message/delivery-status", "text/rfc822-headers"]
+    blocks = parts[1].get_payload()
+    assert blocks[0]["Reporting-MTA"] == "dns; mta.example.com"
+    assert blocks[1]["Final-Recipient"] == "rfc822; nobody@example.net"
+    assert blocks[1]["Action"] == "failed" and blocks[1]["Status"] == "5.1.1"
+    assert blocks[1]["Remote-MTA"] == "dns; mx.example.net"
+    assert blocks[1]["Diagnostic-Code"] == "smtp; 550 5.1.1 <nobody@example.net>: User unknown"
+    assert blocks[2]["Status"] == "4.4.7"
+    assert b"Message-ID: <orig@example.com>" in raw
+    assert b"\n" not in raw.replace(b"\r\n", b"")

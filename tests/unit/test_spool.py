@@ -1,0 +1,216 @@
+"""The spool library on a real filesystem: durability protocol, loading, quarantine, locking."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from spool import Recipient, Record, Spool, SpoolError, SpoolLocked
+from spool.ids import new_id
+from spool.record import DELIVERED, RecordError, loads
+from spool.store import DEFERRED, HOLD, INCOMING
+
+
+def make_record(rcpts: tuple[str, ...] = ("a@example.test",)) -> Record:
+    now = time.time()
+    return Record(id=new_id(), sender="s@example.test", recipients=[Recipient(r) for r in rcpts],
+                  created=now, expires=now + 3600, next_attempt=now, size=0)
+
+
+@pytest.fixture
+def spool(tmp_path: Path):
+    store = Spool(tmp_path / "spool")
+    store.open()
+    yield store
+    store.close()
+
+
+def reopen(spool: Spool):
+    spool.close()
+    fresh = Spool(spool.root)
+    return fresh, fresh.open()
+
+
+def test_store_writes_message_and_metadata_and_loads_back(spool: Spool) -> None:
+    stored = spool.store_blocking(b"Subject: x\r\n\r\nbody\r\n", make_record(("a@x.test", "b@y.test")))
+    assert stored.size == len(b"Subject: x\r\n\r\nbody\r\n")
+    assert (spool.root / "incoming" / f"{stored.id}.json").exists()
+    assert spool.read_message(stored.id) == b"Subject: x\r\n\r\nbody\r\n"
+    meta = json.loads((spool.root / "incoming" / f"{stored.id}.json").read_text())
+    assert meta["format"] == 1 and meta["sender"] == "s@example.test"
+    assert [r["address"] for r in meta["recipients"]] == ["a@x.test", "b@y.test"]
+    spool, loaded = reopen(spool)
+    try:
+        assert [r.id for r in loaded.records] == [stored.id]
+        assert loaded.records[0].recipients[1].address == "b@y.test"
+        assert loaded.corrupt == []
+    finally:
+        spool.close()
+
+
+def test_save_moves_between_states_and_keeps_one_metadata_file(spool: Spool) -> None:
+    stored = spool.store_blocking(b"x\r\n", make_record())
+    stored.recipients[0].state = DELIVERED
+    deferred = spool.save_blocking(stored, DEFERRED)
+    assert deferred.revision == 2 and deferred.state == DEFERRED
+    held = spool.save_blocking(deferred, HOLD)
+    files = sorted(p.relative_to(spool.root).as_posix() for p in spool.root.rglob("*.json"))
+    assert files == [f"hold/{stored.id}.json"]
+    assert held.revision == 3
+    spool, loaded = reopen(spool)
+    try:
+        assert loaded.records[0].state == HOLD
+        assert loaded.records[0].recipients[0].state == DELIVERED
+    finally:
+        spool.close()
+
+
+def test_remove_deletes_both_files(spool: Spool) -> None:
+    stored = spool.store_blocking(b"x\r\n", make_record())
+    spool.remove_blocking(stored)
+    assert list((spool.root / "msg").iterdir()) == []
+    assert list(spool.root.rglob("*.json")) == []
+
+
+def test_duplicate_metadata_after_crash_keeps_newest_revision(spool: Spool) -> None:
+    stored = spool.store_blocking(b"x\r\n", make_record())
+    old = (spool.root / "incoming" / f"{stored.id}.json").read_bytes()
+    spool.save_blocking(stored, DEFERRED)
+    # Simulate a crash between the rename into deferred/ and the unlink from incoming/.
+    (spool.root / "incoming" / f"{stored.id}.json").write_bytes(old)
+    spool, loaded = reopen(spool)
+    try:
+        assert [(r.id, r.state, r.revision) for r in loaded.records] == [(stored.id, DEFERRED, 2)]
+        assert not (spool.root / "incoming" / f"{stored.id}.json").exists()
+    finally:
+        spool.close()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["garbage-json", "truncated-json", "empty-json", "truncated-message", "empty-message", "missing-message",
+     "wrong-format", "id-mismatch"],
+)
+def test_damaged_files_are_quarantined_and_the_rest_loads(spool: Spool, damage: str) -> None:
+    good = spool.store_blocking(b"good\r\n", make_record())
+    bad = spool.store_blocking(b"this message is damaged\r\n", make_record())
+    meta = spool.root / "incoming" / f"{bad.id}.json"
+    msg = spool.root / "msg" / bad.id
+    if damage == "garbage-json":
+        meta.write_bytes(b"\x00\xffnot json")
+    elif damage == "truncated-json":
+        meta.write_bytes(meta.read_bytes()[:40])
+    elif damage == "empty-json":
+        meta.write_bytes(b"")
+    elif damage == "truncated-message":
+        msg.write_bytes(b"this mess")
+    elif damage == "empty-message":
+        msg.write_bytes(b"")
+    elif damage == "missing-message":
+        msg.unlink()
+    elif damage == "wrong-format":
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "format": 99}))
+    elif damage == "id-mismatch":
+        meta.rename(spool.root / "incoming" / f"{new_id()}.json")
+    spool, loaded = reopen(spool)
+    try:
+        assert [r.id for r in loaded.records] == [good.id]
+        assert loaded.corrupt, "the damaged file must be reported"
+        assert any((spool.root / "corrupt").iterdir())
+        assert spool.read_message(good.id) == b"good\r\n"
+    finally:
+        spool.close()
+
+
+def test_message_without_metadata_was_never_committed_and_is_removed(spool: Spool) -> None:
+    (spool.root / "msg" / new_id()).write_bytes(b"half written")
+    spool, loaded = reopen(spool)
+    try:
+        assert loaded.records == [] and loaded.removed_uncommitted == 1
+        assert list((spool.root / "msg").iterdir()) == []
+    finally:
+        spool.close()
+
+
+def test_a_failed_write_keeps_nothing(spool: Spool) -> None:
+    first = spool.store_blocking(b"one\r\n", make_record())
+    again = make_record()
+    again.id = first.id  # the message file exists: O_EXCL fails mid-change
+    with pytest.raises(SpoolError):
+        spool.store_blocking(b"two\r\n", again)
+    assert spool.read_message(first.id) == b"one\r\n"
+    assert list((spool.root / "tmp").iterdir()) == []
+
+
+def test_second_owner_is_refused_while_first_lives_and_allowed_after_kill(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys,time; from spool import Spool; Spool(sys.argv[1]).open(); "
+         "print('open', flush=True); time.sleep(60)", str(root)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        second = Spool(root)
+        assert second.in_use()
+        with pytest.raises(SpoolLocked, match="in use by process"):
+            second.open()
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    # The kernel drops a flock with its process, even after kill -9.
+    third = Spool(root)
+    assert not third.in_use()
+    third.open()
+    third.close()
+
+
+def test_concurrent_stores_share_commit_rounds(spool: Spool) -> None:
+    async def many() -> list[Record]:
+        return await asyncio.gather(*(spool.store(b"m\r\n" * 50, make_record()) for _ in range(200)))
+
+    stored = asyncio.run(many())
+    assert len({r.id for r in stored}) == 200
+    rounds, changes = spool.stats
+    assert changes == 200
+    assert rounds < changes, "group commit should batch concurrent writes"
+    spool, loaded = reopen(spool)
+    try:
+        assert len(loaded.records) == 200
+    finally:
+        spool.close()
+
+
+def test_store_fails_cleanly_when_the_filesystem_is_full(tmp_path: Path) -> None:
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mountpoint)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and tmpfs to fill a filesystem")
+    try:
+        store = Spool(mountpoint / "spool")
+        store.open()
+        kept = store.store_blocking(b"small\r\n", make_record())
+        with pytest.raises(SpoolError):
+            store.store_blocking(b"x" * 1024 * 1024, make_record())
+        assert [p.name for p in (store.root / "msg").iterdir()] == [kept.id]
+        assert list((store.root / "tmp").iterdir()) == []
+        store.close()
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+def test_record_json_is_validated() -> None:
+    with pytest.raises(RecordError):
+        loads(b"[]")
+    with pytest.raises(RecordError):
+        loads(json.dumps({"format": 1}).encode())
+    record = make_record()
+    assert loads(record.dumps()) == record
+    assert record.state == INCOMING
