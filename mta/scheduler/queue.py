@@ -122,12 +122,12 @@ class Scheduler:
     def accept(self, record: Record) -> None:
         """A newly spooled message: try it now."""
         self._track(record)
-        self._wake.set()
 
     def _track(self, record: Record) -> None:
         self.records[record.id] = record
         if record.state != HOLD:
             heapq.heappush(self._heap, (record.next_attempt, record.id))
+            self._wake.set()  # the loop may be sleeping past this due time
 
     # -- the loop ----------------------------------------------------------
 

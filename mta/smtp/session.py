@@ -45,7 +45,8 @@ class SessionHandler:
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address_text: str,
                           mail_options: list[str]) -> str:
         address.parse_sender(address_text)
-        envelope.mail_from = "" if address_text in ("", "<>") else address_text
+        # aiosmtpd needs a truthy mail_from to allow RCPT; "<>" stays "<>" until DATA.
+        envelope.mail_from = address_text
         envelope.mail_options.extend(mail_options)
         return str(replies.SENDER_OK)
 
@@ -86,7 +87,7 @@ class SessionHandler:
             options = {o.upper() for o in envelope.mail_options}
             record = Record(
                 id=queue_id,
-                sender=envelope.mail_from or "",
+                sender="" if envelope.mail_from in (None, "", "<>") else envelope.mail_from,
                 recipients=[Recipient(r) for r in envelope.rcpt_tos],
                 created=now,
                 expires=now + self.config.queue.lifetime,

@@ -166,9 +166,7 @@ class DnsServer:
                 lines.append(f'  local-zone: "{default}" nodefault')
         for zone in self.zones:
             lines.append(f'  local-zone: "{zone}" static')
-            has_soa = any(
-                _fqdn(rr.split(None, 1)[0]) == zone and "SOA" in rr.upper().split() for rr in self.records
-            )
+            has_soa = any(_fqdn(rr.split(None, 1)[0]) == zone and "SOA" in rr.upper().split() for rr in self.records)
             if not has_soa:
                 # A SOA makes negative answers carry a (short) negative TTL,
                 # as a real authoritative server's would.

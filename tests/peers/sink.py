@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import stat
 import subprocess
 import time
 from collections.abc import Sequence
@@ -33,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from .net import stop_process, wait_port
+from .net import require_searchable, stop_process, wait_port
 
 SMTP_SINK = "smtp-sink"
 SINK_USER = "nobody"
@@ -90,23 +89,6 @@ def parse_dump(raw: bytes, path: Path | None = None) -> SinkMessage:
     )
 
 
-def _check_searchable_by(path: Path, user: pwd.struct_passwd) -> None:
-    """smtp-sink opens dump files after dropping to `user`: every parent must be searchable."""
-    for parent in [path, *path.parents]:
-        st = parent.stat()
-        if st.st_uid == user.pw_uid:
-            ok = bool(st.st_mode & stat.S_IXUSR)
-        elif st.st_gid == user.pw_gid:
-            ok = bool(st.st_mode & stat.S_IXGRP)
-        else:
-            ok = bool(st.st_mode & stat.S_IXOTH)
-        if not ok:
-            raise RuntimeError(
-                f"{parent} (mode {stat.filemode(st.st_mode)}) is not searchable by {user.pw_name}; "
-                f"smtp-sink -u {user.pw_name} could not write its dumps under {path}"
-            )
-
-
 class SmtpSink:
     """smtp-sink listening on host:port, dumping each message under workdir/dump."""
 
@@ -145,7 +127,7 @@ class SmtpSink:
             user = pwd.getpwnam(SINK_USER)
             os.chown(self.dump_dir, user.pw_uid, user.pw_gid)
             self.dump_dir.chmod(0o700)
-            _check_searchable_by(self.dump_dir, user)
+            require_searchable(self.dump_dir, SINK_USER)
             argv += ["-u", SINK_USER]
         template = str(self.dump_dir).replace("%", "%%") + "/msg."
         argv += ["-c", "-d", template, *self.extra_args, self.address, "64"]

@@ -1,0 +1,175 @@
+"""Delivery to real receiving MTAs found through a real DNS server: MX order,
+fallbacks, retries, bounces and their DSNs."""
+
+from __future__ import annotations
+
+import email
+import smtplib
+import time
+
+from tests.conftest import World
+
+
+def send(server, sender: str, recipients: list[str], body: str = "hello\r\n",  # type: ignore[no-untyped-def]
+         subject: str = "test") -> str:
+    message = f"From: {sender or 'nobody@sender.test'}\r\nTo: {', '.join(recipients)}\r\nSubject: {subject}\r\n\r\n{body}"
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as client:
+        client.ehlo("app.kubemta.test")
+        client.mail(sender or "<>")
+        for rcpt in recipients:
+            code, text = client.rcpt(rcpt)
+            assert code == 250, text
+        code, text = client.data(message.encode())
+        assert code == 250, text
+    return text.decode().rsplit(" ", 1)[1]
+
+
+def dsn_parts(data: bytes) -> tuple[email.message.Message, list[email.message.Message]]:
+    msg = email.message_from_bytes(data)
+    assert msg.get_content_type() == "multipart/report"
+    status = msg.get_payload()[1]
+    assert status.get_content_type() == "message/delivery-status"
+    return msg, status.get_payload()[1:]
+
+
+def test_mx_preference_falls_back_when_the_first_mx_is_down(world: World) -> None:
+    up = world.sink("pref-up")
+    server = world.mta()
+    send(server, "a@sender.test", ["user@pref.test"])
+    [message] = up.wait_for_messages(1, timeout=30)
+    assert message.recipients == ["user@pref.test"]
+    server.wait_queue_empty()
+    log = server.log()
+    assert "mx1.pref.test[127.0.0.4]" in log  # it tried the preferred one first
+
+
+def test_domain_without_mx_uses_its_address(world: World) -> None:
+    sink = world.sink("amx")
+    server = world.mta()
+    send(server, "a@sender.test", ["user@amx.test"])
+    assert sink.wait_for_messages(1, timeout=20)[0].recipients == ["user@amx.test"]
+    server.wait_queue_empty()
+
+
+def test_recipients_in_several_domains_each_get_the_message_once(world: World) -> None:
+    dest, amx = world.sink("dest"), world.sink("amx")
+    server = world.mta()
+    send(server, "a@sender.test", ["one@dest.test", "two@dest.test", "three@amx.test"])
+    [at_dest] = dest.wait_for_messages(1, timeout=20)
+    assert sorted(at_dest.recipients) == ["one@dest.test", "two@dest.test"]
+    assert amx.wait_for_messages(1, timeout=20)[0].recipients == ["three@amx.test"]
+    server.wait_queue_empty()
+    time.sleep(1)
+    assert len(dest.messages()) == 1 and len(amx.messages()) == 1
+
+
+def test_messages_to_one_destination_share_a_connection(world: World) -> None:
+    sink = world.sink("dest")
+    server = world.mta({"delivery": {"max_per_destination": 1}})
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as client:
+        client.ehlo("app.kubemta.test")
+        for i in range(5):
+            client.sendmail("a@sender.test", ["u@dest.test"], f"Subject: {i}\r\n\r\nbody {i}\r\n")
+    sink.wait_for_messages(5, timeout=30)
+    server.wait_queue_empty()
+    # One connection, five transactions: the sink sees each message's MAIL from the same session.
+    assert server.log().count("event=attempt") == 5
+    assert server.log().count("connect_failed") == 0
+
+
+def assert_one_dsn(sender_sink, failed_rcpt: str, status_prefix: str, text: str):  # type: ignore[no-untyped-def]
+    [notice] = sender_sink.wait_for_messages(1, timeout=30)
+    assert notice.sender == "" and notice.recipients == ["a@sender.test"]
+    msg, blocks = dsn_parts(notice.data)
+    assert msg["Subject"] == "Undelivered Mail Returned to Sender"
+    [block] = blocks
+    assert block["Final-Recipient"] == f"rfc822; {failed_rcpt}"
+    assert block["Action"] == "failed"
+    assert block["Status"].startswith(status_prefix)
+    assert text in block["Diagnostic-Code"]
+    return msg
+
+
+def test_permanent_rejection_sends_exactly_one_dsn(world: World) -> None:
+    world.sink("reject", ["-f", "RCPT"])
+    sender = world.sink("sender")
+    server = world.mta()
+    queue_id = send(server, "a@sender.test", ["nobody@reject.test"], subject="will bounce")
+    msg = assert_one_dsn(sender, "nobody@reject.test", "5.", "500 5.3.0 Error: command failed")
+    assert "Subject: will bounce" in msg.get_payload()[2].as_string()
+    server.wait_queue_empty()
+    time.sleep(2)
+    assert len(sender.messages()) == 1
+    assert f"queue_id={queue_id}" in server.log()
+
+
+def test_null_mx_bounces(world: World) -> None:
+    sender = world.sink("sender")
+    server = world.mta()
+    send(server, "a@sender.test", ["user@nullmx.test"])
+    assert_one_dsn(sender, "user@nullmx.test", "5.1.10", "null MX")
+    server.wait_queue_empty()
+
+
+def test_nonexistent_domain_bounces(world: World) -> None:
+    sender = world.sink("sender")
+    server = world.mta()
+    send(server, "a@sender.test", ["user@nothere.missing.test"])
+    assert_one_dsn(sender, "user@nothere.missing.test", "5.1.2", "does not exist")
+    server.wait_queue_empty()
+
+
+def test_tempfail_then_success_after_flush(world: World) -> None:
+    flaky = world.sink("flaky", ["-r", "RCPT"])
+    server = world.mta()
+    queue_id = send(server, "a@sender.test", ["user@flaky.test"])
+    [item] = server.wait_for_queue(lambda q: q and q[0]["attempts"] >= 1, what="one failed attempt")
+    assert item["id"] == queue_id and item["state"] == "deferred"
+    assert item["recipients"][0]["last_reply"].startswith("450 4.3.0")
+    assert flaky.messages() == []
+    flaky.restart([])
+    done = server.queue("flush")
+    assert done.returncode == 0 and f"{queue_id}: ok" in done.stdout, done.stdout + done.stderr
+    assert flaky.wait_for_messages(1, timeout=20)[0].recipients == ["user@flaky.test"]
+    server.wait_queue_empty()
+
+
+def test_retry_happens_by_itself_with_backoff(world: World) -> None:
+    flaky = world.sink("flaky", ["-r", "RCPT"])
+    server = world.mta({"queue": {"retry_initial": "2s", "retry_max": "4s", "retry_jitter": 0}})
+    send(server, "a@sender.test", ["user@flaky.test"])
+    server.wait_for_queue(lambda q: q and q[0]["attempts"] >= 1, what="first attempt")
+    flaky.restart([])
+    flaky.wait_for_messages(1, timeout=20)
+    server.wait_queue_empty()
+
+
+def test_message_past_its_lifetime_bounces_with_expiry_status(world: World) -> None:
+    world.sink("flaky", ["-r", "RCPT"])
+    sender = world.sink("sender")
+    server = world.mta({"queue": {"lifetime": "3s", "retry_initial": "1s", "retry_max": "1s"}})
+    send(server, "a@sender.test", ["user@flaky.test"])
+    assert_one_dsn(sender, "user@flaky.test", "4.4.7", "expired")
+    server.wait_queue_empty()
+    assert "event=expired" in server.log()
+
+
+def test_a_bounce_is_never_bounced(world: World) -> None:
+    world.sink("reject", ["-f", "RCPT"])
+    sender = world.sink("sender")
+    server = world.mta()
+    send(server, "", ["nobody@reject.test"])
+    server.wait_for_log("event=bounce_suppressed")
+    server.wait_queue_empty()
+    time.sleep(1)
+    assert sender.messages() == []
+
+
+def test_dsn_that_cannot_be_delivered_is_dropped_not_bounced(world: World) -> None:
+    world.sink("reject", ["-f", "RCPT"])
+    server = world.mta()
+    # The sender's own domain rejects too: the DSN fails and must not produce another.
+    send(server, "a@reject.test", ["b@reject.test"])
+    server.wait_for_log("event=bounce_suppressed")
+    server.wait_queue_empty()
+    assert server.log().count("event=queued") == 1  # the one DSN, nothing after it
