@@ -19,6 +19,7 @@ import pytest
 from tests.harness import MtaServer, merge
 from tests.peers.dns import DnsServer
 from tests.peers.net import free_port
+from tests.peers.postfix import PostfixServer
 from tests.peers.sink import SmtpSink
 
 # name -> loopback address of its MX host
@@ -98,6 +99,15 @@ class World:
         sink.start()
         self.sinks[name] = sink
         return sink
+
+    def postfix(self) -> PostfixServer:
+        """A real Postfix receiving for postfix.test at that domain's MX address."""
+        workdir = self.root / "postfix"
+        workdir.mkdir()
+        server = PostfixServer(HOSTS["postfix"], self.port, ["postfix.test"], workdir)
+        self.others.append(server)
+        server.start()
+        return server
 
     def mta(self, config: dict[str, Any] | None = None, name: str = "mta", start: bool = True) -> MtaServer:
         base = {"dns": {"nameservers": [self.dns.address]}, "delivery": {"port": self.port}}

@@ -7,10 +7,12 @@ kills it by its own PID.  ``queue()`` runs the real ``mta queue`` CLI.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import signal
+import smtplib
 import subprocess
 import sys
 import time
@@ -121,10 +123,8 @@ class MtaServer:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.terminate(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -162,3 +162,18 @@ class MtaServer:
                 return log
             time.sleep(0.1)
         raise TimeoutError(f"{text!r} not in the log after {timeout}s:\n{self.log()}")
+
+
+def send_mail(port: int, sender: str, recipients: list[str], body: str = "hello\r\n", subject: str = "test",
+              host: str = HOST) -> str:
+    """Submit one message over real SMTP; returns the queue id from the 250 reply."""
+    header = f"From: {sender or 'nobody@sender.test'}\r\nTo: {', '.join(recipients)}\r\nSubject: {subject}\r\n"
+    with smtplib.SMTP(host, port, timeout=20) as client:
+        client.ehlo("app.kubemta.test")
+        client.mail(sender or "<>")
+        for rcpt in recipients:
+            code, text = client.rcpt(rcpt)
+            assert code == 250, text
+        code, text = client.data((header + "\r\n" + body).encode())
+        assert code == 250, text
+    return text.decode().rsplit(" ", 1)[1]

@@ -254,8 +254,8 @@ class Connector:
             validate_certs=verify,
         )
         try:
-            await smtp.connect(timeout=settings.connect_timeout, server_hostname=server_name) \
-                if tls == "implicit" else await smtp.connect(timeout=settings.connect_timeout)
+            # Implicit TLS (relays only) checks the certificate against ``address``, the relay's name.
+            await smtp.connect(timeout=settings.connect_timeout)
             await smtp.ehlo()
         except aiosmtplib.SMTPResponseException as exc:
             smtp.close()

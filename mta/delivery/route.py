@@ -8,7 +8,7 @@ Failure: none; routes were validated with the config.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mta.config import RouteConfig
 
@@ -19,7 +19,9 @@ class NextHop:
 
     kind: str  # "mx" or "relay"
     name: str  # the recipient domain (mx) or "host:port" (relay)
-    route: RouteConfig | None = None
+    # Not part of the key: a route holds lists (unhashable), and one relay
+    # address is one destination however many routes name it.
+    route: RouteConfig | None = field(default=None, compare=False, hash=False)
 
     def __str__(self) -> str:
         return self.name if self.kind == "mx" else f"relay {self.name}"

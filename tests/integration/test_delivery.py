@@ -8,20 +8,11 @@ import smtplib
 import time
 
 from tests.conftest import World
+from tests.harness import MtaServer, send_mail
 
 
-def send(server, sender: str, recipients: list[str], body: str = "hello\r\n",  # type: ignore[no-untyped-def]
-         subject: str = "test") -> str:
-    message = f"From: {sender or 'nobody@sender.test'}\r\nTo: {', '.join(recipients)}\r\nSubject: {subject}\r\n\r\n{body}"
-    with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as client:
-        client.ehlo("app.kubemta.test")
-        client.mail(sender or "<>")
-        for rcpt in recipients:
-            code, text = client.rcpt(rcpt)
-            assert code == 250, text
-        code, text = client.data(message.encode())
-        assert code == 250, text
-    return text.decode().rsplit(" ", 1)[1]
+def send(server: MtaServer, sender: str, recipients: list[str], subject: str = "test") -> str:
+    return send_mail(server.port, sender, recipients, subject=subject)
 
 
 def dsn_parts(data: bytes) -> tuple[email.message.Message, list[email.message.Message]]:

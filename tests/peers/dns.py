@@ -99,7 +99,7 @@ class DnsServer:
         port: int | None = None,
         start_timeout: float = 10.0,
     ) -> None:
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).absolute()  # paths go into configs and /proc checks
         self.port = port if port is not None else free_port(self.host, udp=True)
         self.start_timeout = start_timeout
         self.zones: list[str] = []

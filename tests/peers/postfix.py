@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import email.parser
 import email.policy
+import ipaddress
 import os
 import pwd
 import signal
@@ -129,7 +130,7 @@ class PostfixServer:
         self.host = host
         self.port = port
         self.domains = [d.lower().rstrip(".") for d in domains]
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).absolute()  # paths go into configs and /proc checks
         self.start_timeout = start_timeout
         self.extra_main_cf = dict(extra_main_cf or {})
         self.config_dir = self.workdir / "etc"
@@ -158,7 +159,9 @@ class PostfixServer:
             "setgid_group": "postdrop",
             "myhostname": HOSTNAME,
             "mydestination": "",
-            "inet_interfaces": self.host,
+            # Postfix only accepts interface addresses here, and 127.0.0.N is
+            # not one; the master.cf service still binds exactly host:port.
+            "inet_interfaces": "loopback-only" if ipaddress.ip_address(self.host).is_loopback else self.host,
             "inet_protocols": "ipv6" if ipv6 else "ipv4",
             "mynetworks": "[::1]/128" if ipv6 else "127.0.0.0/8",
             "relay_domains": "",

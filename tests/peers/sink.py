@@ -14,7 +14,9 @@ per RCPT, a three-line "Received:" header, then the message with every CR
 dropped (so CRLF becomes LF and bare CR vanishes), dot-unstuffed, followed
 by one extra LF from the final ".".  The dump is therefore not byte-exact.
 Also note: with `-r .` or `-f .` the file is finished before the reject is
-sent, so a message rejected at end-of-data still shows up in messages().
+sent, so a message rejected at end-of-data still shows up in messages();
+and a transaction cut off inside DATA by stop() leaves a truncated dump
+that cannot be told apart (one cut off before DATA is skipped).
 
 How it fails: `start()` raises RuntimeError with smtp-sink's stderr when it
 exits or its port does not answer in time; `wait_for_messages` raises
@@ -103,7 +105,7 @@ class SmtpSink:
     ) -> None:
         self.host = host
         self.port = port
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).absolute()  # paths go into configs and /proc checks
         self.extra_args = list(extra_args)
         self.start_timeout = start_timeout
         self.dump_dir = self.workdir / "dump"
@@ -191,6 +193,8 @@ class SmtpSink:
                 raw = path.read_bytes()
             except FileNotFoundError:
                 continue  # an aborted transaction, unlinked meanwhile
+            if b"\nReceived: " not in raw:
+                continue  # cut off by stop() before DATA: never a message
             found.append((mtime, path.name, parse_dump(raw, path)))
         found.sort(key=lambda item: (item[0], item[1]))
         return [msg for _, _, msg in found]

@@ -1,0 +1,87 @@
+"""``mta queue`` against a running server (through its control socket) and a stopped one (on the spool)."""
+
+from __future__ import annotations
+
+import email
+import json
+
+from tests.conftest import World
+from tests.harness import MtaServer, send_mail
+
+
+def queued(server: MtaServer, count: int) -> list[str]:
+    ids = [send_mail(server.port, "a@sender.test", [f"user{i}@down.test"], subject=f"m{i}") for i in range(count)]
+    server.wait_for_queue(lambda q: len(q) == count and all(item["attempts"] >= 1 for item in q),
+                          what="all attempted once")
+    return ids
+
+
+def by_id(server: MtaServer) -> dict[str, dict]:  # type: ignore[type-arg]
+    return {item["id"]: item for item in server.queue_list()}
+
+
+def test_list_json_has_the_documented_fields(world: World) -> None:
+    server = world.mta()
+    [queue_id] = queued(server, 1)
+    [item] = server.queue_list()
+    assert {"id", "sender", "recipients", "attempts", "state", "next_attempt", "created", "size"} <= set(item)
+    assert item["id"] == queue_id and item["sender"] == "a@sender.test" and item["state"] == "deferred"
+    assert item["recipients"][0]["address"] == "user0@down.test"
+    assert item["recipients"][0]["state"] == "pending"
+    assert "cannot connect" in item["recipients"][0]["last_reply"]
+    text = server.queue("list").stdout
+    assert queue_id in text and "user0@down.test" in text
+    shown = server.queue("show", queue_id, "--json")
+    assert shown.returncode == 0
+    assert "Subject: m0" in json.loads(shown.stdout)[queue_id]["header"]
+
+
+def test_hold_release_delete_bounce_while_running(world: World) -> None:
+    sender = world.sink("sender")
+    server = world.mta()
+    held, deleted, bounced = queued(server, 3)
+
+    assert server.queue("hold", held).stdout.strip() == f"{held}: ok"
+    assert by_id(server)[held]["state"] == "hold"
+    attempts = by_id(server)[held]["attempts"]
+    assert server.queue("flush").returncode == 0
+    server.wait_for_queue(lambda q: all(i["attempts"] > 1 for i in q if i["id"] != held), what="flushed")
+    assert by_id(server)[held]["attempts"] == attempts  # held mail is not tried
+
+    assert server.queue("delete", deleted).returncode == 0
+    assert deleted not in by_id(server)
+
+    assert server.queue("bounce", bounced).returncode == 0
+    [notice] = sender.wait_for_messages(1, timeout=20)
+    report = email.message_from_bytes(notice.data).get_payload()[1].get_payload()[1]
+    assert report["Final-Recipient"] == "rfc822; user2@down.test"
+    assert "administrator" in report["Diagnostic-Code"]
+
+    down = world.sink("down")
+    assert server.queue("release", held).returncode == 0
+    assert down.wait_for_messages(1, timeout=20)[0].recipients == ["user0@down.test"]
+    server.wait_queue_empty()
+    assert len(sender.messages()) == 1  # the deleted message did not bounce
+
+
+def test_unknown_ids_are_reported(world: World) -> None:
+    server = world.mta()
+    done = server.queue("hold", "NOSUCHID00000000")
+    assert done.returncode == 1 and "unknown id" in done.stdout
+    done = server.queue("show", "NOSUCHID00000000")
+    assert done.returncode == 1 and "unknown id" in done.stderr
+
+
+def test_queue_commands_work_on_the_spool_when_no_server_runs(world: World) -> None:
+    server = world.mta()
+    first, second = queued(server, 2)
+    assert server.terminate() == 0
+    assert sorted(by_id(server)) == sorted([first, second])
+    assert server.queue("hold", first).stdout.strip() == f"{first}: ok"
+    assert server.queue("delete", second).returncode == 0
+    down = world.sink("down")
+    server.start()
+    assert list(by_id(server)) == [first] and by_id(server)[first]["state"] == "hold"
+    assert server.queue("release", first).returncode == 0
+    down.wait_for_messages(1, timeout=20)
+    server.wait_queue_empty()

@@ -1,0 +1,87 @@
+"""A smart host (an ESP's submission service) for relay tests.
+
+Postfix's smtp-sink cannot do AUTH, so this is a real SMTP server built on
+aiosmtpd, run in its own thread: STARTTLS (or implicit TLS) with a
+certificate from a ``trustme`` test CA, AUTH PLAIN/LOGIN against one
+username and password, and every accepted message kept with the user that
+sent it.  Failure: ``start`` raises if the port does not answer.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trustme
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+
+@dataclass
+class RelayedMessage:
+    sender: str
+    recipients: list[str]
+    data: bytes
+    user: str | None
+    tls: bool
+
+
+class _Handler:
+    def __init__(self, owner: SmartHost) -> None:
+        self.owner = owner
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        with self.owner.lock:
+            self.owner.received.append(RelayedMessage(
+                envelope.mail_from or "", list(envelope.rcpt_tos), envelope.original_content or b"",
+                session.auth_data.login.decode() if isinstance(session.auth_data, LoginPassword) else None,
+                session.ssl is not None))
+        return "250 2.0.0 accepted by the smart host"
+
+
+class SmartHost:
+    def __init__(self, host: str, port: int, workdir: Path, *, user: str, password: str,
+                 implicit_tls: bool = False) -> None:
+        self.host, self.port = host, port
+        self.user, self.password = user, password
+        self.implicit_tls = implicit_tls
+        self.received: list[RelayedMessage] = []
+        self.failed_logins = 0
+        self.lock = threading.Lock()
+        ca = trustme.CA()
+        cert = ca.issue_cert(host, "localhost")
+        self.ca_file = workdir / "smarthost-ca.pem"
+        ca.cert_pem.write_to_path(str(self.ca_file))
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        cert.configure_cert(self.context)
+        self.controller: Controller | None = None
+
+    def _authenticate(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str,
+                      auth_data: Any) -> AuthResult:
+        ok = (isinstance(auth_data, LoginPassword) and auth_data.login.decode() == self.user
+              and auth_data.password.decode() == self.password)
+        if not ok:
+            with self.lock:
+                self.failed_logins += 1
+        return AuthResult(success=ok, handled=False, auth_data=auth_data)
+
+    def start(self) -> None:
+        kwargs: dict[str, Any] = {"authenticator": self._authenticate, "auth_required": True,
+                                  "auth_require_tls": True, "ready_timeout": 10}
+        if self.implicit_tls:
+            kwargs["ssl_context"] = self.context
+            # aiosmtpd only counts STARTTLS as TLS; here the whole session is TLS.
+            kwargs["auth_require_tls"] = False
+        else:
+            kwargs["tls_context"] = self.context
+            kwargs["require_starttls"] = True
+        self.controller = Controller(_Handler(self), hostname=self.host, port=self.port, **kwargs)
+        self.controller.start()
+
+    def stop(self) -> None:
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
