@@ -199,7 +199,7 @@ class Connector:
                 if tried >= MAX_ADDRESSES:
                     break
                 tried += 1
-                remote = f"{host.name}[{address}]"
+                remote = host.name if host.name.startswith("[") else f"{host.name}[{address}]"
                 try:
                     return await self._connect(address, self.settings.port, remote, tls="opportunistic",
                                                server_name=host.name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -26,12 +27,19 @@ from spool.ids import new_id
 log = logging.getLogger(__name__)
 
 
+# A check run at MAIL FROM before a transaction starts (disk space, ...): it
+# raises ``replies.Rejected`` to refuse new mail.
+Admission = Callable[[], None]
+
+
 class SessionHandler:
-    def __init__(self, listener: ListenerConfig, config: Config, spool: Spool, scheduler: Scheduler) -> None:
+    def __init__(self, listener: ListenerConfig, config: Config, spool: Spool, scheduler: Scheduler,
+                 admission: Sequence[Admission] = ()) -> None:
         self.listener = listener
         self.config = config
         self.spool = spool
         self.scheduler = scheduler
+        self.admission = list(admission)
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
                           responses: list[str]) -> list[str]:
@@ -44,6 +52,8 @@ class SessionHandler:
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address_text: str,
                           mail_options: list[str]) -> str:
+        for check in self.admission:
+            check()
         address.parse_sender(address_text)
         # aiosmtpd needs a truthy mail_from to allow RCPT; "<>" stays "<>" until DATA.
         envelope.mail_from = address_text

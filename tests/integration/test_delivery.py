@@ -164,3 +164,20 @@ def test_dsn_that_cannot_be_delivered_is_dropped_not_bounced(world: World) -> No
     server.wait_for_log("event=bounce_suppressed")
     server.wait_queue_empty()
     assert server.log().count("event=queued") == 1  # the one DSN, nothing after it
+
+
+def test_outbound_connections_use_the_source_address_and_helo_name(world: World) -> None:
+    sink = world.sink("dest")
+    server = world.mta({"hostname": "out.kubemta.test", "delivery": {"source_address": "127.0.0.42"}})
+    send(server, "a@sender.test", ["user@dest.test"])
+    [message] = sink.wait_for_messages(1, timeout=20)
+    assert message.client_addr == "127.0.0.42"
+    assert message.helo == "out.kubemta.test"
+
+
+def test_address_literal_is_delivered_to_that_address(world: World) -> None:
+    sink = world.sink("dest")
+    server = world.mta()
+    send(server, "a@sender.test", [f"user@[{sink.host}]"])
+    assert sink.wait_for_messages(1, timeout=20)[0].recipients == [f"user@[{sink.host}]"]
+    server.wait_queue_empty()

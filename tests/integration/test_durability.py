@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 import smtplib
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from spool import Recipient, Record, Spool
 from spool.ids import new_id
@@ -152,3 +155,29 @@ def test_sigterm_stops_cleanly_and_keeps_queued_mail(world: World) -> None:
     server.start()
     assert [item["id"] for item in server.queue_list()] == [queue_id]
     assert HOSTS["down"] in server.queue_list()[0]["recipients"][0]["last_reply"]
+
+
+def test_full_spool_answers_451_and_keeps_nothing(world: World) -> None:
+    server = world.mta(start=False)
+    mountpoint = Path(server.config["spool"]["path"])
+    mountpoint.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mountpoint)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        server.start()
+        small = send_mail(server.port, "a@sender.test", ["user@down.test"])
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as client:
+            client.ehlo("app.kubemta.test")
+            client.mail("a@sender.test")
+            client.rcpt("user@down.test")
+            code, text = client.data(b"Subject: too big for the disk\r\n\r\n" + (b"x" * 998 + b"\r\n") * 1000)
+        assert (code, text.split(b" ", 1)[0]) == (451, b"4.3.0")
+        assert [item["id"] for item in server.queue_list()] == [small]
+        assert sorted(p.name for p in (server.spool_dir / "msg").iterdir()) == [small]
+        assert list((server.spool_dir / "tmp").iterdir()) == []
+        assert "event=rejected" in server.log()
+    finally:
+        server.stop()
+        subprocess.run(["umount", str(mountpoint)], check=False)
