@@ -20,15 +20,20 @@ import os
 import signal
 import time
 
+from mta.auth.credentials import Credentials, CredentialsError
+from mta.auth.throttle import Throttle
 from mta.config import Config
 from mta.control import ControlServer, socket_path
 from mta.delivery.client import ClientSettings, Connector
 from mta.delivery.mx import MxResolver, make_resolver
+from mta.drain.service import DrainError, DrainService
 from mta.obs.http import HealthServer
 from mta.obs.log import event
+from mta.policy.account import RateLimits
 from mta.scheduler.queue import Scheduler
 from mta.smtp.server import Listener
-from mta.smtp.session import SessionHandler
+from mta.smtp.session import AuthServices, SessionHandler
+from mta.smtp.tls import TlsError
 from spool import Spool, SpoolError
 
 log = logging.getLogger(__name__)
@@ -44,6 +49,7 @@ class App:
         self.spool = Spool(config.spool_shard)
         self.listeners: list[Listener] = []
         self.stopping = False
+        self.drain = DrainService(config, self.spool)  # handoff endpoint and scale-down drain
 
     def _connector(self) -> Connector:
         config = self.config
@@ -84,6 +90,10 @@ class App:
     async def run(self) -> None:
         config = self.config
         try:
+            self.drain.setup()
+        except DrainError as exc:
+            raise StartupError(str(exc)) from None
+        try:
             loaded = self.spool.open()
         except SpoolError as exc:
             raise StartupError(str(exc)) from None
@@ -98,8 +108,16 @@ class App:
         health = HealthServer(host, port, {"listeners": self._listeners_ready, "spool": self._spool_ready})
         scheduler_task: asyncio.Task[None] | None = None
         try:
+            services = AuthServices(
+                Throttle(config.limits.max_auth_failures, config.limits.auth_failure_window), RateLimits())
             for item in config.listeners:
-                listener = Listener(item, config, SessionHandler(item, config, self.spool, scheduler))
+                try:
+                    credentials = Credentials(item.auth.credentials_file) if item.auth else None
+                    handler = SessionHandler(item, config, self.spool, scheduler, credentials=credentials,
+                                             services=services)
+                    listener = Listener(item, config, handler)
+                except (CredentialsError, TlsError) as exc:
+                    raise StartupError(f"listener {item.name!r}: {exc}") from None
                 try:
                     await listener.start()
                 except OSError as exc:
@@ -112,6 +130,10 @@ class App:
             except OSError as exc:
                 raise StartupError(f"http.address {config.http.address} or control socket: {exc.strerror}") \
                     from None
+            try:
+                await self.drain.start(scheduler)
+            except OSError as exc:
+                raise StartupError(f"drain.listen {config.drain.listen}: {exc.strerror}") from None
             scheduler_task = asyncio.create_task(scheduler.run())
             event("started", hostname=config.hostname, pid=os.getpid(),
                   listeners=",".join(f"{item.name}={item.address}" for item in config.listeners))
@@ -133,6 +155,7 @@ class App:
     async def _shutdown(self, scheduler: Scheduler, scheduler_task: asyncio.Task[None] | None,
                         control: ControlServer, health: HealthServer) -> None:
         self.stopping = True
+        self.drain.stopping = True  # refuse handoffs from other pods from now on
         event("stopping", timeout=self.config.shutdown.timeout)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.shutdown.timeout
@@ -144,6 +167,9 @@ class App:
             scheduler_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await scheduler_task
+        # Deliveries have stopped: a pod scaled away hands its queue to the pods that stay.
+        await self.drain.drain_if_scaled_down(scheduler)
+        await self.drain.stop()
         await control.stop()
         await health.stop()
         self.spool.close()

@@ -1,4 +1,4 @@
-"""The ``mta`` command: serve, check-config, queue.
+"""The ``mta`` command: serve, check-config, user, queue.
 
 Every subcommand takes ``-c FILE`` (or ``$MTA_CONFIG``) and the same
 ``MTA__...`` environment overrides as the server.  ``mta queue`` talks to
@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import sys
 from typing import Any
 
 from mta import config as config_module
 from mta import control
+from mta.auth.credentials import CredentialsError, set_password
 from mta.config import Config, ConfigError
 from spool import Spool, SpoolLocked
 
@@ -44,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("serve", parents=[common], help="run the MTA")
     sub.add_parser("check-config", parents=[common], help="validate the configuration and print it")
+    _add_user_parser(sub, common)
     queue = sub.add_parser("queue", parents=[common], help="inspect and manage the queue")
     qsub = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in QUEUE_ACTIONS.items():
@@ -58,6 +61,51 @@ def _parser() -> argparse.ArgumentParser:
         else:
             item.add_argument("ids", nargs="+", metavar="ID")
     return parser
+
+
+def _add_user_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    user = sub.add_parser("user", parents=[common], help="manage AUTH users in the credentials file")
+    usub = user.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("add", "add a user"), ("passwd", "change a user's password")):
+        item = usub.add_parser(action, parents=[common], help=text)
+        item.add_argument("name")
+        item.add_argument("--listener", help="whose credentials file (default: the only one configured)")
+
+
+def _read_password() -> str:
+    if sys.stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if first != getpass.getpass("Again: "):
+            raise CredentialsError("the passwords do not match")
+        return first
+    # From a pipe or a Secret: the first line, without its line ending.
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def _user(config: Config, args: argparse.Namespace) -> int:
+    files = {item.name: item.auth.credentials_file for item in config.listeners if item.auth}
+    if args.listener:
+        if args.listener not in files:
+            print(f"mta user: listener {args.listener!r} has no auth.credentials_file", file=sys.stderr)
+            return 2
+        path = files[args.listener]
+    elif len(set(files.values())) == 1:
+        path = next(iter(files.values()))
+    else:
+        names = ", ".join(files) or "none"
+        print(f"mta user: say which listener's credentials file with --listener (listeners with auth: {names})",
+              file=sys.stderr)
+        return 2
+    try:
+        password = _read_password()
+        if len(password) < 8:
+            raise CredentialsError("the password must have at least 8 characters")
+        set_password(path, args.name, password, create=args.action == "add")
+    except CredentialsError as exc:
+        print(f"mta user: {exc}", file=sys.stderr)
+        return 1
+    print(f"{'added' if args.action == 'add' else 'changed the password of'} user {args.name} in {path}")
+    return 0
 
 
 def _load_config(path: str | None) -> Config:
@@ -168,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(config.model_dump(mode="json"), indent=2))
         print("configuration OK", file=sys.stderr)
         return 0
+    if args.command == "user":
+        return _user(config, args)
     return _queue(config, args)
 
 

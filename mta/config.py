@@ -97,17 +97,57 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _readable_file(value: Path | None) -> Path | None:
+    if value is not None and not os.access(value, os.R_OK):
+        raise ValueError(f"{value} is not a readable file")
+    return value
+
+
+class TlsConfig(Section):
+    """A certificate for STARTTLS / implicit TLS, reloaded when the files change."""
+
+    cert_file: Path
+    key_file: Path
+
+    @field_validator("cert_file", "key_file")
+    @classmethod
+    def _files(cls, value: Path) -> Path:
+        return _readable_file(value)  # type: ignore[return-value]
+
+
+class AuthConfig(Section):
+    credentials_file: Path
+    # Plain-text AUTH only for legacy apps on a trusted network; logged loudly.
+    allow_plaintext: bool = False
+
+    @field_validator("credentials_file")
+    @classmethod
+    def _credentials(cls, value: Path) -> Path:
+        if not value.parent.is_dir():
+            raise ValueError(f"directory {value.parent} does not exist")
+        return value
+
+
 class ListenerConfig(Section):
     name: str = Field(min_length=1)
     address: str
-    mode: Literal["relay", "submission"] = "relay"
+    mode: Literal["relay", "submission", "submissions"] = "relay"
     trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
+    tls: TlsConfig | None = None
+    auth: AuthConfig | None = None
+    proxy_protocol: bool = False
 
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
         parse_host_port(value)
         return value
+
+    @model_validator(mode="after")
+    def _tls_for_submissions(self) -> ListenerConfig:
+        if self.mode == "submissions" and self.tls is None:
+            raise ValueError("mode 'submissions' (implicit TLS) needs tls.cert_file and tls.key_file")
+        return self
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -193,9 +233,7 @@ class RouteConfig(Section):
     @field_validator("auth_file", "ca_file")
     @classmethod
     def _readable(cls, value: Path | None) -> Path | None:
-        if value is not None and not os.access(value, os.R_OK):
-            raise ValueError(f"{value} is not a readable file")
-        return value
+        return _readable_file(value)
 
     @property
     def relay_host_port(self) -> tuple[str, int]:
@@ -204,8 +242,46 @@ class RouteConfig(Section):
 
 class LimitsConfig(Section):
     max_message_size: Size = 25 * 1024 * 1024
-    max_recipients: int = Field(1000, ge=1)
-    session_timeout: Duration = 300.0
+    max_recipients: int = Field(1000, ge=100)  # RFC 5321 §4.5.3.1.8: at least 100
+    max_line_length: int = Field(1000, ge=1000)  # RFC 5321 §4.5.3.1.6, CRLF included
+    max_command_length: int = Field(512, ge=512)  # RFC 5321 §4.5.3.1.4
+    session_timeout: Duration = 300.0  # per command (RFC 5321 §4.5.3.2.7)
+    data_timeout: Duration = 600.0  # the whole DATA phase: a floor on the transfer rate
+    max_connections: int = Field(1000, ge=1)
+    max_connections_per_ip: int = Field(50, ge=1)
+    max_errors: int = Field(10, ge=1)  # bad commands per session before 421
+    max_junk_commands: int = Field(50, ge=1)  # NOOP, RSET, VRFY, HELP, EXPN per session
+    max_auth_failures: int = Field(5, ge=1)  # per client IP and per user name, in the window
+    auth_failure_window: Duration = 900.0
+    auth_failure_delay: Duration = 1.0  # answer each failed AUTH this late
+    bare_line_endings: Literal["replace", "reject"] = "replace"
+
+
+class AccountPolicy(Section):
+    """What one authenticated client may do (``*`` = anything)."""
+
+    senders: list[str] = Field(default_factory=lambda: ["*"])  # envelope senders: address, @domain or *
+    from_addresses: list[str] = Field(default_factory=lambda: ["*"])  # From: header, same patterns
+    max_message_size: Size | None = None
+    max_recipients: int | None = Field(None, ge=1)
+    messages_per_minute: int | None = Field(None, ge=1)
+    recipients_per_day: int | None = Field(None, ge=1)
+
+    @field_validator("senders", "from_addresses")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if item != "*" and "@" not in item:
+                raise ValueError(f"{item!r}: use an address, '@domain' or '*'")
+        return [item.lower() for item in value]
+
+
+class AccountsConfig(Section):
+    default: AccountPolicy = AccountPolicy()
+    users: dict[str, AccountPolicy] = Field(default_factory=dict)
+
+    def policy(self, user: str) -> AccountPolicy:
+        return self.users.get(user, self.default)
 
 
 class HttpConfig(Section):
@@ -229,6 +305,54 @@ class ShutdownConfig(Section):
 
 class LogConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class KubernetesConfig(Section):
+    """Where this pod is and how to reach the API server (``mta.k8s``)."""
+
+    enabled: bool = False
+    pod_name: str | None = None  # default: the host name (a StatefulSet pod's name)
+    pod_uid: str | None = None  # for Events; from the downward API
+    namespace: str = "default"
+    statefulset: str | None = None  # default: the pod name without its "-<ordinal>"
+    api_url: str | None = None  # default: the in-cluster service account configuration
+    token_file: Path | None = None  # with api_url: a bearer token
+    ca_file: Path | None = None  # with api_url: the API server's CA bundle
+    timeout: Duration = 5.0
+
+    @field_validator("token_file", "ca_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        return _readable_file(value)
+
+
+class DrainConfig(Section):
+    """Pod-to-pod handoff of queued mail on scale-down (``mta.drain``)."""
+
+    listen: str | None = None  # the handoff endpoint, e.g. 0.0.0.0:8025; None: this pod accepts none
+    secret_file: Path | None = None  # shared by all pods; both ends need it
+    # Where the pod with a given ordinal takes handoffs; {statefulset}, {ordinal}, {namespace}.
+    peer_address: str = "{statefulset}-{ordinal}.{statefulset}-headless.{namespace}.svc:8025"
+    on_scale_down: bool = True  # drain at SIGTERM when this pod's ordinal is no longer wanted
+    timeout: Duration = 60.0  # for the whole drain; keep grace period > shutdown.timeout + this
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_host_port(value)
+        return value
+
+    @field_validator("secret_file")
+    @classmethod
+    def _secret(cls, value: Path | None) -> Path | None:
+        return _readable_file(value)
+
+    @model_validator(mode="after")
+    def _needs_secret(self) -> DrainConfig:
+        if self.listen is not None and self.secret_file is None:
+            raise ValueError("listen needs secret_file: handoffs are authenticated")
+        return self
 
 
 def _default_listeners() -> list[ListenerConfig]:
@@ -257,9 +381,13 @@ class Config(Section):
     queue: QueueConfig = QueueConfig()
     routes: list[RouteConfig] = Field(default_factory=list)
     limits: LimitsConfig = LimitsConfig()
+    accounts: AccountsConfig = AccountsConfig()
+    authserv_id: str | None = None  # the name in our Authentication-Results; default: hostname
     http: HttpConfig = HttpConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     log: LogConfig = LogConfig()
+    kubernetes: KubernetesConfig = KubernetesConfig()
+    drain: DrainConfig = DrainConfig()
 
     @property
     def spool_shard(self) -> Path:

@@ -2,7 +2,9 @@
 
 Owns: line-ending normalisation (a bare CR or LF becomes CRLF, so nothing
 smuggling-shaped is stored or later signed), the trace header (``Received``),
-and the ``Message-ID``/``Date`` a submission may lack (RFC 6409 §8).
+our ``Authentication-Results`` for authenticated clients — after removing
+any that claim our authserv-id (RFC 8601 §5) — and the ``Message-ID``/
+``Date`` a submission may lack (RFC 6409 §8).
 It does not parse MIME and never changes the body beyond line endings.
 Failure: none expected; it works on any bytes.
 """
@@ -14,7 +16,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, make_msgid
 
+import authres
+
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
+_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_AUTH_RESULTS = re.compile(rb"^authentication-results[ \t]*:", re.IGNORECASE)
 _HEADER_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.MULTILINE)
 
 
@@ -29,6 +35,12 @@ class Arrival:
     protocol: str  # SMTP, ESMTP, ESMTPS, ...
     recipients: tuple[str, ...]
     when: datetime
+    auth_user: str | None = None
+    authserv_id: str | None = None  # ours; defaults to hostname
+
+
+def has_bare_line_endings(data: bytes) -> bool:
+    return _BARE.search(data) is not None
 
 
 def normalise(data: bytes) -> bytes:
@@ -72,6 +84,45 @@ def received_header(arrival: Arrival) -> bytes:
     return ("\r\n".join(parts) + "\r\n").encode("ascii")
 
 
+def header_fields(header: bytes) -> list[bytes]:
+    """The header block split into fields, continuation lines kept with theirs."""
+    fields: list[bytes] = []
+    for line in header.split(b"\r\n")[:-1]:
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += b"\r\n" + line
+        else:
+            fields.append(line)
+    return fields
+
+
+def _claims_us(field: bytes, authserv_id: str) -> bool:
+    value = field.split(b":", 1)[1].decode("utf-8", errors="replace")
+    try:
+        parsed = authres.AuthenticationResultsHeader.parse_value(value)
+        claimed = parsed.authserv_id or ""
+    except Exception:  # noqa: BLE001 - authres raises many kinds; unparseable is judged by its first word
+        claimed = re.split(r"[;\s]", value.strip(), maxsplit=1)[0]
+    return claimed.lower().rstrip(".") == authserv_id.lower().rstrip(".")
+
+
+def strip_forged_results(header: bytes, authserv_id: str) -> bytes:
+    """Drop Authentication-Results fields that claim to be ours (RFC 8601 §5)."""
+    if b"uthentication-" not in header and b"UTHENTICATION-" not in header:
+        return header
+    kept = [f for f in header_fields(header) if not (_AUTH_RESULTS.match(f) and _claims_us(f, authserv_id))]
+    return b"".join(f + b"\r\n" for f in kept)
+
+
+def authentication_results(authserv_id: str, user: str) -> bytes:
+    result = authres.SMTPAUTHAuthenticationResult(result="pass", smtp_auth=user)
+    text = str(authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=[result]))
+    return _clean_header(text).encode("utf-8") + b"\r\n"
+
+
+def _clean_header(text: str) -> str:
+    return re.sub(r"[\r\n\x00]", "", text)
+
+
 def prepare(data: bytes, arrival: Arrival) -> bytes:
     """The message as queued: normalised, traced, with Message-ID and Date."""
     data = normalise(data)
@@ -80,7 +131,11 @@ def prepare(data: bytes, arrival: Arrival) -> bytes:
     if header and not names:
         # No header block at all: the whole text is body.
         header, rest = b"", b"\r\n" + data
+    authserv_id = arrival.authserv_id or arrival.hostname
+    header = strip_forged_results(header, authserv_id)
     added = [received_header(arrival)]
+    if arrival.auth_user:
+        added.insert(0, authentication_results(authserv_id, arrival.auth_user))
     extra = b""
     if b"message-id" not in names:
         extra += f"Message-ID: {make_msgid(domain=arrival.hostname)}\r\n".encode("ascii")

@@ -16,10 +16,13 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def client_ip(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    if not isinstance(peer, tuple) or not peer:
+    """From a socket peer tuple or an address string."""
+    if isinstance(peer, tuple):
+        peer = peer[0] if peer else None
+    if not isinstance(peer, str):
         return None
     try:
-        ip = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+        ip = ipaddress.ip_address(peer.split("%", 1)[0])
     except ValueError:
         return None
     # An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.

@@ -1,60 +1,193 @@
 """What happens on each SMTP command of a session: policy, then the queue.
 
-The aiosmtpd handler for one listener.  MAIL and RCPT check address syntax
-and relay permission; DATA prepares the message (``mta.receive``), makes it
-durable in the spool and only then answers ``250 ... queued as ID``.  Every
-error, expected or not, becomes a reply through ``mta.smtp.replies``.
+The aiosmtpd handler for one listener.  AUTH (PLAIN, LOGIN) checks the
+credentials file off the event loop, with brute-force throttling per client
+address and per user name.  MAIL and RCPT check address syntax, the
+account's policy and relay permission (a trusted network, or AUTH); DATA
+prepares the message (``mta.receive``), makes it durable in the spool and
+only then answers ``250 ... queued as ID``.  Every error, expected or not,
+becomes a reply through ``mta.smtp.replies``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
 from mta import receive
+from mta.auth.credentials import Credentials
+from mta.auth.throttle import Throttle
 from mta.config import Config, ListenerConfig
 from mta.obs.log import event
-from mta.policy import address, relay
+from mta.policy import account, address, relay
 from mta.scheduler.queue import Scheduler
 from mta.smtp import replies
+from mta.smtp.replies import Rejected
 from spool import Recipient, Record, Spool
 from spool.ids import new_id
 
 log = logging.getLogger(__name__)
-
 
 # A check run at MAIL FROM before a transaction starts (disk space, ...): it
 # raises ``replies.Rejected`` to refuse new mail.
 Admission = Callable[[], None]
 
 
+@dataclass
+class AuthServices:
+    """Shared by every listener: one throttle and one rate counter per process."""
+
+    throttle: Throttle
+    rates: account.RateLimits
+
+
+def client_address(session: Session) -> str:
+    """The client's IP; behind a load balancer, the one its PROXY header names."""
+    proxy = getattr(session, "proxy_data", None)
+    if proxy is not None and getattr(proxy, "src_addr", None):
+        return str(proxy.src_addr)
+    peer: Any = session.peer
+    return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+
+
+def is_tls(server: SMTP) -> bool:
+    transport = server.transport
+    return bool(transport is not None and transport.get_extra_info("sslcontext"))
+
+
 class SessionHandler:
     def __init__(self, listener: ListenerConfig, config: Config, spool: Spool, scheduler: Scheduler,
-                 admission: Sequence[Admission] = ()) -> None:
+                 admission: Sequence[Admission] = (), *, credentials: Credentials | None = None,
+                 services: AuthServices | None = None) -> None:
         self.listener = listener
         self.config = config
         self.spool = spool
         self.scheduler = scheduler
         self.admission = list(admission)
+        self.credentials = credentials
+        limits = config.limits
+        self.services = services or AuthServices(
+            Throttle(limits.max_auth_failures, limits.auth_failure_window), account.RateLimits())
+
+    # -- greeting and PROXY ----------------------------------------------------
+
+    async def handle_PROXY(self, server: SMTP, session: Session, envelope: Envelope, proxy_data: Any) -> bool:
+        # A malformed or missing header has already been refused by aiosmtpd.
+        return bool(proxy_data and getattr(proxy_data, "valid", False))
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
                           responses: list[str]) -> list[str]:
         session.host_name = hostname
-        # aiosmtpd lists SIZE, 8BITMIME, SMTPUTF8 (and STARTTLS/AUTH when set
-        # up); PIPELINING and ENHANCEDSTATUSCODES are ours to announce.
+        # aiosmtpd lists SIZE, 8BITMIME, SMTPUTF8, STARTTLS and AUTH; AUTH only
+        # where credentials are configured, and PIPELINING and
+        # ENHANCEDSTATUSCODES are ours to announce.
         last = responses.pop()  # "250 HELP"
+        if self.credentials is None:
+            responses = [r for r in responses if not r.startswith("250-AUTH")]
         responses += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", last]
         return responses
+
+    # -- AUTH ------------------------------------------------------------------
+
+    async def handle_AUTH(self, server: SMTP, session: Session, envelope: Envelope, args: list[str]) -> str | None:
+        """Both mechanisms, run here so that scrypt never blocks the event loop."""
+        if self.credentials is None:
+            return str(replies.AUTH_UNAVAILABLE)
+        if envelope.mail_from:
+            return str(replies.Reply(503, "5.5.1", "AUTH not allowed during a mail transaction"))
+        ip = client_address(session)
+        if self.services.throttle.blocked(f"ip:{ip}"):
+            event("auth_throttled", level=logging.WARNING, listener=self.listener.name, client=ip, scope="client")
+            await server.push(str(replies.AUTH_CLIENT_LOCKED))
+            if server.transport is not None:
+                server.transport.close()
+            return None
+        mechanism = args[0].upper()
+        initial = args[1] if len(args) > 1 else None
+        try:
+            if mechanism == "PLAIN":
+                user, password = await self._plain(server, initial)
+            else:
+                user, password = await self._login(server, initial)
+        except Rejected as exc:
+            return str(exc.reply)
+        if self.services.throttle.blocked(f"user:{user}"):
+            event("auth_throttled", level=logging.WARNING, listener=self.listener.name, client=ip, user=user,
+                  scope="user")
+            return str(replies.AUTH_USER_LOCKED)
+        ok = await asyncio.to_thread(self.credentials.verify, user, password)
+        if not ok:
+            self.services.throttle.fail(f"ip:{ip}")
+            self.services.throttle.fail(f"user:{user}")
+            event("auth_failed", level=logging.WARNING, listener=self.listener.name, client=ip, user=user,
+                  mechanism=mechanism)
+            # Slow the guesser down without holding anyone else up.
+            await asyncio.sleep(self.config.limits.auth_failure_delay)
+            return str(replies.AUTH_FAILED)
+        self.services.throttle.succeed(f"ip:{ip}")
+        self.services.throttle.succeed(f"user:{user}")
+        session.authenticated = True
+        session.auth_data = user
+        event("auth_ok", listener=self.listener.name, client=ip, user=user, mechanism=mechanism)
+        return str(replies.AUTH_OK)
+
+    @staticmethod
+    def _decode(blob: bytes | str) -> bytes:
+        try:
+            return base64.b64decode(blob, validate=True)
+        except (binascii.Error, ValueError):
+            raise Rejected(replies.AUTH_BAD_RESPONSE) from None
+
+    async def _challenge(self, server: SMTP, prompt: str) -> bytes:
+        answer = await server.challenge_auth(prompt)
+        if answer is MISSING:
+            raise Rejected(replies.AUTH_ABORTED)
+        assert isinstance(answer, bytes)
+        return answer
+
+    async def _plain(self, server: SMTP, initial: str | None) -> tuple[str, str]:
+        if initial is None or initial == "=":
+            raw = await self._challenge(server, "") if initial is None else b""
+        else:
+            raw = self._decode(initial)
+        parts = raw.split(b"\x00")
+        if len(parts) != 3:
+            raise Rejected(replies.AUTH_BAD_RESPONSE)
+        _, user, password = parts
+        return user.decode("utf-8", "replace"), password.decode("utf-8", "replace")
+
+    async def _login(self, server: SMTP, initial: str | None) -> tuple[str, str]:
+        user = self._decode(initial) if initial else await self._challenge(server, "Username:")
+        password = await self._challenge(server, "Password:")
+        return user.decode("utf-8", "replace"), password.decode("utf-8", "replace")
+
+    # -- the transaction -------------------------------------------------------------
+
+    def _user(self, session: Session) -> str | None:
+        return session.auth_data if session.authenticated and isinstance(session.auth_data, str) else None
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address_text: str,
                           mail_options: list[str]) -> str:
         for check in self.admission:
             check()
         address.parse_sender(address_text)
+        user = self._user(session)
+        if user is not None:
+            policy = self.config.accounts.policy(user)
+            try:
+                account.check_sender(policy, address_text)
+                self.services.rates.check_message(policy, user)
+            except Rejected as exc:
+                self._rejected(session, exc, sender=address_text, user=user)
+                raise
         # aiosmtpd needs a truthy mail_from to allow RCPT; "<>" stays "<>" until DATA.
         envelope.mail_from = address_text
         envelope.mail_options.extend(mail_options)
@@ -63,35 +196,63 @@ class SessionHandler:
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address_text: str,
                           rcpt_options: list[str]) -> str:
         rcpt = address.parse_recipient(address_text)
+        user = self._user(session)
         try:
-            relay.check_relay(session.peer, self.listener.trusted_networks)
-        except replies.Rejected as exc:
-            event("rejected", level=logging.WARNING, listener=self.listener.name, client=_peer(session),
-                  recipient=address_text, reply=str(exc.reply), reason=exc.detail)
+            if user is None:
+                relay.check_relay(client_address(session), self.listener.trusted_networks)
+            else:
+                policy = self.config.accounts.policy(user)
+                account.check_recipient_count(policy, len(envelope.rcpt_tos))
+                self.services.rates.check_recipients(policy, user, len(envelope.rcpt_tos) + 1)
+        except Rejected as exc:
+            self._rejected(session, exc, recipient=address_text, user=user)
             raise
         if len(envelope.rcpt_tos) >= self.config.limits.max_recipients:
-            raise replies.Rejected(replies.TOO_MANY_RECIPIENTS)
+            raise Rejected(replies.TOO_MANY_RECIPIENTS)
         if str(rcpt).lower() not in {r.lower() for r in envelope.rcpt_tos}:
             envelope.rcpt_tos.append(address_text)
             envelope.rcpt_options.extend(rcpt_options)
         return str(replies.RECIPIENT_OK)
 
+    def _rejected(self, session: Session, exc: Rejected, **fields: Any) -> None:
+        event("rejected", level=logging.WARNING, listener=self.listener.name, client=client_address(session),
+              reply=str(exc.reply), reason=exc.detail, **fields)
+
+    def _check_content(self, raw: bytes, user: str | None) -> None:
+        if self.config.limits.bare_line_endings == "reject" and receive.has_bare_line_endings(raw):
+            raise Rejected(replies.BARE_LINE_ENDING)
+        if user is None:
+            return
+        policy = self.config.accounts.policy(user)
+        account.check_size(policy, len(raw))
+        header, _ = receive.split_header(receive.normalise(raw))
+        values = [f.split(b":", 1)[1].decode("utf-8", "replace")
+                  for f in receive.header_fields(header) if f.lower().startswith(b"from:")]
+        account.check_from_header(policy, values)
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         queue_id = new_id()
+        user = self._user(session)
+        client = client_address(session)
         try:
             now = time.time()
             raw = envelope.original_content or b""
+            self._check_content(raw, user)
             protocol = "ESMTP" if session.extended_smtp else "SMTP"
-            if session.ssl:
+            if is_tls(server):
                 protocol += "S"
+            if user is not None:
+                protocol += "A"
             arrival = receive.Arrival(
                 queue_id=queue_id,
                 helo=session.host_name or "unknown",
-                client_ip=_peer(session),
+                client_ip=client,
                 hostname=self.config.hostname,
                 protocol=protocol,
                 recipients=tuple(envelope.rcpt_tos),
                 when=receive.now(),
+                auth_user=user,
+                authserv_id=self.config.authserv_id,
             )
             message = receive.prepare(raw, arrival)
             options = {o.upper() for o in envelope.mail_options}
@@ -105,8 +266,9 @@ class SessionHandler:
                 size=len(message),
                 attrs={
                     "listener": self.listener.name,
-                    "client": _peer(session),
+                    "client": client,
                     "helo": session.host_name,
+                    "user": user,
                     "smtputf8": bool(envelope.smtp_utf8),
                     "8bitmime": "BODY=8BITMIME" in options,
                 },
@@ -114,25 +276,23 @@ class SessionHandler:
             stored = await self.spool.store(message, record)
         except Exception as exc:  # noqa: BLE001 - every failure must still get a reply
             reply = replies.for_exception(exc)
-            log.error("queue_id=%s not queued: %r", queue_id, exc)
+            if not isinstance(exc, Rejected):
+                log.error("queue_id=%s not queued: %r", queue_id, exc)
             event("rejected", level=logging.WARNING, queue_id=queue_id, listener=self.listener.name,
-                  client=_peer(session), reply=str(reply), reason=str(exc) or type(exc).__name__)
+                  client=client, user=user, reply=str(reply), reason=str(exc) or type(exc).__name__)
             return str(reply)
-        event("received", queue_id=queue_id, listener=self.listener.name, client=_peer(session),
-              helo=session.host_name, sender=record.sender or "<>", recipients=len(record.recipients),
-              size=stored.size)
+        if user is not None:
+            self.services.rates.record(user, len(record.recipients))
+        event("received", queue_id=queue_id, listener=self.listener.name, client=client,
+              helo=session.host_name, user=user, tls=is_tls(server), sender=record.sender or "<>",
+              recipients=len(record.recipients), size=stored.size)
         self.scheduler.accept(stored)
         return str(replies.queued(queue_id))
 
     async def handle_exception(self, error: Exception) -> str:
         reply = replies.for_exception(error)
-        if isinstance(error, replies.Rejected):
+        if isinstance(error, Rejected):
             log.info("rejected: %s (%s)", reply, error.detail)
         else:
             log.exception("session error")
         return str(reply)
-
-
-def _peer(session: Session) -> str:
-    peer: Any = session.peer
-    return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)

@@ -1,0 +1,1 @@
+"""SMTP AUTH: who a client is (credentials) and how guessing is slowed (throttle)."""

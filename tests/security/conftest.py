@@ -1,0 +1,100 @@
+"""A hardened kubemta: STARTTLS submission with AUTH, implicit TLS, an untrusted relay listener."""
+
+from __future__ import annotations
+
+import smtplib
+import ssl
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from tests.conftest import World
+from tests.harness import MtaServer, merge
+from tests.peers.net import free_port
+
+PASSWORD = "correct horse battery"
+
+
+@dataclass
+class Secure:
+    world: World
+    server: MtaServer
+    submission: int  # STARTTLS + AUTH, nobody trusted
+    submissions: int  # implicit TLS + AUTH
+    relay: int  # no AUTH, trusts only 192.0.2.0/24 (nobody here)
+    legacy: int  # AUTH allowed in plain text
+    ca: trustme.CA
+    cert: Path
+    key: Path
+
+    def client(self, port: int, *, tls: bool = False, source: str | None = None) -> smtplib.SMTP:
+        client = smtplib.SMTP("127.0.0.1", port, timeout=15,
+                              source_address=(source, 0) if source else None)
+        client.ehlo("app.kubemta.test")
+        if tls:
+            client.starttls(context=self.client_context())
+            client.ehlo("app.kubemta.test")
+        return client
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        return context
+
+    def add_user(self, name: str, password: str = PASSWORD, action: str = "add") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["python3", "-P", "-m", "mta.cli", "user", action, name, "-c", str(self.server.config_path),
+             "--listener", "submission"],
+            input=password + "\n", capture_output=True, text=True, timeout=60, cwd=self.server.workdir)
+
+
+def write_cert(ca: trustme.CA, directory: Path) -> tuple[Path, Path]:
+    cert = ca.issue_cert("mta.kubemta.test", "127.0.0.1")
+    cert_path, key_path = directory / "tls.crt", directory / "tls.key"
+    cert.private_key_pem.write_to_path(str(key_path))
+    with cert_path.open("wb") as out:
+        for blob in cert.cert_chain_pems:
+            out.write(blob.bytes())
+    return cert_path, key_path
+
+
+def make_secure(world: World, extra: dict[str, Any] | None = None, users: dict[str, str] | None = None) -> Secure:
+    ca = trustme.CA()
+    tls_dir = world.root / "tls"
+    tls_dir.mkdir(exist_ok=True)
+    cert, key = write_cert(ca, tls_dir)
+    creds = world.root / "credentials"
+    creds.write_text("")
+    ports = [free_port() for _ in range(3)]
+    tls = {"cert_file": str(cert), "key_file": str(key)}
+    auth = {"credentials_file": str(creds)}
+    config = {
+        "listeners": [
+            {"name": "relay", "address": "127.0.0.1:{port}", "mode": "relay", "trusted_networks": ["192.0.2.0/24"],
+             "tls": tls},
+            {"name": "submission", "address": f"127.0.0.1:{ports[0]}", "mode": "submission", "tls": tls,
+             "auth": auth},
+            {"name": "submissions", "address": f"127.0.0.1:{ports[1]}", "mode": "submissions", "tls": tls,
+             "auth": auth},
+            {"name": "legacy", "address": f"127.0.0.1:{ports[2]}", "mode": "submission",
+             "auth": {**auth, "allow_plaintext": True}},
+        ],
+        "limits": {"auth_failure_delay": "0.1s"},
+    }
+    server = world.mta(merge(config, extra or {}), start=False)
+    secure = Secure(world, server, ports[0], ports[1], server.port, ports[2], ca, cert, key)
+    for name, password in (users or {"app": PASSWORD}).items():
+        done = secure.add_user(name, password)
+        assert done.returncode == 0, done.stderr
+    server.start()
+    return secure
+
+
+@pytest.fixture
+def secure(world: World) -> Iterator[Secure]:
+    yield make_secure(world)
