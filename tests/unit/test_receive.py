@@ -44,3 +44,23 @@ def test_client_text_cannot_break_the_trace_header() -> None:
     evil = receive.Arrival(**{**ARRIVAL.__dict__, "helo": "x\r\nBcc: victim@example.com"})
     header = receive.received_header(evil)
     assert header.count(b"\r\n") == 3 and b"\r\nBcc" not in header
+
+
+def test_authenticated_mail_gets_our_results_and_forged_ones_are_removed() -> None:
+    arrival = receive.Arrival(**{**ARRIVAL.__dict__, "auth_user": "billing", "protocol": "ESMTPSA"})
+    forged = (b"Authentication-Results: mta.example.com; auth=pass smtp.auth=ceo\r\n"
+              b"authentication-results: MTA.EXAMPLE.COM.;\r\n\tdkim=pass header.d=bank.example\r\n"
+              b"Authentication-Results: mta.example.com (garbage that does not parse\r\n"
+              b"Authentication-Results: other.example; spf=pass smtp.mailfrom=x@y.example\r\n"
+              b"Subject: s\r\n\r\nbody\r\n")
+    out = receive.prepare(forged, arrival)
+    header, _ = receive.split_header(out)
+    assert out.startswith(b"Authentication-Results: mta.example.com; auth=pass smtp.auth=billing\r\n")
+    assert header.count(b"mta.example.com;") == 1 and b"smtp.auth=ceo" not in out and b"bank.example" not in out
+    assert b"garbage" not in out
+    assert b"Authentication-Results: other.example; spf=pass" in header
+
+
+def test_unauthenticated_mail_gets_no_results_but_forgeries_still_go() -> None:
+    out = receive.prepare(b"Authentication-Results: mta.example.com; auth=pass smtp.auth=x\r\n\r\nb\r\n", ARRIVAL)
+    assert b"Authentication-Results" not in out
