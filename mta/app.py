@@ -26,9 +26,13 @@ from mta.config import Config
 from mta.control import ControlServer, socket_path
 from mta.delivery.client import ClientSettings, Connector
 from mta.delivery.mx import MxResolver, make_resolver
+from mta.dkim.keys import DkimKeyError, SigningKey
+from mta.dkim.signer import Signer
 from mta.drain.service import DrainError, DrainService
+from mta.identity.monitor import IdentityMonitor
 from mta.obs.http import HealthServer
 from mta.obs.log import event
+from mta.obs.stack import Observability
 from mta.policy.account import RateLimits
 from mta.scheduler.queue import Scheduler
 from mta.smtp.server import Listener
@@ -49,6 +53,7 @@ class App:
         self.spool = Spool(config.spool_shard)
         self.listeners: list[Listener] = []
         self.stopping = False
+        self.obs = Observability(config)  # metrics, JSON logs, disk guard, webhooks
         self.drain = DrainService(config, self.spool)  # handoff endpoint and scale-down drain
 
     def _connector(self) -> Connector:
@@ -89,10 +94,16 @@ class App:
 
     async def run(self) -> None:
         config = self.config
+        self.obs.setup_logging()
         try:
             self.drain.setup()
         except DrainError as exc:
             raise StartupError(str(exc)) from None
+        try:
+            keys = [SigningKey.load(k.domain, k.selector, k.key_file) for k in config.dkim.keys]
+            signer = Signer(keys, config.dkim.fallback_domain)
+        except DkimKeyError as exc:
+            raise StartupError(f"dkim.keys: {exc}") from None
         try:
             loaded = self.spool.open()
         except SpoolError as exc:
@@ -101,11 +112,15 @@ class App:
             raise StartupError(f"spool.path {config.spool.path}: {exc.strerror}") from None
         event("spool_loaded", path=str(config.spool_shard), messages=len(loaded.records),
               quarantined=len(loaded.corrupt), removed_uncommitted=loaded.removed_uncommitted)
-        scheduler = Scheduler(self.spool, config, self._connector().open)
+        scheduler = Scheduler(self.spool, config, self._connector().open, signer=signer)
         scheduler.load(loaded.records)
+        identity = IdentityMonitor(config, keys, scheduler)
         control = ControlServer(socket_path(config.spool.path), scheduler)
         host, port = config.http.host_port
-        health = HealthServer(host, port, {"listeners": self._listeners_ready, "spool": self._spool_ready})
+        health = HealthServer(host, port, {"listeners": self._listeners_ready, "spool": self._spool_ready,
+                                           "identity": identity.ready, **self.obs.checks},
+                              metrics=self.obs.metrics)
+        self.obs.attach(scheduler, self.spool, health, lambda: self.listeners)
         scheduler_task: asyncio.Task[None] | None = None
         try:
             services = AuthServices(
@@ -113,8 +128,8 @@ class App:
             for item in config.listeners:
                 try:
                     credentials = Credentials(item.auth.credentials_file) if item.auth else None
-                    handler = SessionHandler(item, config, self.spool, scheduler, credentials=credentials,
-                                             services=services)
+                    handler = SessionHandler(item, config, self.spool, scheduler, self.obs.admission(item.name),
+                                             credentials=credentials, services=services)
                     listener = Listener(item, config, handler)
                 except (CredentialsError, TlsError) as exc:
                     raise StartupError(f"listener {item.name!r}: {exc}") from None
@@ -127,6 +142,7 @@ class App:
             try:
                 await control.start()
                 await health.start()
+                await self.obs.start()
             except OSError as exc:
                 raise StartupError(f"http.address {config.http.address} or control socket: {exc.strerror}") \
                     from None
@@ -134,11 +150,13 @@ class App:
                 await self.drain.start(scheduler)
             except OSError as exc:
                 raise StartupError(f"drain.listen {config.drain.listen}: {exc.strerror}") from None
+            identity.start()
             scheduler_task = asyncio.create_task(scheduler.run())
             event("started", hostname=config.hostname, pid=os.getpid(),
                   listeners=",".join(f"{item.name}={item.address}" for item in config.listeners))
             await self._wait_for_signal(scheduler_task)
         finally:
+            await identity.stop()
             await self._shutdown(scheduler, scheduler_task, control, health)
 
     async def _wait_for_signal(self, scheduler_task: asyncio.Task[None]) -> None:
@@ -172,5 +190,6 @@ class App:
         await self.drain.stop()
         await control.stop()
         await health.stop()
+        await self.obs.stop()
         self.spool.close()
         event("stopped")

@@ -1,4 +1,4 @@
-"""The ``mta`` command: serve, check-config, user, queue.
+"""The ``mta`` command: serve, check-config, user, dkim, doctor, queue.
 
 Every subcommand takes ``-c FILE`` (or ``$MTA_CONFIG``) and the same
 ``MTA__...`` environment overrides as the server.  ``mta queue`` talks to
@@ -46,7 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("serve", parents=[common], help="run the MTA")
     sub.add_parser("check-config", parents=[common], help="validate the configuration and print it")
+    _drain_parser(sub, common)
     _add_user_parser(sub, common)
+    _add_dkim_parser(sub, common)
+    doctor = sub.add_parser("doctor", parents=[common], help="run the deliverability self-checks once")
+    doctor.add_argument("--json", action="store_true", help="one JSON array of {name, status, reason}")
     queue = sub.add_parser("queue", parents=[common], help="inspect and manage the queue")
     qsub = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in QUEUE_ACTIONS.items():
@@ -70,6 +74,58 @@ def _add_user_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         item = usub.add_parser(action, parents=[common], help=text)
         item.add_argument("name")
         item.add_argument("--listener", help="whose credentials file (default: the only one configured)")
+
+
+def _add_dkim_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    dkim_cmd = sub.add_parser("dkim", parents=[common], help="DKIM key tools")
+    dsub = dkim_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    keygen = dsub.add_parser("keygen", parents=[common], help="write a new key and print its DNS record")
+    keygen.add_argument("--domain", required=True)
+    keygen.add_argument("--selector", required=True)
+    keygen.add_argument("--type", choices=("rsa", "ed25519"), default="rsa")
+    keygen.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
+    keygen.add_argument("--out", required=True, help="the private key file to create (PEM, PKCS#8)")
+
+
+def _dkim(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mta.dkim import keys
+
+    try:
+        if args.type == "rsa" and args.bits < 2048:
+            raise keys.DkimKeyError("use at least 2048 bits for new RSA keys")
+        key = keys.generate(args.type, args.bits)
+        keys.write_private_key(key, Path(args.out))
+    except FileExistsError:
+        print(f"mta dkim: {args.out} exists; not overwriting a key", file=sys.stderr)
+        return 1
+    except (OSError, keys.DkimKeyError) as exc:
+        print(f"mta dkim: {exc}", file=sys.stderr)
+        return 1
+    value = keys.txt_record(key)
+    # TXT strings hold at most 255 octets each; resolvers join them.
+    chunks = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
+    print(f"{args.selector}._domainkey.{args.domain.rstrip('.')}. IN TXT {chunks}")
+    return 0
+
+
+def _doctor(config: Config, as_json: bool) -> int:
+    from mta.dkim.keys import DkimKeyError, SigningKey
+    from mta.identity.checks import SelfChecks
+
+    try:
+        keys = [SigningKey.load(k.domain, k.selector, k.key_file) for k in config.dkim.keys]
+    except DkimKeyError as exc:
+        print(f"mta doctor: dkim.keys: {exc}", file=sys.stderr)
+        return 2
+    results = asyncio.run(SelfChecks(config, keys).run())
+    if as_json:
+        print(json.dumps([r.to_json() for r in results], indent=1))
+    else:
+        for result in results:
+            print(f"{result.status.upper():<5} {result.name}: {result.reason}")
+    return 1 if any(r.status == "fail" for r in results) else 0
 
 
 def _read_password() -> str:
@@ -106,6 +162,54 @@ def _user(config: Config, args: argparse.Namespace) -> int:
         return 1
     print(f"{'added' if args.action == 'add' else 'changed the password of'} user {args.name} in {path}")
     return 0
+
+
+def _drain_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    drain = sub.add_parser("drain", parents=[common], help="hand every queued message to another server")
+    drain.add_argument("--to", required=True, metavar="HOST:PORT", help="the other server's handoff endpoint")
+    drain.add_argument("--spool", metavar="PATH", help="spool directory (default: spool.path)")
+    drain.add_argument("--secret-file", metavar="FILE", help="handoff secret (default: drain.secret_file)")
+    drain.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="give up after this long")
+
+
+def _drain(config: Config, args: argparse.Namespace) -> int:
+    """``mta drain``: move a spool no server owns to a running server (the spool-rescue Job)."""
+    import time
+    from pathlib import Path
+
+    from mta.drain import sender, wire
+
+    secret_file = Path(args.secret_file) if args.secret_file else config.drain.secret_file
+    if secret_file is None:
+        print("mta drain: no secret: give --secret-file or set drain.secret_file", file=sys.stderr)
+        return 2
+    try:
+        secret = wire.read_secret(secret_file)
+        config_module.parse_host_port(args.to)
+    except (OSError, ValueError) as exc:
+        print(f"mta drain: {exc}", file=sys.stderr)
+        return 2
+    root = Path(args.spool) if args.spool else config.spool.path
+    shard = root if (root / "msg").is_dir() else root / "0"  # a shard given directly, or a spool root
+    if not (shard / "msg").is_dir():
+        print(f"mta drain: {root} holds no spool", file=sys.stderr)
+        return 1
+    spool = Spool(shard)
+    try:
+        loaded = spool.open()
+    except SpoolLocked as exc:
+        print(f"mta drain: {exc}; stop that server first (or scale it down: it drains itself)", file=sys.stderr)
+        return 1
+    try:
+        report = asyncio.run(sender.hand_over(spool, loaded.records, [args.to], secret,
+                                              time.monotonic() + args.timeout))
+    finally:
+        spool.close()
+    print(f"moved={report.moved} duplicates={report.duplicates} left={len(report.left)} "
+          f"quarantined={len(loaded.corrupt)}")
+    for error in report.errors[-20:]:
+        print(f"mta drain: {error}", file=sys.stderr)
+    return 0 if report.complete else 1
 
 
 def _load_config(path: str | None) -> Config:
@@ -212,12 +316,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         return _serve(config)
+    if args.command == "drain":
+        return _drain(config, args)
     if args.command == "check-config":
         print(json.dumps(config.model_dump(mode="json"), indent=2))
         print("configuration OK", file=sys.stderr)
         return 0
     if args.command == "user":
         return _user(config, args)
+    if args.command == "dkim":
+        return _dkim(args)
+    if args.command == "doctor":
+        return _doctor(config, args.json)
     return _queue(config, args)
 
 

@@ -284,6 +284,86 @@ class AccountsConfig(Section):
         return self.users.get(user, self.default)
 
 
+class DkimKeyConfig(Section):
+    domain: str
+    selector: str = Field(pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62})$")
+    key_file: Path
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, value: str) -> str:
+        if not _HOSTNAME.match(value) or "." not in value:
+            raise ValueError(f"{value!r} is not a domain")
+        return value.lower().rstrip(".")
+
+    @field_validator("key_file")
+    @classmethod
+    def _key(cls, value: Path) -> Path:
+        return _readable_file(value)  # type: ignore[return-value]
+
+
+class DkimConfig(Section):
+    keys: list[DkimKeyConfig] = Field(default_factory=list)
+    fallback_domain: str | None = None  # signs mail whose From: domain has no key
+
+    @model_validator(mode="after")
+    def _fallback_has_keys(self) -> DkimConfig:
+        if self.fallback_domain and self.fallback_domain.lower() not in {k.domain for k in self.keys}:
+            raise ValueError(f"fallback_domain {self.fallback_domain!r} has no key in dkim.keys")
+        pairs = [(k.domain, k.selector) for k in self.keys]
+        if len(set(pairs)) != len(pairs):
+            raise ValueError("a (domain, selector) pair appears twice in dkim.keys")
+        return self
+
+
+class PodIdentity(Section):
+    source_address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    hostname: str | None = None
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, value: str | None) -> str | None:
+        if value is not None and (not _HOSTNAME.match(value) or "." not in value.strip(".")):
+            raise ValueError(f"{value!r} is not a fully qualified host name")
+        return value.rstrip(".") if value else value
+
+
+class IdentityConfig(Section):
+    """Who this pod is on the internet, and the checks that it looks right."""
+
+    # Filled from $POD_NAME (or the host name) when not set.
+    pod_name: str | None = None
+    pods: dict[str, PodIdentity] = Field(default_factory=dict)
+    enforce: bool = False  # a failing check makes the pod unready and pauses delivery
+    check_interval: Duration = 300.0
+    dnsbl_zones: list[str] = Field(default_factory=list)
+    sending_domains: list[str] = Field(default_factory=list)  # besides the DKIM domains
+    probe: str | None = None  # host:port that must be reachable on TCP 25 from the egress address
+
+
+class ShapingRule(Section):
+    match: list[str] = Field(min_length=1)  # recipient domains: "gmail.com" or "*.example.com"
+    max_connections: int | None = Field(None, ge=1)
+    messages_per_connection: int | None = Field(None, ge=1)
+    messages_per_minute: int | None = Field(None, ge=1)
+
+    @field_validator("match")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        out = []
+        for item in value:
+            name = item.strip().lower().rstrip(".")
+            if not _HOSTNAME.match(name.removeprefix("*.")):
+                raise ValueError(f"{item!r} is not a domain or '*.domain'")
+            out.append(name)
+        return out
+
+
+class ShapingConfig(Section):
+    rules: list[ShapingRule] = Field(default_factory=list)
+    daily_cap: int | None = Field(None, ge=1)  # messages a day from this pod's egress address (IP warm-up)
+
+
 class HttpConfig(Section):
     address: str = "127.0.0.1:8080"
 
@@ -305,6 +385,111 @@ class ShutdownConfig(Section):
 
 class LogConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"  # json: one object per line on stdout
+
+
+# -- observability: metrics, disk guard, webhooks ----------------------------
+
+_PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+
+
+def _reserve(value: Any) -> str | int:
+    """A reserve is an absolute amount or a share of the filesystem ("5%")."""
+    if isinstance(value, str) and "%" in value:
+        match = _PERCENT.match(value)
+        if not match or float(match.group(1)) >= 100:
+            raise ValueError(f"{value!r} is not a percentage below 100%")
+        return value.strip()
+    return _size(value)
+
+
+Reserve = Annotated[str | int, BeforeValidator(_reserve)]
+
+
+def reserve_amount(reserve: str | int, total: int) -> int:
+    """The reserve in bytes (or inodes) on a filesystem of ``total``."""
+    if isinstance(reserve, str):
+        return int(total * float(reserve.rstrip("%")) / 100)
+    return reserve
+
+
+class MetricsConfig(Section):
+    """Prometheus metrics on ``/metrics`` of ``http.address``."""
+
+    enabled: bool = True
+    # Recipient domains that get a label of their own; every other one is "other".
+    domains: list[str] = Field(default_factory=list, max_length=50)
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, value: list[str]) -> list[str]:
+        out = []
+        for item in value:
+            name = item.strip().lower().rstrip(".")
+            if not _HOSTNAME.match(name):
+                raise ValueError(f"{item!r} is not a domain")
+            out.append(name)
+        return out
+
+
+class DiskConfig(Section):
+    """Below these free amounts on the spool filesystem new mail gets 452 4.3.1."""
+
+    min_free: Reserve = "5%"  # bytes ("500M") or a share of the filesystem ("5%")
+    min_free_inodes: Reserve = "5%"  # inodes (10000) or a share ("5%")
+    check_interval: Duration = 1.0
+
+
+WEBHOOK_EVENTS = ("delivered", "deferred", "bounced", "expired", "rejected")
+_ENDPOINT_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class WebhookEndpoint(Section):
+    name: str  # also the name of its outbox folder
+    url: str
+    secret_file: Path  # the HMAC-SHA256 key: the file's first line
+    events: list[Literal["delivered", "deferred", "bounced", "expired", "rejected"]] = Field(
+        default_factory=lambda: list(WEBHOOK_EVENTS), min_length=1)
+    timeout: Duration = 10.0
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _ENDPOINT_NAME.match(value):
+            raise ValueError(f"{value!r}: use lower-case letters, digits and '-'")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        return value
+
+    @field_validator("secret_file")
+    @classmethod
+    def _secret(cls, value: Path) -> Path:
+        return _readable_file(value)  # type: ignore[return-value]
+
+
+class WebhooksConfig(Section):
+    """Delivery events POSTed to HTTP endpoints, kept in an outbox beside the spool."""
+
+    endpoints: list[WebhookEndpoint] = Field(default_factory=list)
+    retry_initial: Duration = 5.0  # doubles after each failed POST ...
+    retry_max: Duration = 600.0  # ... up to this
+    max_age: Duration = 86400.0  # an event not delivered by then is dropped and counted
+    max_outbox: int = Field(100_000, ge=1)  # events waiting per endpoint; past it new ones are dropped
+
+    @model_validator(mode="after")
+    def _check(self) -> WebhooksConfig:
+        names = [item.name for item in self.endpoints]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"webhook endpoint names must be unique: {', '.join(dupes)}")
+        if self.retry_initial <= 0 or self.retry_max < self.retry_initial:
+            raise ValueError("need 0 < retry_initial <= retry_max")
+        return self
 
 
 class KubernetesConfig(Section):
@@ -382,10 +567,16 @@ class Config(Section):
     routes: list[RouteConfig] = Field(default_factory=list)
     limits: LimitsConfig = LimitsConfig()
     accounts: AccountsConfig = AccountsConfig()
+    dkim: DkimConfig = DkimConfig()
+    identity: IdentityConfig = IdentityConfig()
+    shaping: ShapingConfig = ShapingConfig()
     authserv_id: str | None = None  # the name in our Authentication-Results; default: hostname
     http: HttpConfig = HttpConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    disk: DiskConfig = DiskConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
     drain: DrainConfig = DrainConfig()
 
@@ -522,6 +713,21 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
         _env_overrides(tree, environ)
         source += " + environment"
     try:
-        return Config.model_validate(tree)
+        config = Config.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_format(exc, source)) from None
+    return _with_pod_identity(config, environ)
+
+
+def _with_pod_identity(config: Config, environ: Mapping[str, str]) -> Config:
+    """Apply ``identity.pods.<this pod>``: its egress address and HELO name win."""
+    pod_name = config.identity.pod_name or environ.get("POD_NAME") or socket.gethostname()
+    identity = config.identity.model_copy(update={"pod_name": pod_name})
+    update: dict[str, Any] = {"identity": identity}
+    pod = config.identity.pods.get(pod_name)
+    if pod is not None:
+        if pod.hostname:
+            update["hostname"] = pod.hostname
+        if pod.source_address:
+            update["delivery"] = config.delivery.model_copy(update={"source_address": pod.source_address})
+    return config.model_copy(update=update)

@@ -15,6 +15,7 @@ connection unusable when the session is broken.
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 from collections.abc import Sequence
@@ -62,7 +63,9 @@ def read_credentials(path: Path) -> tuple[str, str]:
     return user, password
 
 
+@functools.lru_cache(maxsize=32)
 def _tls_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext:
+    """One context per (verify, roots): loading the CA bundle costs milliseconds."""
     context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if not verify:

@@ -2,27 +2,91 @@
 
 Every step of a message's life is one event line, ``event`` plus fields, the
 queue id among them, so one ``grep QUEUEID`` shows a message's whole
-history.  Fields ride on the log record (``record.fields``) for structured
-formatters.  Never log passwords or message bodies.
+history.  The default output is one JSON object per line on stdout
+(``ts``, ``level``, ``logger``, ``event``, ``queue_id``, then the event's
+fields, then ``message``: the same event as one ``event=NAME key=value``
+line; plain log lines carry only ``message``); ``text`` gives just that
+``event=NAME key=value`` form, for a terminal.
+
+Events are also handed to subscribers (metrics, webhooks), whatever the log
+level, so this is the one place every mail event passes through.  A
+subscriber that raises is logged and otherwise ignored: it never breaks the
+caller.  Fields named like secrets, or like message content, are replaced
+with ``[redacted]``; callers must still never pass passwords or bodies.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, Literal, TextIO
 
 _events = logging.getLogger("mta.event")
+_log = logging.getLogger(__name__)
+
+Subscriber = Callable[[str, dict[str, Any]], None]
+_subscribers: list[Subscriber] = []
+
+# Belt and braces: these never reach a log line or a subscriber.
+_REDACTED = frozenset({"password", "passwd", "secret", "token", "authorization", "body", "content"})
+
+Format = Literal["json", "text"]
 
 
-def setup(level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            for key, value in fields.items():
+                if key not in ("ts", "level", "logger", "message"):
+                    out[key] = _jsonable(value)
+            # The same event as one readable line, for people reading raw output.
+            out["message"] = record.getMessage()
+        else:
+            out["message"] = record.getMessage()
+        if record.exc_info:
+            out["error"] = self.formatException(record.exc_info)
+        return json.dumps(out, separators=(",", ":"), default=str)
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def setup(level: str = "info", fmt: Format = "json", stream: TextIO | None = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stdout)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # aiosmtpd logs every command line at INFO; that is debug detail here.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+def subscribe(subscriber: Subscriber) -> None:
+    """Call ``subscriber(name, fields)`` for every event; ``fields`` is read-only."""
+    _subscribers.append(subscriber)
+
+
+def unsubscribe(subscriber: Subscriber) -> None:
+    if subscriber in _subscribers:
+        _subscribers.remove(subscriber)
 
 
 def _value(value: Any) -> str:
@@ -34,6 +98,13 @@ def _value(value: Any) -> str:
 
 def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
     """Log one mail event: ``event=NAME queue_id=... key=value ...``."""
-    present = {k: v for k, v in fields.items() if v is not None}
-    text = " ".join([f"event={name}"] + [f"{k}={_value(v)}" for k, v in present.items()])
-    _events.log(level, text, extra={"fields": {"event": name, **present}})
+    present = {k: ("[redacted]" if k.lower() in _REDACTED else v) for k, v in fields.items() if v is not None}
+    for subscriber in tuple(_subscribers):
+        try:
+            subscriber(name, present)
+        except Exception:  # noqa: BLE001 - observers must never break mail flow
+            _log.exception("event subscriber %r failed on %s", subscriber, name)
+    if _events.isEnabledFor(level):
+        text = " ".join([f"event={name}"] + [f"{k}={_value(v)}" for k, v in present.items()])
+        ordered = {"event": name, **present}
+        _events.log(level, text, extra={"fields": ordered})

@@ -24,6 +24,7 @@ import contextlib
 import heapq
 import logging
 import random
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -37,9 +38,11 @@ from mta.delivery import result
 from mta.delivery.client import ConnectFailed, Connection
 from mta.delivery.result import Kind, Outcome
 from mta.delivery.route import NextHop, Router
+from mta.dkim.signer import Signer, SigningError
 from mta.obs.log import event
 from mta.receive import split_header
 from mta.scheduler.backoff import retry_delay
+from mta.scheduler.shaping import Shaper
 from spool import Recipient, Record, Spool, SpoolError
 from spool.ids import new_id
 from spool.record import DELIVERED, FAILED, PENDING
@@ -61,10 +64,41 @@ class Destination:
     hop: NextHop
     jobs: deque[Job] = field(default_factory=deque)
     workers: int = 0
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # a job was queued
+
+
+# How long a worker keeps its connection open waiting for more mail for the
+# same next hop: a steady trickle then reuses one session instead of opening
+# (and closing) one per message.
+IDLE_CONNECTION = 2.0
+
+
+_REMOTE = re.compile(r"^(.*)\[([^\]]+)\]$")
+
+
+def _remote_fields(remote: str | None) -> dict[str, Any]:
+    """``mx.example.com[192.0.2.1]`` -> host and address as fields of their own."""
+    match = _REMOTE.match(remote or "")
+    if not match:
+        return {}
+    return {"mx_host": match.group(1) or None, "mx_ip": match.group(2)}
+
+
+def _tls_fields(connection: Connection) -> dict[str, Any]:
+    ssl_object = connection.smtp.get_transport_info("ssl_object")
+    if ssl_object is None:
+        return {"tls": False}
+    cipher = ssl_object.cipher()
+    return {"tls": True, "tls_version": ssl_object.version(), "tls_cipher": cipher[0] if cipher else None}
 
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def _reply_code(reply: str) -> int | None:
+    head = reply[:3]
+    return int(head) if head.isdigit() else None
 
 
 def describe(record: Record) -> dict[str, Any]:
@@ -94,8 +128,15 @@ class Scheduler:
         *,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.spool = spool
+        self.signer = signer
+        self.shaper = Shaper(config.shaping, config.delivery.max_per_destination,
+                             config.delivery.max_messages_per_connection)
+        self._capped = False
+        # Why delivery is paused (a failing self-check under identity.enforce), or None.
+        self.paused: str | None = None
         self.config = config
         self.router = Router(config.routes)
         self.opener = opener
@@ -107,6 +148,7 @@ class Scheduler:
         self._outstanding: dict[str, int] = {}  # jobs of the current round not yet reported
         self._outcomes: dict[str, dict[str, Outcome]] = {}
         self._after_round: dict[str, str] = {}
+        self._session_info: dict[str, dict[str, dict[str, Any]]] = {}  # for the outcome events: TLS per recipient
         self._destinations: dict[NextHop, Destination] = {}
         self._slots = asyncio.Semaphore(config.delivery.max_concurrency)
         self._wake = asyncio.Event()
@@ -129,12 +171,27 @@ class Scheduler:
             heapq.heappush(self._heap, (record.next_attempt, record.id))
             self._wake.set()  # the loop may be sleeping past this due time
 
+    def snapshot(self) -> tuple[dict[str, int], int, float | None]:
+        """For metrics: (messages by spool state, messages in a round, oldest creation time)."""
+        by_state: dict[str, int] = {}
+        oldest: float | None = None
+        for record in self.records.values():
+            by_state[record.state] = by_state.get(record.state, 0) + 1
+            if oldest is None or record.created < oldest:
+                oldest = record.created
+        return by_state, len(self._active), oldest
+
     # -- the loop ----------------------------------------------------------
 
     async def run(self) -> None:
         while not self._stopping:
             now = self.clock()
-            while self._heap and self._heap[0][0] <= now:
+            capped = self.shaper.daily_cap_reached()
+            if capped != self._capped:
+                event("daily_cap_reached" if capped else "daily_cap_reset", level=logging.WARNING,
+                      cap=self.config.shaping.daily_cap)
+                self._capped = capped
+            while self._heap and self._heap[0][0] <= now and self.paused is None and not capped:
                 due, record_id = heapq.heappop(self._heap)
                 record = self.records.get(record_id)
                 if (record is None or record_id in self._active or record.state == HOLD
@@ -142,14 +199,25 @@ class Scheduler:
                     continue  # stale heap entry
                 self._dispatch(record)
             delay = min(60.0, self._heap[0][0] - now) if self._heap else 60.0
+            if self.paused is not None or capped:
+                delay = 60.0  # pause() wakes the loop; the cap is looked at again each minute
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.0, delay))
+
+    def pause(self, reason: str | None) -> None:
+        """Hold all delivery (mail stays queued) while ``reason`` is set."""
+        if reason != self.paused:
+            event("delivery_paused" if reason else "delivery_resumed", level=logging.WARNING, reason=reason)
+        self.paused = reason
+        self._wake.set()
 
     async def stop(self, deadline: float) -> None:
         """Stop starting attempts; let running ones finish until ``deadline``."""
         self._stopping = True
         self._wake.set()
+        for destination in self._destinations.values():
+            destination.arrived.set()  # idle workers leave now
         remaining = deadline - time.monotonic()
         if self._tasks and remaining > 0:
             await asyncio.wait(set(self._tasks), timeout=remaining)
@@ -177,19 +245,42 @@ class Scheduler:
             self._spawn(self._finish_round(record))
             return
         for hop, recipients in groups.items():
+            allowed = self.shaper.connections(hop.name)
+            if allowed == 0:
+                # The destination told us to slow down: wait out its cool-down.
+                reply = f"451 4.7.0 {hop} asked to slow down; next try in {int(self.shaper.wait(hop.name))}s or later"
+                self._report(Job(record, recipients), dict.fromkeys(recipients, result.transient(reply)))
+                continue
             destination = self._destinations.setdefault(hop, Destination(hop))
             destination.jobs.append(Job(record, recipients))
-            wanted = min(self.config.delivery.max_per_destination, len(destination.jobs))
+            destination.arrived.set()
+            wanted = min(allowed, len(destination.jobs))
             while destination.workers < wanted:
                 destination.workers += 1
                 self._spawn(self._worker(destination))
 
     async def _worker(self, destination: Destination) -> None:
         connection: Connection | None = None
-        per_connection = self.config.delivery.max_messages_per_connection
+        name = destination.hop.name
+        per_connection = self.shaper.state(name).messages_per_connection
         try:
             async with self._slots:
-                while destination.jobs and not self._stopping:
+                while not self._stopping:
+                    if not destination.jobs:
+                        destination.arrived.clear()
+                        try:
+                            await asyncio.wait_for(destination.arrived.wait(), IDLE_CONNECTION)
+                        except TimeoutError:
+                            break
+                        continue
+                    pause = self.shaper.wait(name)
+                    if pause > 60:
+                        slow_down = f"451 4.7.0 {destination.hop} asked to slow down"
+                        self._defer_all(destination, result.transient(slow_down))
+                        break
+                    if pause > 0:
+                        await asyncio.sleep(pause)  # a messages-per-minute rule
+                        continue
                     job = destination.jobs.popleft()
                     try:
                         if connection is None or not connection.usable or connection.transactions >= per_connection:
@@ -206,9 +297,7 @@ class Scheduler:
                         event("connect_failed", level=logging.WARNING, destination=str(destination.hop),
                               reply=exc.outcome.reply)
                         self._report(job, dict.fromkeys(job.recipients, exc.outcome))
-                        while destination.jobs:
-                            other = destination.jobs.popleft()
-                            self._report(other, dict.fromkeys(other.recipients, exc.outcome))
+                        self._defer_all(destination, exc.outcome)
                         break
                     except Exception:
                         log.exception("queue_id=%s delivery attempt failed locally", job.record.id)
@@ -218,6 +307,15 @@ class Scheduler:
                             connection.usable = False
                         continue
                     self._report(job, outcomes)
+                    first = next(iter(outcomes.values()), None)
+                    delivered = any(o.kind is Kind.DELIVERED for o in outcomes.values())
+                    if first is not None and self.shaper.sent(name, first.reply, delivered):
+                        event("throttled", level=logging.WARNING, destination=str(destination.hop),
+                              reply=first.reply, cooldown=round(self.shaper.wait(name)))
+                        connection.usable = False
+                        self._defer_all(destination, result.transient(
+                            f"451 4.7.0 {destination.hop} asked to slow down: {first.reply}"))
+                        break
         finally:
             destination.workers -= 1
             if connection is not None:
@@ -225,14 +323,35 @@ class Scheduler:
             if not destination.jobs and destination.workers == 0:
                 self._destinations.pop(destination.hop, None)
 
+    def _defer_all(self, destination: Destination, outcome: Outcome) -> None:
+        """Every job still waiting for ``destination`` gets ``outcome`` (it cannot be reached now)."""
+        while destination.jobs:
+            job = destination.jobs.popleft()
+            self._report(job, dict.fromkeys(job.recipients, outcome))
+
     async def _send(self, connection: Connection, job: Job) -> dict[str, Outcome]:
         record = job.record
         data = await asyncio.to_thread(self.spool.read_message, record.id)
+        if self.signer is not None:
+            try:
+                data = self.signer.sign(data)
+            except SigningError as exc:
+                # Never send unsigned what a key is configured for: try later.
+                log.error("queue_id=%s %s", record.id, exc)
+                return dict.fromkeys(job.recipients, result.transient(f"451 4.7.0 {exc}"))
         smtputf8 = bool(record.attrs.get("smtputf8"))
         eight_bit = bool(record.attrs.get("8bitmime"))
-        event("attempt", queue_id=record.id, remote=connection.remote, tls=connection.tls,
-              recipients=len(job.recipients), size=record.size)
-        return await connection.send(record.sender, job.recipients, data, smtputf8=smtputf8, eight_bit=eight_bit)
+        domain = job.recipients[0].rpartition("@")[2].lower() if job.recipients else None
+        tls = _tls_fields(connection)
+        event("attempt", queue_id=record.id, remote=connection.remote, **tls,
+              recipients=len(job.recipients), size=record.size, domain=domain)
+        started = time.monotonic()
+        outcomes = await connection.send(record.sender, job.recipients, data, smtputf8=smtputf8,
+                                         eight_bit=eight_bit)
+        event("attempt_done", level=logging.DEBUG, queue_id=record.id, remote=connection.remote, domain=domain,
+              duration=round(time.monotonic() - started, 6), recipients=len(job.recipients))
+        self._session_info.setdefault(record.id, {}).update(dict.fromkeys(job.recipients, tls))
+        return outcomes
 
     def _report(self, job: Job, outcomes: dict[str, Outcome]) -> None:
         record_id = job.record.id
@@ -245,6 +364,7 @@ class Scheduler:
     async def _finish_round(self, record: Record) -> None:
         try:
             outcomes = self._outcomes.pop(record.id, {})
+            sessions = self._session_info.pop(record.id, {})
             now = self.clock()
             record.attempts += 1
             failed: list[dsn.FailedRecipient] = []
@@ -254,7 +374,10 @@ class Scheduler:
                     continue
                 rcpt.last_reply, rcpt.remote, rcpt.updated = outcome.reply, outcome.remote, now
                 fields = {"queue_id": record.id, "sender": record.sender or "<>", "recipient": rcpt.address,
-                          "remote": outcome.remote, "reply": outcome.reply, "delay": f"{now - record.created:.1f}"}
+                          "remote": outcome.remote, **_remote_fields(outcome.remote),
+                          **sessions.get(rcpt.address, {}), "reply": outcome.reply,
+                          "code": _reply_code(outcome.reply), "enhanced": outcome.enhanced,
+                          "delay": round(now - record.created, 3), "size": record.size, "attempts": record.attempts}
                 if outcome.kind is Kind.DELIVERED:
                     rcpt.state = DELIVERED
                     event("delivered", **fields)
@@ -282,7 +405,9 @@ class Scheduler:
             rcpt.state, rcpt.last_reply, rcpt.updated = FAILED, reply, now
             failed.append(dsn.FailedRecipient(rcpt.address, reply, rcpt.remote if expired else None, expired))
             event("expired" if expired else "bounced", level=logging.WARNING, queue_id=record.id,
-                  sender=record.sender or "<>", recipient=rcpt.address, reply=reply)
+                  sender=record.sender or "<>", recipient=rcpt.address, reply=reply,
+                  enhanced="4.4.7" if expired else "5.0.0", delay=round(now - record.created, 3),
+                  size=record.size, attempts=record.attempts)
         return failed
 
     async def _conclude(self, record: Record, failed: list[dsn.FailedRecipient], action: str | None,

@@ -55,7 +55,7 @@ AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_USER_LOCKED = Reply(454, "4.7.0", "Too many failed authentications for this user, try again later")
 AUTH_CLIENT_LOCKED = Reply(421, "4.7.0", "Too many failed authentications, closing connection")
 AUTH_UNAVAILABLE = Reply(502, "5.5.1", "AUTH not available on this listener")
-AUTH_ALREADY = Reply(503, "5.5.1", "Already authenticated")
+AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
 AUTH_BAD_RESPONSE = Reply(501, "5.5.2", "Cannot decode the authentication response")
 AUTH_ABORTED = Reply(501, "5.7.0", "Authentication aborted")
 TLS_ACTIVE = Reply(503, "5.5.1", "TLS is already active")
@@ -64,6 +64,7 @@ TOO_MANY_FROM_YOU = Reply(421, "4.7.0", "Too many connections from your address,
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 BARE_LINE_ENDING = Reply(550, "5.6.0", "Bare CR or LF in the message is not allowed; use CRLF line endings")
 LOCAL_ERROR = Reply(451, "4.3.0", "Requested action aborted: local error in processing")
+INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 
 

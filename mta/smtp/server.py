@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP
@@ -111,19 +113,21 @@ class KubemtaSMTP(SMTP):
             await super().push(str(replies.TOO_MANY_ERRORS))
             self.transport.close()
 
-    async def smtp_EHLO(self, hostname: str) -> None:
+    @contextlib.contextmanager
+    def _without_enhanced_codes(self) -> Iterator[None]:
         self._raw = True
         try:
-            await super().smtp_EHLO(hostname)
+            yield
         finally:
             self._raw = False
 
+    async def smtp_EHLO(self, hostname: str) -> None:
+        with self._without_enhanced_codes():
+            await super().smtp_EHLO(hostname)
+
     async def smtp_HELO(self, hostname: str) -> None:
-        self._raw = True
-        try:
+        with self._without_enhanced_codes():
             await super().smtp_HELO(hostname)
-        finally:
-            self._raw = False
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self._tls_protocol is not None or (self.transport is not None

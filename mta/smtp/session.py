@@ -102,7 +102,7 @@ class SessionHandler:
         if self.credentials is None:
             return str(replies.AUTH_UNAVAILABLE)
         if envelope.mail_from:
-            return str(replies.Reply(503, "5.5.1", "AUTH not allowed during a mail transaction"))
+            return str(replies.AUTH_IN_TRANSACTION)
         ip = client_address(session)
         if self.services.throttle.blocked(f"ip:{ip}"):
             event("auth_throttled", level=logging.WARNING, listener=self.listener.name, client=ip, scope="client")

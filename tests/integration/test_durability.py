@@ -16,6 +16,7 @@ from spool import Recipient, Record, Spool
 from spool.ids import new_id
 from tests.conftest import HOSTS, World
 from tests.harness import send_mail
+from tests.obs.logs import events, wait_for_event
 
 END = "END-OF-MESSAGE"
 
@@ -93,7 +94,7 @@ def test_kill_during_delivery_delivers_after_restart(world: World) -> None:
     slow = world.sink("dest", ["-w", "5"])  # waits before answering DATA
     server = world.mta()
     queue_id = send_mail(server.port, "a@sender.test", ["user@dest.test"], body=f"x\r\n{END}\r\n")
-    server.wait_for_log("event=attempt")
+    wait_for_event(server, "attempt")
     time.sleep(0.5)
     server.kill9()
     slow.restart([])
@@ -133,7 +134,7 @@ def test_restart_with_a_prefilled_and_partly_damaged_spool(world: World) -> None
     assert sorted(m.recipients[0] for m in delivered) == ["u0@dest.test", "u4@dest.test"]
     quarantined = sorted(p.name for p in (server.spool_dir / "corrupt").iterdir())
     assert len(quarantined) == 6  # three metadata files and their three message files
-    assert "quarantined=6" in server.log()
+    assert events(server, "spool_loaded")[-1]["quarantined"] == 6
     assert server.proc is not None and server.proc.poll() is None
 
 
@@ -150,7 +151,7 @@ def test_sigterm_stops_cleanly_and_keeps_queued_mail(world: World) -> None:
     queue_id = send_mail(server.port, "a@sender.test", ["user@down.test"])
     server.wait_for_queue(lambda q: q and q[0]["attempts"] >= 1)
     assert server.terminate(timeout=20) == 0
-    assert "event=stopped" in server.log()
+    assert events(server, "stopped")
     assert [item["id"] for item in server.queue_list()] == [queue_id]  # read offline from the spool
     server.start()
     assert [item["id"] for item in server.queue_list()] == [queue_id]
@@ -177,7 +178,7 @@ def test_full_spool_answers_451_and_keeps_nothing(world: World) -> None:
         assert [item["id"] for item in server.queue_list()] == [small]
         assert sorted(p.name for p in (server.spool_dir / "msg").iterdir()) == [small]
         assert list((server.spool_dir / "tmp").iterdir()) == []
-        assert "event=rejected" in server.log()
+        assert events(server, "rejected")
     finally:
         server.stop()
         subprocess.run(["umount", str(mountpoint)], check=False)

@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from tests.conftest import World
+from tests.obs.logs import events
 from tests.peers.net import free_port
 
 
@@ -82,7 +83,7 @@ def test_untrusted_client_cannot_relay(world: World) -> None:
         assert client.docmd("DATA")[0] == 503
     assert server.queue_list() == []
     assert sink.messages() == []
-    assert "event=rejected" in server.log()
+    assert events(server, "rejected")
 
 
 def test_submission_listener_applies_its_own_trusted_networks(world: World) -> None:

@@ -1,0 +1,1 @@
+"""DKIM: signing keys from files, and signing outgoing mail (RFC 6376, RFC 8463)."""

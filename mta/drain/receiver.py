@@ -1,0 +1,86 @@
+"""The handoff endpoint: takes another pod's queued mail into this spool.
+
+Listens on ``drain.listen``.  A verified request is stored durably (same
+protocol as a received message: fsync before the answer), keeping the
+record's per-recipient state, attempts, next attempt and expiry, then given
+to the scheduler, which delivers it when it is due; nothing is retried
+early.  An id this pod already holds is answered ``duplicate`` and not
+stored twice, so a sender may safely repeat a request.
+
+Answers: 200 ``accepted``/``duplicate``; 401 bad or missing signature; 400
+a malformed record; 503 while this pod shuts down; 500 when the spool
+cannot store it (the sender keeps the message and tries another pod).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+
+from mta.drain import wire
+from mta.obs.log import event
+from mta.scheduler.queue import Scheduler
+from spool import Spool, SpoolError
+from spool.store import DEFERRED, HOLD
+
+log = logging.getLogger(__name__)
+
+METADATA_ALLOWANCE = 1024 * 1024
+
+
+class HandoffServer:
+    def __init__(self, host: str, port: int, secret: bytes, spool: Spool, scheduler: Scheduler,
+                 max_message_size: int, stopping: Callable[[], bool]) -> None:
+        self.host, self.port = host, port
+        self.secret = secret
+        self.spool = spool
+        self.scheduler = scheduler
+        self.max_body = max_message_size + METADATA_ALLOWANCE
+        self.stopping = stopping
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=self.max_body)
+        app.router.add_post(wire.PATH, self._handoff)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, self.host, self.port, reuse_address=True).start()
+        log.info("handoff endpoint on %s:%d", self.host, self.port)
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    async def _handoff(self, request: web.Request) -> web.Response:
+        peer = request.remote or "?"
+        if self.stopping():
+            return web.json_response({"error": "shutting down"}, status=503)
+        body = await request.read()
+        try:
+            wire.verify(self.secret, body, request.headers.get(wire.TIMESTAMP), request.headers.get(wire.SIGNATURE))
+        except wire.WireError as exc:
+            event("handoff_refused", level=logging.WARNING, client=peer, reason=str(exc))
+            return web.json_response({"error": "not authenticated"}, status=401)
+        try:
+            record, message = wire.decode(body)
+        except wire.WireError as exc:
+            event("handoff_refused", level=logging.WARNING, client=peer, reason=str(exc))
+            return web.json_response({"error": str(exc)}, status=400)
+        if record.id in self.scheduler.records:
+            event("handoff_duplicate", queue_id=record.id, client=peer)
+            return web.json_response({"result": "duplicate", "id": record.id})
+        state = record.state
+        try:
+            stored = await self.spool.store(message, record)
+            if state in (DEFERRED, HOLD):
+                stored = await self.spool.save(stored, state)
+        except SpoolError as exc:
+            log.error("queue_id=%s handoff not stored: %s", record.id, exc)
+            return web.json_response({"error": "cannot store"}, status=500)
+        event("handoff_accepted", queue_id=stored.id, client=peer, state=stored.state, attempts=stored.attempts,
+              pending=len(stored.pending()), recipients=len(stored.recipients))
+        self.scheduler.accept(stored)
+        return web.json_response({"result": "accepted", "id": stored.id})

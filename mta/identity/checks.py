@@ -1,0 +1,187 @@
+"""Deliverability self-checks: does this pod look right to receiving MTAs?
+
+Each check is a named result, ``pass``/``warn``/``fail`` with a one-line
+reason:
+
+- ``fcrdns``: the egress address's PTR names a host whose A/AAAA includes
+  the address, and that name is our HELO name;
+- ``spf:<domain>``: the domain's SPF (pyspf ``check_host``) passes for the
+  egress address;
+- ``dkim:<selector>._domainkey.<domain>``: the published key is ours;
+- ``dmarc:<domain>``: a DMARC record exists; its policy is reported;
+- ``dnsbl:<zone>``: the egress address is not listed;
+- ``port25``: a TCP connection to the probe host on port 25 succeeds from
+  the egress address.
+
+All DNS goes to the configured nameservers.  Failure: a check never raises;
+DNS errors are ``warn`` (not known) rather than ``fail`` (known bad).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import dns.asyncresolver
+import dns.exception
+import dns.resolver
+import dns.reversename
+import spf
+
+from mta.config import Config, parse_host_port
+from mta.delivery.mx import make_resolver
+from mta.dkim.keys import SigningKey, public_value
+
+PASS, WARN, FAIL = "pass", "warn", "fail"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    status: str
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _sync_resolver(config: Config) -> dns.resolver.Resolver:
+    resolver = dns.resolver.Resolver(configure=not config.dns.servers)
+    if config.dns.servers:
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in config.dns.servers]
+    resolver.lifetime = config.dns.timeout * 2
+    return resolver
+
+
+class SelfChecks:
+    def __init__(self, config: Config, keys: list[SigningKey],
+                 resolver: dns.asyncresolver.Resolver | None = None) -> None:
+        self.config = config
+        self.keys = keys
+        self.resolver = resolver or make_resolver(config.dns.servers, config.dns.timeout)
+        source = config.delivery.source_address
+        self.ip = str(source) if source is not None else None
+
+    def domains(self) -> list[str]:
+        names = [k.domain for k in self.keys] + [d.lower() for d in self.config.identity.sending_domains]
+        return list(dict.fromkeys(names))
+
+    async def _txt(self, name: str) -> list[str] | None:
+        """TXT strings at ``name``; [] when none; None when DNS did not answer."""
+        try:
+            answer = await self.resolver.resolve(name, "TXT", search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        except dns.exception.DNSException:
+            return None
+        return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
+
+    async def fcrdns(self) -> CheckResult:
+        if self.ip is None:
+            return CheckResult("fcrdns", WARN, "no egress address configured (delivery.source_address or "
+                                               "identity.pods); cannot check reverse DNS")
+        helo = self.config.hostname.lower().rstrip(".")
+        try:
+            answer = await self.resolver.resolve(dns.reversename.from_address(self.ip), "PTR", search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return CheckResult("fcrdns", FAIL, f"{self.ip} has no PTR record")
+        except dns.exception.DNSException as exc:
+            return CheckResult("fcrdns", WARN, f"PTR lookup of {self.ip} failed: {exc}")
+        names = [r.target.to_text(omit_final_dot=True).lower() for r in answer]
+        rdtype = "AAAA" if ipaddress.ip_address(self.ip).version == 6 else "A"
+        for name in names:
+            try:
+                forward = await self.resolver.resolve(name, rdtype, search=False)
+            except dns.exception.DNSException:
+                continue
+            if self.ip in {r.to_text() for r in forward}:
+                if name != helo:
+                    return CheckResult("fcrdns", FAIL, f"{self.ip} is {name}, but the HELO name is {helo}")
+                return CheckResult("fcrdns", PASS, f"{self.ip} <-> {name}")
+        return CheckResult("fcrdns", FAIL, f"PTR of {self.ip} is {', '.join(names)}, which does not resolve back "
+                                           f"to {self.ip}")
+
+    def _spf_sync(self, domain: str) -> tuple[str, str]:
+        # pyspf looks up through dnspython's default resolver: aim it at ours.
+        dns.resolver.default_resolver = _sync_resolver(self.config)
+        return spf.check2(i=self.ip, s=f"postmaster@{domain}", h=self.config.hostname)
+
+    async def spf(self, domain: str) -> CheckResult:
+        name = f"spf:{domain}"
+        if self.ip is None:
+            return CheckResult(name, WARN, "no egress address configured")
+        result, explanation = await asyncio.to_thread(self._spf_sync, domain)
+        if result == "pass":
+            return CheckResult(name, PASS, f"SPF of {domain} passes for {self.ip}")
+        if result in ("temperror", "none"):
+            return CheckResult(name, WARN if result == "temperror" else FAIL,
+                               f"SPF of {domain} for {self.ip}: {result} ({explanation})")
+        return CheckResult(name, FAIL, f"SPF of {domain} gives {result} for {self.ip} ({explanation})")
+
+    async def dkim(self, key: SigningKey) -> CheckResult:
+        record = f"{key.selector}._domainkey.{key.domain}"
+        texts = await self._txt(record)
+        if texts is None:
+            return CheckResult(f"dkim:{record}", WARN, f"TXT lookup of {record} failed")
+        ours = public_value(key.key)
+        for text in texts:
+            tags = dict(part.strip().split("=", 1) for part in text.split(";") if "=" in part)
+            if tags.get("p", "").replace(" ", "") == ours:
+                return CheckResult(f"dkim:{record}", PASS, "the published key matches the private key in use")
+        if not texts:
+            return CheckResult(f"dkim:{record}", FAIL, f"no DKIM key published at {record}")
+        return CheckResult(f"dkim:{record}", FAIL, f"the key published at {record} is not the one in use")
+
+    async def dmarc(self, domain: str) -> CheckResult:
+        texts = await self._txt(f"_dmarc.{domain}")
+        if texts is None:
+            return CheckResult(f"dmarc:{domain}", WARN, f"TXT lookup of _dmarc.{domain} failed")
+        records = [t for t in texts if t.replace(" ", "").lower().startswith("v=dmarc1")]
+        if not records:
+            return CheckResult(f"dmarc:{domain}", WARN, f"no DMARC record at _dmarc.{domain}")
+        tags = dict(p.strip().split("=", 1) for p in records[0].split(";") if "=" in p)
+        return CheckResult(f"dmarc:{domain}", PASS, f"DMARC policy p={tags.get('p', '?')}")
+
+    async def dnsbl(self, zone: str) -> CheckResult:
+        name = f"dnsbl:{zone}"
+        if self.ip is None:
+            return CheckResult(name, WARN, "no egress address configured")
+        reversed_ip = dns.reversename.from_address(self.ip).to_text(omit_final_dot=True)
+        query = reversed_ip.rsplit(".", 2)[0] + "." + zone.rstrip(".")
+        try:
+            answer = await self.resolver.resolve(query, "A", search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return CheckResult(name, PASS, f"{self.ip} is not listed")
+        except dns.exception.DNSException as exc:
+            return CheckResult(name, WARN, f"lookup of {query} failed: {exc}")
+        codes = ", ".join(r.to_text() for r in answer)
+        return CheckResult(name, FAIL, f"{self.ip} is listed on {zone} ({codes})")
+
+    async def port25(self) -> CheckResult:
+        probe = self.config.identity.probe
+        if not probe:
+            return CheckResult("port25", WARN, "identity.probe is not set; outbound port 25 not checked")
+        host, port = parse_host_port(probe, 25)
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, local_addr=(self.ip, 0) if self.ip else None), timeout=10)
+        except (OSError, TimeoutError) as exc:
+            return CheckResult("port25", FAIL, f"cannot reach {host}:{port} from {self.ip or 'this pod'}: {exc}")
+        writer.close()
+        return CheckResult("port25", PASS, f"{host}:{port} reachable from {self.ip or 'this pod'}")
+
+    async def run(self) -> list[CheckResult]:
+        checks = [self.fcrdns()]
+        checks += [self.spf(d) for d in self.domains()]
+        checks += [self.dkim(k) for k in self.keys]
+        checks += [self.dmarc(d) for d in self.domains()]
+        checks += [self.dnsbl(z) for z in self.config.identity.dnsbl_zones]
+        checks.append(self.port25())
+        return list(await asyncio.gather(*checks))
+
+
+def failing(results: list[CheckResult]) -> list[CheckResult]:
+    return [r for r in results if r.status == FAIL]
+

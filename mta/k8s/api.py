@@ -1,0 +1,114 @@
+"""The API server, through the official ``kubernetes`` client.
+
+Owns the two calls the pod makes, which are all its Role allows: reading
+its own StatefulSet (``GET /apis/apps/v1/namespaces/NS/statefulsets/NAME``)
+for ``spec.replicas``, and creating Events on its own Pod (``POST
+/api/v1/namespaces/NS/events``).  The client is configured from
+``kubernetes.api_url`` (+ token and CA files) when given, which is how tests
+point it at a local server, else from the in-cluster service account.
+
+Calls block; async callers run them in a thread.  Failure: every call raises
+``KubeError`` with the reason (HTTP status and message, or the connection
+error); nothing here retries.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import socket
+
+import urllib3
+from kubernetes import client
+from kubernetes import config as kube_config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+
+from mta.config import KubernetesConfig
+from mta.k8s.identity import PodIdentity
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "kubemta"
+
+
+class KubeError(Exception):
+    pass
+
+
+def _configuration(config: KubernetesConfig) -> client.Configuration:
+    configuration = client.Configuration()
+    if config.api_url is None:
+        try:
+            kube_config.load_incluster_config(client_configuration=configuration)
+        except ConfigException as exc:
+            raise KubeError(f"not running in a cluster and kubernetes.api_url is not set: {exc}") from None
+        return configuration
+    configuration.host = config.api_url.rstrip("/")
+    if config.token_file is not None:
+        configuration.api_key = {"authorization": config.token_file.read_text().strip()}
+        configuration.api_key_prefix = {"authorization": "Bearer"}
+    if config.ca_file is not None:
+        configuration.ssl_ca_cert = str(config.ca_file)
+    return configuration
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, ApiException):
+        return f"HTTP {exc.status} {exc.reason}: {(exc.body or '')[:300]!s}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class KubeApi:
+    def __init__(self, config: KubernetesConfig, pod: PodIdentity) -> None:
+        self.config = config
+        self.pod = pod
+        self._client = client.ApiClient(_configuration(config))
+        self._apps = client.AppsV1Api(self._client)
+        self._core = client.CoreV1Api(self._client)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def desired_replicas(self) -> int:
+        """``spec.replicas`` of this pod's StatefulSet."""
+        try:
+            statefulset = self._apps.read_namespaced_stateful_set(
+                self.pod.statefulset, self.pod.namespace, _request_timeout=self.config.timeout)
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise KubeError(f"cannot read StatefulSet {self.pod.namespace}/{self.pod.statefulset}: "
+                            f"{_reason(exc)}") from None
+        replicas = statefulset.spec.replicas
+        return 1 if replicas is None else int(replicas)  # the API's default
+
+    def event(self, reason: str, message: str, kind: str = "Normal") -> None:
+        """Record an Event on this pod (``kind``: Normal or Warning)."""
+        now = dt.datetime.now(dt.UTC)
+        body = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{self.pod.name}.", namespace=self.pod.namespace),
+            involved_object=client.V1ObjectReference(api_version="v1", kind="Pod", name=self.pod.name,
+                                                     namespace=self.pod.namespace, uid=self.pod.uid),
+            reason=reason,
+            message=message[:1024],
+            type=kind,
+            count=1,
+            first_timestamp=now,
+            last_timestamp=now,
+            source=client.V1EventSource(component=COMPONENT, host=socket.gethostname()),
+            reporting_component=COMPONENT,
+            reporting_instance=self.pod.name,
+        )
+        try:
+            self._core.create_namespaced_event(self.pod.namespace, body, _request_timeout=self.config.timeout)
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise KubeError(f"cannot create Event {reason}: {_reason(exc)}") from None
+
+
+def try_event(api: KubeApi | None, reason: str, message: str, kind: str = "Normal") -> None:
+    """An Event where one can be made; a failure is only logged (Events are a side channel)."""
+    if api is None:
+        return
+    try:
+        api.event(reason, message, kind)
+    except KubeError as exc:
+        log.warning("%s", exc)

@@ -1,0 +1,129 @@
+"""Traffic shaping: how hard each destination may be pushed, and how much a day.
+
+Rules match recipient domains (``gmail.com``, ``*.example.com``) and may
+cap connections, messages per connection and messages per minute.  Every
+destination also adapts: a throttle reply (``421``, or an enhanced code
+``4.7.x``) halves its connection allowance and sets a cool-down that
+doubles while throttling continues; each later success earns the allowance
+back one step at a time.  The per-egress-address daily cap counts delivered
+messages per UTC day, for warming up a new IP.
+
+Failure: none; it only counts and answers how long to wait.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mta.config import ShapingConfig, ShapingRule
+
+_THROTTLE = re.compile(r"^(421\b|4\d\d[ -]4\.7\.\d+)")
+MIN_COOLDOWN, MAX_COOLDOWN = 30.0, 900.0
+
+
+def is_throttle_reply(reply: str) -> bool:
+    return bool(_THROTTLE.match(reply))
+
+
+def _matches(pattern: str, domain: str) -> bool:
+    if pattern.startswith("*."):
+        return domain.endswith(pattern[1:])
+    return domain == pattern
+
+
+@dataclass
+class DestinationState:
+    max_connections: int
+    messages_per_connection: int
+    messages_per_minute: int | None
+    allowance: int = 0
+    cooldown: float = MIN_COOLDOWN
+    blocked_until: float = 0.0
+    sent: deque[float] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        self.allowance = self.max_connections
+
+
+class Shaper:
+    def __init__(self, config: ShapingConfig, default_connections: int, default_per_connection: int,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.default_connections = default_connections
+        self.default_per_connection = default_per_connection
+        self.clock, self.wall = clock, wall
+        self._states: dict[str, DestinationState] = {}
+        self._day = ""
+        self._delivered_today = 0
+
+    def _rule(self, destination: str) -> ShapingRule | None:
+        return next((r for r in self.config.rules if any(_matches(p, destination) for p in r.match)), None)
+
+    def state(self, destination: str) -> DestinationState:
+        state = self._states.get(destination)
+        if state is None:
+            rule = self._rule(destination)
+            state = DestinationState(
+                max_connections=min(filter(None, [rule and rule.max_connections, self.default_connections])),
+                messages_per_connection=min(filter(None, [rule and rule.messages_per_connection,
+                                                          self.default_per_connection])),
+                messages_per_minute=rule.messages_per_minute if rule else None,
+            )
+            self._states[destination] = state
+        return state
+
+    def connections(self, destination: str) -> int:
+        """How many connections the destination may have now (0 while cooling down)."""
+        state = self.state(destination)
+        return 0 if self.clock() < state.blocked_until else state.allowance
+
+    def wait(self, destination: str) -> float:
+        """Seconds until the next message may go to ``destination``."""
+        state = self.state(destination)
+        now = self.clock()
+        if now < state.blocked_until:
+            return state.blocked_until - now
+        if state.messages_per_minute is None:
+            return 0.0
+        while state.sent and state.sent[0] <= now - 60:
+            state.sent.popleft()
+        if len(state.sent) < state.messages_per_minute:
+            return 0.0
+        return state.sent[0] + 60 - now
+
+    def sent(self, destination: str, reply: str, delivered: bool) -> bool:
+        """Record one transaction; True when the reply was a throttle."""
+        state = self.state(destination)
+        now = self.clock()
+        state.sent.append(now)
+        if delivered:
+            self._count_delivery()
+        if is_throttle_reply(reply):
+            state.allowance = max(1, state.allowance // 2)
+            state.blocked_until = now + state.cooldown
+            state.cooldown = min(MAX_COOLDOWN, state.cooldown * 2)
+            return True
+        if delivered:
+            state.cooldown = MIN_COOLDOWN
+            state.allowance = min(state.max_connections, state.allowance + 1)
+        return False
+
+    def _today(self) -> str:
+        return time.strftime("%Y-%m-%d", time.gmtime(self.wall()))
+
+    def _count_delivery(self) -> None:
+        if self._today() != self._day:
+            self._day, self._delivered_today = self._today(), 0
+        self._delivered_today += 1
+
+    def daily_cap_reached(self) -> bool:
+        cap = self.config.daily_cap
+        if cap is None:
+            return False
+        if self._today() != self._day:
+            self._day, self._delivered_today = self._today(), 0
+        return self._delivered_today >= cap

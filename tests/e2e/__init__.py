@@ -1,0 +1,1 @@
+"""End-to-end tests: kubemta in a small internet of network namespaces."""

@@ -1,0 +1,1 @@
+"""Stand-ins for what cannot run on a test machine (the Kubernetes API server)."""

@@ -1,0 +1,245 @@
+"""A small Kubernetes API server for tests: real paths, real JSON objects.
+
+No cluster can run on the test machines, so this serves the part of the API
+that kubemta uses, the way the real API server does:
+
+- ``GET /apis/apps/v1/namespaces/NS/statefulsets/NAME``: an ``apps/v1``
+  StatefulSet with metadata, ``spec`` (replicas, selector, serviceName,
+  template) and ``status``;
+- ``GET|PATCH .../statefulsets/NAME/scale``: an ``autoscaling/v1`` Scale
+  (what ``kubectl scale`` and a HorizontalPodAutoscaler change);
+- ``POST /api/v1/namespaces/NS/events``: a ``v1`` Event, answered 201 with
+  the stored object (``metadata.generateName`` resolved, uid,
+  resourceVersion, creationTimestamp); ``GET`` lists them as an EventList;
+- anything else, or a missing object: a ``v1`` Status with the real
+  reason and code (NotFound 404, Unauthorized 401, MethodNotAllowed 405).
+
+With a token set, requests without ``Authorization: Bearer <token>`` get
+401, as a real server does.  Runs in a thread of the test process on
+loopback; ``stop()`` shuts it down.  Failure: ``start()`` raises OSError
+when the port cannot be bound.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import itertools
+import json
+import re
+import secrets
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+STS = re.compile(r"^/apis/apps/v1/namespaces/(?P<ns>[^/]+)/statefulsets/(?P<name>[^/]+)(?P<scale>/scale)?$")
+EVENTS = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/events$")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def status(code: int, reason: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                            "message": message, "reason": reason, "code": code}
+    if details:
+        body["details"] = details
+    return body
+
+
+def statefulset(namespace: str, name: str, replicas: int) -> dict[str, Any]:
+    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "mta"}
+    return {
+        "kind": "StatefulSet",
+        "apiVersion": "apps/v1",
+        "metadata": {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()), "resourceVersion": "1",
+                     "generation": 1, "creationTimestamp": _now(), "labels": labels},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels},
+                         "spec": {"containers": [{"name": "mta", "image": "kubemta/kubemta:0.1.0"}]}},
+            "serviceName": f"{name}-headless",
+            "podManagementPolicy": "Parallel",
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": 0}},
+            "revisionHistoryLimit": 10,
+            "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain", "whenScaled": "Retain"},
+        },
+        "status": {"observedGeneration": 1, "replicas": replicas, "readyReplicas": replicas,
+                   "currentReplicas": replicas, "updatedReplicas": replicas, "availableReplicas": replicas},
+    }
+
+
+class FakeKubeApi:
+    def __init__(self, host: str = "127.0.0.1", token: str | None = None) -> None:
+        self.host = host
+        self.token = token
+        self.lock = threading.Lock()
+        self.statefulsets: dict[tuple[str, str], dict[str, Any]] = {}
+        self.events: dict[str, list[dict[str, Any]]] = {}
+        self.requests: list[tuple[str, str]] = []
+        self._versions = itertools.count(2)
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://{self.host}:{self._server.server_address[1]}"
+
+    # -- state the tests set and read -------------------------------------------
+
+    def add_statefulset(self, namespace: str, name: str, replicas: int) -> None:
+        with self.lock:
+            self.statefulsets[(namespace, name)] = statefulset(namespace, name, replicas)
+
+    def scale(self, namespace: str, name: str, replicas: int) -> None:
+        with self.lock:
+            obj = self.statefulsets[(namespace, name)]
+            obj["spec"]["replicas"] = replicas
+            obj["metadata"]["generation"] += 1
+            obj["metadata"]["resourceVersion"] = str(next(self._versions))
+
+    def events_for(self, namespace: str, pod: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [copy.deepcopy(e) for e in self.events.get(namespace, [])
+                    if e.get("involvedObject", {}).get("name") == pod]
+
+    # -- lifetime ----------------------------------------------------------------
+
+    def start(self) -> None:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                fake._handle(self, "GET")
+
+            def do_POST(self) -> None:
+                fake._handle(self, "POST")
+
+            def do_PATCH(self) -> None:
+                fake._handle(self, "PATCH")
+
+            def do_PUT(self) -> None:
+                fake._handle(self, "PUT")
+
+            def do_DELETE(self) -> None:
+                fake._handle(self, "DELETE")
+
+        self._server = ThreadingHTTPServer((self.host, 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-kube-api", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def __enter__(self) -> FakeKubeApi:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the API -------------------------------------------------------------------
+
+    def _reply(self, handler: BaseHTTPRequestHandler, code: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        handler.send_response(code)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    def _body(self, handler: BaseHTTPRequestHandler) -> Any:
+        length = int(handler.headers.get("Content-Length") or 0)
+        return json.loads(handler.rfile.read(length) or b"null")
+
+    def _handle(self, handler: BaseHTTPRequestHandler, method: str) -> None:
+        path = handler.path.split("?", 1)[0]
+        with self.lock:
+            self.requests.append((method, path))
+        if self.token is not None and handler.headers.get("Authorization") != f"Bearer {self.token}":
+            self._reply(handler, 401, status(401, "Unauthorized", "Unauthorized"))
+            return
+        try:
+            if match := STS.match(path):
+                self._statefulset(handler, method, match["ns"], match["name"], bool(match["scale"]))
+            elif match := EVENTS.match(path):
+                self._events(handler, method, match["ns"])
+            else:
+                self._reply(handler, 404, status(404, "NotFound", "the server could not find the requested resource"))
+        except (ValueError, KeyError, TypeError) as exc:
+            self._reply(handler, 400, status(400, "BadRequest", f"the request is invalid: {exc}"))
+
+    def _statefulset(self, handler: BaseHTTPRequestHandler, method: str, ns: str, name: str, scale: bool) -> None:
+        with self.lock:
+            obj = copy.deepcopy(self.statefulsets.get((ns, name)))
+        if obj is None:
+            self._reply(handler, 404, status(404, "NotFound", f'statefulsets.apps "{name}" not found',
+                                             {"name": name, "group": "apps", "kind": "statefulsets"}))
+            return
+        if method == "PATCH" and scale:
+            patch = self._body(handler)
+            self.scale(ns, name, int(patch["spec"]["replicas"]))
+            with self.lock:
+                obj = copy.deepcopy(self.statefulsets[(ns, name)])
+        elif method != "GET":
+            self._reply(handler, 405, status(405, "MethodNotAllowed", f"{method} is not supported here"))
+            return
+        if not scale:
+            self._reply(handler, 200, obj)
+            return
+        meta = obj["metadata"]
+        self._reply(handler, 200, {
+            "kind": "Scale", "apiVersion": "autoscaling/v1",
+            "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")},
+            "spec": {"replicas": obj["spec"]["replicas"]},
+            "status": {"replicas": obj["status"]["replicas"],
+                       "selector": ",".join(f"{k}={v}" for k, v in obj["spec"]["selector"]["matchLabels"].items())},
+        })
+
+    def _events(self, handler: BaseHTTPRequestHandler, method: str, ns: str) -> None:
+        if method == "GET":
+            with self.lock:
+                items = copy.deepcopy(self.events.get(ns, []))
+            self._reply(handler, 200, {"kind": "EventList", "apiVersion": "v1",
+                                       "metadata": {"resourceVersion": "1"}, "items": items})
+            return
+        if method != "POST":
+            self._reply(handler, 405, status(405, "MethodNotAllowed", f"{method} is not supported here"))
+            return
+        event = self._body(handler)
+        if not isinstance(event, dict) or event.get("kind", "Event") != "Event":
+            self._reply(handler, 400, status(400, "BadRequest", "the body is not an Event"))
+            return
+        meta = event.setdefault("metadata", {})
+        if not meta.get("name"):
+            if not meta.get("generateName"):
+                self._reply(handler, 422, status(422, "Invalid", "Event is invalid: metadata.name: Required value"))
+                return
+            meta["name"] = meta["generateName"] + secrets.token_hex(8)
+        if meta.get("namespace", ns) != ns:
+            self._reply(handler, 400, status(400, "BadRequest", "the namespace of the object does not match"))
+            return
+        for field in ("involvedObject", "reason"):
+            if not event.get(field):
+                self._reply(handler, 422, status(422, "Invalid", f"Event is invalid: {field}: Required value"))
+                return
+        meta.update({"namespace": ns, "uid": str(uuid.uuid4()), "resourceVersion": str(next(self._versions)),
+                     "creationTimestamp": _now()})
+        event["kind"], event["apiVersion"] = "Event", "v1"
+        with self.lock:
+            self.events.setdefault(ns, []).append(event)
+        self._reply(handler, 201, event)

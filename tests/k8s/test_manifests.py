@@ -1,0 +1,348 @@
+"""Every overlay, scenario and component combination: rendered, schema-valid, and holding to policy.
+
+Renders with the real ``kubectl kustomize``; validates every object against
+the Kubernetes OpenAPI schemas offline (``kubernetes-validate``, strict) for
+the oldest and newest minor docs/kubernetes.md supports; then checks the
+rules the manifests exist for: the restricted Pod Security profile, probes,
+resources, the spool's retention policy, the grace period against the drain
+deadline, the Role, the NetworkPolicy allow-list, and that the embedded
+``mta.yaml`` (with the pod's environment) passes ``mta check-config``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+OLDEST, NEWEST = "1.27.0", "1.37.0"  # keep in step with docs/kubernetes.md
+OVERLAYS = sorted(p.name for p in (ROOT / "kustomize/overlays").iterdir() if p.is_dir())
+SCENARIOS = sorted(p.name for p in (ROOT / "kustomize/tests").iterdir() if p.is_dir())
+COMPONENTS = sorted(p.name for p in (ROOT / "kustomize/components").iterdir() if p.is_dir())
+EXCLUSIVE = {"direct-delivery", "smarthost-relay"}  # two ways out: never both
+CRDS = {("cilium.io/v2", "CiliumEgressGatewayPolicy"), ("monitoring.coreos.com/v1", "ServiceMonitor"),
+        ("monitoring.coreos.com/v1", "PrometheusRule"), ("cert-manager.io/v1", "Certificate")}
+LABELS = {"app.kubernetes.io/name": "kubemta", "app.kubernetes.io/component": "mta"}
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+
+def kubectl() -> str:
+    path = shutil.which("kubectl")
+    if path is None:
+        pytest.fail("kubectl (with its built-in kustomize) is needed to render the manifests", pytrace=False)
+    return path
+
+
+@functools.cache
+def render_dir(path: str) -> tuple[dict[str, Any], ...]:
+    done = subprocess.run([kubectl(), "kustomize", "--load-restrictor", "LoadRestrictionsNone", path],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"kubectl kustomize {path}:\n{done.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(done.stdout) if doc)
+
+
+def combination_dir(tmp_root: Path, components: tuple[str, ...]) -> str:
+    target = tmp_root / ("base" if not components else "+".join(components))
+    target.mkdir(parents=True, exist_ok=True)
+    kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                     "resources": [os.path.relpath(ROOT / "manifests", target)],
+                     "components": [os.path.relpath(ROOT / "kustomize/components" / c, target) for c in components]}
+    (target / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return str(target)
+
+
+def all_combinations() -> list[tuple[str, ...]]:
+    combos = []
+    for size in range(len(COMPONENTS) + 1):
+        for combo in itertools.combinations(COMPONENTS, size):
+            if not set(combo) >= EXCLUSIVE:
+                combos.append(combo)
+    return combos
+
+
+def targets() -> list[tuple[str, str]]:
+    return ([("manifests", str(ROOT / "manifests"))]
+            + [(f"overlays/{o}", str(ROOT / "kustomize/overlays" / o)) for o in OVERLAYS]
+            + [(f"tests/{s}", str(ROOT / "kustomize/tests" / s)) for s in SCENARIOS])
+
+
+TARGETS = targets()
+
+
+def find(docs: tuple[dict[str, Any], ...], kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def validate(docs: tuple[dict[str, Any], ...], where: str) -> None:
+    for doc in docs:
+        for version in (OLDEST, NEWEST):
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.SchemaNotFoundError:
+                assert (doc["apiVersion"], doc["kind"]) in CRDS, f"{where}: no schema for {doc['kind']}"
+                assert doc["metadata"]["name"] and isinstance(doc.get("spec"), dict)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{where}: {doc['kind']}/{doc['metadata']['name']} invalid for {version}: {exc}")
+
+
+# -- rendering and schemas ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "path"), TARGETS, ids=[t[0] for t in TARGETS])
+def test_renders_and_validates_strictly(name: str, path: str) -> None:
+    docs = render_dir(path)
+    assert find(docs, "StatefulSet", "kubemta"), name
+    validate(docs, name)
+
+
+def test_every_component_combination_renders_and_validates(tmp_path: Path) -> None:
+    combos = all_combinations()
+    assert len(combos) == 2 ** len(COMPONENTS) - 2 ** (len(COMPONENTS) - 2)
+    for combo in combos:
+        docs = render_dir(combination_dir(tmp_path, combo))
+        validate(docs, "+".join(combo) or "base")
+        check_pod_policy(docs, "+".join(combo))
+        check_network_policy(docs)
+
+
+def test_the_validator_is_strict() -> None:
+    docs = render_dir(str(ROOT / "manifests"))
+    [sts] = find(docs, "StatefulSet")
+    broken = json.loads(json.dumps(sts))
+    broken["spec"]["template"]["spec"]["containers"][0]["livenessProbes"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, OLDEST, strict=True)
+
+
+def test_every_component_has_a_readme_and_is_a_component() -> None:
+    for name in COMPONENTS:
+        folder = ROOT / "kustomize/components" / name
+        assert (folder / "README.md").read_text().strip(), name
+        assert yaml.safe_load((folder / "kustomization.yaml").read_text())["kind"] == "Component", name
+
+
+# -- policy ------------------------------------------------------------------------
+
+
+def pod_specs(docs: tuple[dict[str, Any], ...]) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for doc in docs:
+        if doc["kind"] in ("StatefulSet", "Deployment", "Job", "DaemonSet"):
+            out.append((f"{doc['kind']}/{doc['metadata']['name']}", doc["spec"]["template"]["spec"]))
+    return out
+
+
+def check_pod_policy(docs: tuple[dict[str, Any], ...], where: str) -> None:
+    """The restricted Pod Security profile and resources, for every pod template."""
+    for name, spec in pod_specs(docs):
+        pod_sc = spec.get("securityContext", {})
+        assert pod_sc.get("runAsNonRoot") is True, f"{where} {name}: runAsNonRoot"
+        assert pod_sc.get("runAsUser", 1) != 0
+        assert pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{where} {name}: seccomp"
+        for flag in ("hostNetwork", "hostPID", "hostIPC"):
+            assert not spec.get(flag), f"{where} {name}: {flag}"
+        for volume in spec.get("volumes", []):
+            kinds = set(volume) - {"name"}
+            assert kinds <= RESTRICTED_VOLUMES, f"{where} {name}: volume type {kinds}"
+        for container in spec["containers"] + spec.get("initContainers", []):
+            sc = container.get("securityContext", {})
+            label = f"{where} {name}/{container['name']}"
+            assert sc.get("allowPrivilegeEscalation") is False, f"{label}: allowPrivilegeEscalation"
+            assert sc.get("readOnlyRootFilesystem") is True, f"{label}: readOnlyRootFilesystem"
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], f"{label}: capabilities"
+            assert not sc.get("capabilities", {}).get("add"), f"{label}: added capabilities"
+            assert not sc.get("privileged"), label
+            assert sc.get("runAsUser", 1) != 0, label
+            resources = container.get("resources", {})
+            for part in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(resources.get(part, {})), f"{label}: resources.{part}"
+
+
+def effective_config(docs: tuple[dict[str, Any], ...], tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """The StatefulSet's mta.yaml and environment, secret paths moved under ``tmp_path``."""
+    [sts] = find(docs, "StatefulSet", "kubemta")
+    [container] = [c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "mta"]
+    env_list = container.get("env", [])
+    config_path = next(e["value"] for e in env_list if e["name"] == "MTA_CONFIG")
+    mount = next(m for m in container["volumeMounts"] if config_path.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    [configmap] = find(docs, "ConfigMap", volume["configMap"]["name"])
+    text = configmap["data"][config_path.rsplit("/", 1)[1]]
+    env = {}
+    for item in env_list:
+        if item["name"] == "MTA_CONFIG":
+            continue
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        else:  # the downward API: values a real pod would have
+            field = item["valueFrom"]["fieldRef"]["fieldPath"]
+            env[item["name"]] = {"metadata.name": "kubemta-0", "metadata.namespace": "mail",
+                                 "metadata.uid": "00000000-0000-0000-0000-000000000000"}[field]
+    stand_in = tmp_path / "etc-kubemta"
+
+    def move(value: str) -> str:
+        for path in re.findall(r"/etc/kubemta/[\w./-]+", value):
+            target = stand_in / path.removeprefix("/etc/kubemta/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("x" * 64)  # a stand-in for the mounted Secret's file
+        return value.replace("/etc/kubemta/", f"{stand_in}/")
+
+    out = tmp_path / "mta.yaml"
+    out.write_text(move(text))
+    return out, {k: move(v) for k, v in env.items()}
+
+
+def check_config(docs: tuple[dict[str, Any], ...], tmp_path: Path) -> dict[str, Any]:
+    path, env = effective_config(docs, tmp_path)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MTA")}
+    done = subprocess.run([sys.executable, "-P", "-m", "mta.cli", "check-config", "-c", str(path)],
+                          capture_output=True, text=True, timeout=60, env={**base, **env}, cwd=tmp_path)
+    assert done.returncode == 0, f"mta check-config:\n{done.stderr}"
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize(("name", "path"), TARGETS, ids=[t[0] for t in TARGETS])
+def test_policy(name: str, path: str, tmp_path: Path) -> None:
+    docs = render_dir(path)
+    check_pod_policy(docs, name)
+    check_network_policy(docs)
+    [sts] = find(docs, "StatefulSet", "kubemta")
+    spec = sts["spec"]
+    assert spec["podManagementPolicy"] == "Parallel"
+    assert spec["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    [claim] = spec["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "spool"
+    pod = spec["template"]["spec"]
+    assert pod["serviceAccountName"] == "kubemta"
+    assert pod["affinity"]["podAntiAffinity"]
+    [mta] = [c for c in pod["containers"] if c["name"] == "mta"]
+    assert {m["mountPath"] for m in mta["volumeMounts"]} >= {"/var/spool/kubemta", "/tmp"}
+    ports = {p["name"]: p["containerPort"] for p in mta["ports"]}
+    assert all(port > 1024 for port in ports.values()), "unprivileged container ports only"
+    assert mta["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert mta["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert mta["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert ports[mta[probe]["httpGet"]["port"]] == 8080
+
+    config = check_config(docs, tmp_path)
+    assert config["http"]["address"].endswith(":8080")
+    assert config["spool"]["path"] == "/var/spool/kubemta"
+    listener_ports = {int(item["address"].rsplit(":", 1)[1]) for item in config["listeners"]}
+    assert listener_ports <= set(ports.values()), "every listener has a container port"
+    assert config["kubernetes"]["enabled"] and config["drain"]["listen"].endswith(":8025")
+    # The kubelet's SIGKILL must not cut a drain short.
+    budget = config["shutdown"]["timeout"] + config["drain"]["timeout"] + 2 * config["kubernetes"]["timeout"]
+    assert pod["terminationGracePeriodSeconds"] > budget
+
+    services = {s["metadata"]["name"]: s for s in find(docs, "Service")}
+    assert services["kubemta-headless"]["spec"]["clusterIP"] == "None"
+    front = {p["port"]: p["targetPort"] for p in services["kubemta"]["spec"]["ports"]}
+    assert front[25] == "relay" and front[587] == "submission"
+    if 465 in front:
+        assert front[465] == "submissions" and "submissions" in ports
+        assert any(item["mode"] == "submissions" for item in config["listeners"])
+    for name in ("kubemta", "kubemta-headless"):
+        assert services[name]["spec"]["selector"] == LABELS
+
+    [role] = find(docs, "Role", "kubemta")
+    assert role["rules"] == [
+        {"apiGroups": ["apps"], "resources": ["statefulsets"], "resourceNames": ["kubemta"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    ]
+    [binding] = find(docs, "RoleBinding", "kubemta")
+    assert binding["subjects"][0]["name"] == pod["serviceAccountName"]
+    [pdb] = find(docs, "PodDisruptionBudget", "kubemta")
+    assert pdb["spec"]["selector"]["matchLabels"] == LABELS
+
+    images = {c["image"] for _, s in pod_specs(docs) for c in s["containers"] if "kubemta" in c["image"]}
+    assert len(images) == 1 and ":" in next(iter(images)), f"one pinned kubemta image: {images}"
+    for hpa in find(docs, "HorizontalPodAutoscaler"):
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "kubemta"}
+        assert all(p["type"] == "Pods" and p["value"] == 1 for p in hpa["spec"]["behavior"]["scaleDown"]["policies"])
+
+
+def test_overlays_have_the_replicas_and_routes_they_promise(tmp_path: Path) -> None:
+    want = {"dev": (1, "mail-capture:1025"), "staging": (2, "smtp.esp.example:587"), "production": (3, None)}
+    assert set(OVERLAYS) == set(want)
+    for overlay, (replicas, relay) in want.items():
+        docs = render_dir(str(ROOT / "kustomize/overlays" / overlay))
+        [sts] = find(docs, "StatefulSet", "kubemta")
+        assert sts["spec"]["replicas"] == replicas, overlay
+        config = check_config(docs, tmp_path / overlay)
+        assert [r["relay"] for r in config["routes"]] == ([relay] if relay else []), overlay
+    production = render_dir(str(ROOT / "kustomize/overlays/production"))
+    assert len(find(production, "CiliumEgressGatewayPolicy")) == 3
+    assert find(production, "ServiceMonitor") and find(production, "Certificate")
+    [ns] = find(production, "Namespace")
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_embedded_base_config_passes_check_config(tmp_path: Path) -> None:
+    check_config(render_dir(str(ROOT / "manifests")), tmp_path)
+
+
+# -- network policy ------------------------------------------------------------------
+
+
+def _ports(rule: dict[str, Any]) -> set[tuple[str, int]]:
+    return {(p.get("protocol", "TCP"), p["port"]) for p in rule.get("ports", [])}
+
+
+def check_network_policy(docs: tuple[dict[str, Any], ...]) -> None:
+    policies = {p["metadata"]["name"]: p["spec"] for p in find(docs, "NetworkPolicy")}
+    deny = policies["kubemta-default-deny"]
+    assert deny["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kubemta"}}
+    assert set(deny["policyTypes"]) == {"Ingress", "Egress"}
+    assert not deny.get("ingress") and not deny.get("egress")
+    ingress: set[tuple[str, int]] = set()
+    for name, spec in policies.items():
+        selected = spec["podSelector"].get("matchLabels", {})
+        assert selected.get("app.kubernetes.io/name") in ("kubemta", None) or name.startswith("mail-")
+        for rule in spec.get("ingress", []):
+            ports = _ports(rule)
+            ingress |= ports
+            assert rule.get("from"), f"{name}: an ingress rule without 'from' admits everyone"
+            for peer in rule["from"]:
+                assert "ipBlock" not in peer, f"{name}: ingress by address"
+                if ports & {("TCP", 2525), ("TCP", 2587), ("TCP", 2465)}:
+                    labels = {**peer.get("namespaceSelector", {}).get("matchLabels", {}),
+                              **peer.get("podSelector", {}).get("matchLabels", {})}
+                    assert labels == {"kubemta.io/mail-client": "true"}, f"{name}: SMTP from {peer}"
+                if ("TCP", 8080) in ports:
+                    assert peer == {"namespaceSelector": {"matchLabels": {
+                        "kubernetes.io/metadata.name": "monitoring"}}}, f"{name}: metrics from {peer}"
+                if ("TCP", 8025) in ports:
+                    assert peer == {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "kubemta"}}}
+        for rule in spec.get("egress", []):
+            ports = _ports(rule)
+            assert rule.get("to") and ports, f"{name}: an egress rule must name peers and ports"
+            for peer in rule["to"]:
+                block = peer.get("ipBlock")
+                if block and block["cidr"] == "0.0.0.0/0":
+                    assert len(block.get("except", [])) >= 3, f"{name}: the cluster's ranges must be excluded"
+                    assert ports <= {("TCP", 25), ("TCP", 443), ("TCP", 587)}, f"{name}: {ports}"
+                elif block:
+                    assert ports <= {("TCP", 443), ("TCP", 6443), ("TCP", 587)}, f"{name}: {ports}"
+                elif ("UDP", 53) in ports:
+                    assert ports == {("UDP", 53), ("TCP", 53)}
+                    assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}
+                else:
+                    assert ports <= {("TCP", 8025), ("TCP", 1025)}, f"{name}: {ports} to {peer}"
+    assert ingress == {("TCP", 2525), ("TCP", 2587), ("TCP", 2465), ("TCP", 8080), ("TCP", 8025)}
+    egress = {port for spec in policies.values() for rule in spec.get("egress", []) for port in _ports(rule)}
+    assert ("UDP", 53) in egress and ("TCP", 53) in egress and ("TCP", 8025) in egress
+    assert ("TCP", 25) in egress or ("TCP", 587) in egress

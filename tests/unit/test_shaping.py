@@ -1,0 +1,69 @@
+"""Traffic shaping arithmetic: rules, throttle back-off and recovery, rates, daily cap."""
+
+from __future__ import annotations
+
+from mta.config import ShapingConfig, ShapingRule
+from mta.scheduler.shaping import MIN_COOLDOWN, Shaper, is_throttle_reply
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def shaper(clock: Clock, **config: object) -> Shaper:
+    return Shaper(ShapingConfig(**config), 10, 100, clock=clock, wall=lambda: 86400 * 20000 + clock.now)
+
+
+def test_rules_match_domains_and_cap_below_the_defaults() -> None:
+    clock = Clock()
+    s = shaper(clock, rules=[ShapingRule(match=["gmail.com", "*.outlook.com"], max_connections=2,
+                                         messages_per_connection=5, messages_per_minute=3)])
+    assert s.connections("gmail.com") == 2 and s.state("gmail.com").messages_per_connection == 5
+    assert s.connections("eu.outlook.com") == 2
+    assert s.connections("example.net") == 10 and s.state("example.net").messages_per_connection == 100
+
+
+def test_throttle_replies_halve_and_cool_down_then_recover() -> None:
+    clock = Clock()
+    s = shaper(clock)
+    assert is_throttle_reply("421 4.7.0 Try again later") and is_throttle_reply("450 4.7.28 rate limited")
+    assert not is_throttle_reply("450 4.2.0 mailbox busy") and not is_throttle_reply("550 5.7.1 no")
+    assert s.sent("big.example", "421 4.7.0 slow down", delivered=False)
+    assert s.connections("big.example") == 0 and s.wait("big.example") == MIN_COOLDOWN
+    clock.now += MIN_COOLDOWN
+    assert s.connections("big.example") == 5
+    s.sent("big.example", "421 too fast", delivered=False)
+    assert s.wait("big.example") == 2 * MIN_COOLDOWN  # the cool-down doubles
+    clock.now += 2 * MIN_COOLDOWN
+    for _ in range(10):
+        s.sent("big.example", "250 2.0.0 ok", delivered=True)
+    assert s.connections("big.example") == 10
+
+
+def test_messages_per_minute() -> None:
+    clock = Clock()
+    s = shaper(clock, rules=[ShapingRule(match=["slow.example"], messages_per_minute=2)])
+    for _ in range(2):
+        assert s.wait("slow.example") == 0
+        s.sent("slow.example", "250 ok", delivered=True)
+    assert s.wait("slow.example") == 60
+    clock.now += 30
+    assert s.wait("slow.example") == 30
+    clock.now += 30
+    assert s.wait("slow.example") == 0
+
+
+def test_daily_cap_counts_deliveries_per_day() -> None:
+    clock = Clock()
+    s = shaper(clock, daily_cap=2)
+    s.sent("a.example", "250 ok", delivered=True)
+    assert not s.daily_cap_reached()
+    s.sent("a.example", "550 no", delivered=False)
+    s.sent("b.example", "250 ok", delivered=True)
+    assert s.daily_cap_reached()
+    clock.now += 86400
+    assert not s.daily_cap_reached()
