@@ -30,6 +30,7 @@ from mta.dkim.keys import DkimKeyError, SigningKey
 from mta.dkim.signer import Signer
 from mta.drain.service import DrainError, DrainService
 from mta.identity.monitor import IdentityMonitor
+from mta.k8s.api import try_event
 from mta.obs.http import HealthServer
 from mta.obs.log import event
 from mta.obs.stack import Observability
@@ -114,7 +115,10 @@ class App:
               quarantined=len(loaded.corrupt), removed_uncommitted=loaded.removed_uncommitted)
         scheduler = Scheduler(self.spool, config, self._connector().open, signer=signer)
         scheduler.load(loaded.records)
-        identity = IdentityMonitor(config, keys, scheduler)
+        api = self.drain.api
+        identity = IdentityMonitor(config, keys, scheduler,
+                                   notify=(lambda reason, message, kind: try_event(api, reason, message, kind))
+                                   if api is not None else None)
         control = ControlServer(socket_path(config.spool.path), scheduler)
         host, port = config.http.host_port
         health = HealthServer(host, port, {"listeners": self._listeners_ready, "spool": self._spool_ready,

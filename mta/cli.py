@@ -220,7 +220,7 @@ def _serve(config: Config) -> int:
     from mta.app import App, StartupError
     from mta.obs import log
 
-    log.setup(config.log.level)
+    log.setup(config.log.level, config.log.format)
     try:
         asyncio.run(App(config).run())
     except StartupError as exc:

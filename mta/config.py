@@ -319,6 +319,9 @@ class DkimConfig(Section):
 class PodIdentity(Section):
     source_address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
     hostname: str | None = None
+    # False where the egress IP is applied outside the pod (an egress gateway's
+    # SNAT): it is then checked (PTR, SPF, blocklists) but not bound.
+    bind: bool = True
 
     @field_validator("hostname")
     @classmethod
@@ -339,6 +342,8 @@ class IdentityConfig(Section):
     dnsbl_zones: list[str] = Field(default_factory=list)
     sending_domains: list[str] = Field(default_factory=list)  # besides the DKIM domains
     probe: str | None = None  # host:port that must be reachable on TCP 25 from the egress address
+    # The address receivers see; filled from this pod's entry or delivery.source_address.
+    egress_address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
 
 
 class ShapingRule(Section):
@@ -721,13 +726,15 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
 
 def _with_pod_identity(config: Config, environ: Mapping[str, str]) -> Config:
     """Apply ``identity.pods.<this pod>``: its egress address and HELO name win."""
-    pod_name = config.identity.pod_name or environ.get("POD_NAME") or socket.gethostname()
-    identity = config.identity.model_copy(update={"pod_name": pod_name})
-    update: dict[str, Any] = {"identity": identity}
+    pod_name = (config.identity.pod_name or config.kubernetes.pod_name or environ.get("POD_NAME")
+                or socket.gethostname())
     pod = config.identity.pods.get(pod_name)
+    egress = config.identity.egress_address or (pod and pod.source_address) or config.delivery.source_address
+    identity = config.identity.model_copy(update={"pod_name": pod_name, "egress_address": egress})
+    update: dict[str, Any] = {"identity": identity}
     if pod is not None:
         if pod.hostname:
             update["hostname"] = pod.hostname
-        if pod.source_address:
+        if pod.source_address and pod.bind:
             update["delivery"] = config.delivery.model_copy(update={"source_address": pod.source_address})
     return config.model_copy(update=update)

@@ -112,6 +112,8 @@ class Signer:
         self.fallback = fallback_domain.lower() if fallback_domain else None
 
     def keys_for(self, message: bytes) -> list[SigningKey]:
+        if not self.keys:
+            return []  # nothing to sign with: do not even parse the header
         domain = from_domain(message) or ""
         labels = domain.split(".")
         for i in range(len(labels) - 1):

@@ -61,8 +61,8 @@ class SelfChecks:
         self.config = config
         self.keys = keys
         self.resolver = resolver or make_resolver(config.dns.servers, config.dns.timeout)
-        source = config.delivery.source_address
-        self.ip = str(source) if source is not None else None
+        egress = config.identity.egress_address or config.delivery.source_address
+        self.ip = str(egress) if egress is not None else None
 
     def domains(self) -> list[str]:
         names = [k.domain for k in self.keys] + [d.lower() for d in self.config.identity.sending_domains]
@@ -164,9 +164,10 @@ class SelfChecks:
         if not probe:
             return CheckResult("port25", WARN, "identity.probe is not set; outbound port 25 not checked")
         host, port = parse_host_port(probe, 25)
+        bind = self.config.delivery.source_address
         try:
             _, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, local_addr=(self.ip, 0) if self.ip else None), timeout=10)
+                asyncio.open_connection(host, port, local_addr=(str(bind), 0) if bind else None), timeout=10)
         except (OSError, TimeoutError) as exc:
             return CheckResult("port25", FAIL, f"cannot reach {host}:{port} from {self.ip or 'this pod'}: {exc}")
         writer.close()

@@ -337,7 +337,7 @@ class Scheduler:
                 data = self.signer.sign(data)
             except SigningError as exc:
                 # Never send unsigned what a key is configured for: try later.
-                log.error("queue_id=%s %s", record.id, exc)
+                event("dkim_failed", level=logging.ERROR, queue_id=record.id, reason=str(exc))
                 return dict.fromkeys(job.recipients, result.transient(f"451 4.7.0 {exc}"))
         smtputf8 = bool(record.attrs.get("smtputf8"))
         eight_bit = bool(record.attrs.get("8bitmime"))

@@ -12,7 +12,6 @@ exactly once when the MX recovers.
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import urllib.error
 import urllib.request
@@ -26,6 +25,7 @@ from mta.drain import wire
 from tests.conftest import World
 from tests.fakes.kube_api import FakeKubeApi
 from tests.harness import MtaServer, send_mail
+from tests.obs.logs import events
 from tests.peers.net import free_port
 
 NS = "mail"
@@ -55,24 +55,8 @@ def pods(world: World, kube: FakeKubeApi, secret: Path) -> tuple[MtaServer, MtaS
     return servers[0], servers[1], handoff_0
 
 
-def events(log: str) -> list[dict[str, Any]]:
-    """Mail events from a server log, in JSON lines or ``event=NAME key=value`` text."""
-    found = []
-    for line in log.splitlines():
-        try:
-            item = json.loads(line)
-        except ValueError:
-            item = None
-        if isinstance(item, dict) and "event" in item:
-            found.append({k: str(v) for k, v in item.items()})
-        elif "event=" in line:
-            pairs = re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)', line[line.index("event="):])
-            found.append({k: v.strip('"') for k, v in pairs})
-    return found
-
-
 def saw(server: MtaServer, name: str) -> list[dict[str, Any]]:
-    return [e for e in events(server.log()) if e["event"] == name]
+    return [{k: str(v) for k, v in e.items()} for e in events(server, name)]
 
 
 def spool_files(server: MtaServer) -> list[str]:

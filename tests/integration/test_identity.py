@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.conftest import HOSTS, RECORDS, ZONES, World
+from tests.fakes.kube_api import FakeKubeApi
 from tests.harness import MtaServer, send_mail
 from tests.peers.net import wait_port
 
@@ -129,3 +130,26 @@ def test_enforced_checks_hold_mail_until_dns_is_fixed(world: World) -> None:
     publish(world, record)
     sink.wait_for_messages(1, timeout=30)
     assert server.readyz()[0] == 200
+
+
+def test_failing_self_checks_are_reported_as_pod_events(world: World) -> None:
+    key_file, record = keygen(world)
+    publish(world, record, spf_ip="127.0.0.99")
+    world.sink("dest")
+    with FakeKubeApi() as kube:
+        kube.add_statefulset("mail", "mta", 1)
+        config = identity_config(world, key_file, check_interval="1s")
+        config["kubernetes"] = {"enabled": True, "api_url": kube.url, "namespace": "mail", "pod_name": "mta-0",
+                                "pod_uid": "uid-0"}
+        server = world.mta(config)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not kube.events_for("mail", "mta-0"):
+            time.sleep(0.2)
+        [failed] = kube.events_for("mail", "mta-0")
+        assert failed["reason"] == "SelfCheckFailed" and failed["type"] == "Warning"
+        assert "spf:sender.test" in failed["message"]
+        publish(world, record)
+        while time.monotonic() < deadline + 20 and len(kube.events_for("mail", "mta-0")) < 2:
+            time.sleep(0.2)
+        assert [e["reason"] for e in kube.events_for("mail", "mta-0")] == ["SelfCheckFailed", "SelfCheckPassed"]
+        server.stop()
