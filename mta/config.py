@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "MTA__"
 
@@ -97,22 +106,21 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _readable_file(value: Path | None) -> Path | None:
-    if value is not None and not os.access(value, os.R_OK):
+def _readable_file(value: Path) -> Path:
+    if not os.access(value, os.R_OK):
         raise ValueError(f"{value} is not a readable file")
     return value
+
+
+ReadableFile = Annotated[Path, AfterValidator(_readable_file)]
 
 
 class TlsConfig(Section):
     """A certificate for STARTTLS / implicit TLS, reloaded when the files change."""
 
-    cert_file: Path
-    key_file: Path
+    cert_file: ReadableFile
+    key_file: ReadableFile
 
-    @field_validator("cert_file", "key_file")
-    @classmethod
-    def _files(cls, value: Path) -> Path:
-        return _readable_file(value)  # type: ignore[return-value]
 
 
 class AuthConfig(Section):
@@ -209,8 +217,8 @@ class RouteConfig(Section):
     relay: str
     tls: Literal["starttls", "implicit", "opportunistic", "none"] = "starttls"
     tls_verify: bool = True
-    ca_file: Path | None = None
-    auth_file: Path | None = None
+    ca_file: ReadableFile | None = None
+    auth_file: ReadableFile | None = None
 
     @field_validator("domains")
     @classmethod
@@ -230,10 +238,6 @@ class RouteConfig(Section):
         parse_host_port(value, 25)
         return value
 
-    @field_validator("auth_file", "ca_file")
-    @classmethod
-    def _readable(cls, value: Path | None) -> Path | None:
-        return _readable_file(value)
 
     @property
     def relay_host_port(self) -> tuple[str, int]:
@@ -287,7 +291,7 @@ class AccountsConfig(Section):
 class DkimKeyConfig(Section):
     domain: str
     selector: str = Field(pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62})$")
-    key_file: Path
+    key_file: ReadableFile
 
     @field_validator("domain")
     @classmethod
@@ -296,10 +300,6 @@ class DkimKeyConfig(Section):
             raise ValueError(f"{value!r} is not a domain")
         return value.lower().rstrip(".")
 
-    @field_validator("key_file")
-    @classmethod
-    def _key(cls, value: Path) -> Path:
-        return _readable_file(value)  # type: ignore[return-value]
 
 
 class DkimConfig(Section):
@@ -452,7 +452,7 @@ _ENDPOINT_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 class WebhookEndpoint(Section):
     name: str  # also the name of its outbox folder
     url: str
-    secret_file: Path  # the HMAC-SHA256 key: the file's first line
+    secret_file: ReadableFile  # the HMAC-SHA256 key: the file's first line
     events: list[Literal["delivered", "deferred", "bounced", "expired", "rejected"]] = Field(
         default_factory=lambda: list(WEBHOOK_EVENTS), min_length=1)
     timeout: Duration = 10.0
@@ -471,10 +471,6 @@ class WebhookEndpoint(Section):
             raise ValueError(f"{value!r} is not an http:// or https:// URL")
         return value
 
-    @field_validator("secret_file")
-    @classmethod
-    def _secret(cls, value: Path) -> Path:
-        return _readable_file(value)  # type: ignore[return-value]
 
 
 class WebhooksConfig(Section):
@@ -506,21 +502,19 @@ class KubernetesConfig(Section):
     namespace: str = "default"
     statefulset: str | None = None  # default: the pod name without its "-<ordinal>"
     api_url: str | None = None  # default: the in-cluster service account configuration
-    token_file: Path | None = None  # with api_url: a bearer token
-    ca_file: Path | None = None  # with api_url: the API server's CA bundle
+    token_file: ReadableFile | None = None  # with api_url: a bearer token
+    ca_file: ReadableFile | None = None  # with api_url: the API server's CA bundle
     timeout: Duration = 5.0
 
-    @field_validator("token_file", "ca_file")
-    @classmethod
-    def _readable(cls, value: Path | None) -> Path | None:
-        return _readable_file(value)
 
 
 class DrainConfig(Section):
     """Pod-to-pod handoff of queued mail on scale-down (``mta.drain``)."""
 
     listen: str | None = None  # the handoff endpoint, e.g. 0.0.0.0:8025; None: this pod accepts none
-    secret_file: Path | None = None  # shared by all pods; both ends need it
+    # Shared by all pods; both ends need it.  May be absent (an optional
+    # Secret not created yet): the pod then runs without handoffs.
+    secret_file: Path | None = None
     # Where the pod with a given ordinal takes handoffs; {statefulset}, {ordinal}, {namespace}.
     peer_address: str = "{statefulset}-{ordinal}.{statefulset}-headless.{namespace}.svc:8025"
     on_scale_down: bool = True  # drain at SIGTERM when this pod's ordinal is no longer wanted
@@ -533,10 +527,6 @@ class DrainConfig(Section):
             parse_host_port(value)
         return value
 
-    @field_validator("secret_file")
-    @classmethod
-    def _secret(cls, value: Path | None) -> Path | None:
-        return _readable_file(value)
 
     @model_validator(mode="after")
     def _needs_secret(self) -> DrainConfig:

@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 MAX_ADDRESSES = 10  # servers tried per attempt before giving up for now
 
 
+class StaleConnection(Exception):
+    """A kept-open connection turned out to be closed before this transaction
+    began: nothing was sent, so the caller may simply use a new connection."""
+
+
 class ConnectFailed(Exception):
     def __init__(self, outcome: Outcome) -> None:
         super().__init__(outcome.reply)
@@ -91,6 +96,9 @@ class Connection:
         self, sender: str, recipients: Sequence[str], data: bytes, *, smtputf8: bool = False, eight_bit: bool = False
     ) -> dict[str, Outcome]:
         smtp, remote = self.smtp, self.remote
+        if not smtp.is_connected:
+            self.usable = False
+            raise StaleConnection(f"{remote} closed the session")
         outcomes: dict[str, Outcome] = {}
         options: list[str] = []
         encoding = "ascii"
@@ -108,6 +116,12 @@ class Connection:
         try:
             try:
                 await smtp.mail(sender, options=options, encoding=encoding)
+            except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+                if self.transactions > 1:
+                    # The server closed the idle session (a restart, an idle timeout).
+                    self.usable = False
+                    raise StaleConnection(str(exc)) from None
+                raise
             except aiosmtplib.SMTPResponseException as exc:
                 outcome = result.from_reply(exc.code, " ".join(exc.message.split()), remote)
                 await self._reset_after(exc.code)

@@ -63,7 +63,10 @@ class DrainService:
     def setup(self) -> None:
         """Read the secret and the pod identity; raise ``DrainError`` naming what is wrong."""
         drain, kube = self.config.drain, self.config.kubernetes
-        if drain.secret_file is not None:
+        if drain.secret_file is not None and not drain.secret_file.exists():
+            event("drain_disabled", level=logging.WARNING, secret_file=str(drain.secret_file),
+                  reason="the secret file does not exist: no handoffs on scale-down")
+        elif drain.secret_file is not None:
             try:
                 self.secret = wire.read_secret(drain.secret_file)
             except (OSError, wire.WireError) as exc:

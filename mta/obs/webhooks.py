@@ -48,6 +48,7 @@ import aiohttp
 
 from mta.config import WEBHOOK_EVENTS, WebhookEndpoint, WebhooksConfig
 from mta.obs.metrics import Metrics
+from spool.commit import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +65,6 @@ def sign(secret: bytes, timestamp: str, body: bytes) -> str:
 def verify(secret: bytes, timestamp: str, body: bytes, signature: str) -> bool:
     """What a receiver does (also used by the tests)."""
     return hmac.compare_digest(sign(secret, timestamp, body), signature)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -224,7 +217,7 @@ class Webhooks:
             for tmp, final in written:
                 os.rename(tmp, final)
             for folder in {final.parent for _, final in written}:
-                _fsync_dir(folder)
+                fsync_dir(folder)
         except OSError:
             for tmp, final in written:
                 for path in (tmp, final):

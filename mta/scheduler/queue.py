@@ -35,7 +35,7 @@ from typing import Any
 from mta.bounce import dsn
 from mta.config import Config
 from mta.delivery import result
-from mta.delivery.client import ConnectFailed, Connection
+from mta.delivery.client import ConnectFailed, Connection, StaleConnection
 from mta.delivery.result import Kind, Outcome
 from mta.delivery.route import NextHop, Router
 from mta.dkim.signer import Signer, SigningError
@@ -290,7 +290,14 @@ class Scheduler:
                             if self.opener is None:
                                 raise ConnectFailed(result.transient("451 4.3.2 delivery is not running"))
                             connection = await self.opener(destination.hop)
-                        outcomes = await self._send(connection, job)
+                        try:
+                            outcomes = await self._send(connection, job)
+                        except StaleConnection:
+                            # Nothing was sent on the old session: once more on a fresh one.
+                            await connection.close()
+                            connection = None
+                            connection = await self.opener(destination.hop)
+                            outcomes = await self._send(connection, job)
                     except ConnectFailed as exc:
                         # The next hop cannot be reached now: that holds for
                         # every job waiting for it, not just this one.
@@ -342,6 +349,8 @@ class Scheduler:
         smtputf8 = bool(record.attrs.get("smtputf8"))
         eight_bit = bool(record.attrs.get("8bitmime"))
         domain = job.recipients[0].rpartition("@")[2].lower() if job.recipients else None
+        if not connection.smtp.is_connected:
+            raise StaleConnection(f"{connection.remote} closed the session")
         tls = _tls_fields(connection)
         event("attempt", queue_id=record.id, remote=connection.remote, **tls,
               recipients=len(job.recipients), size=record.size, domain=domain)
