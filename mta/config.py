@@ -347,7 +347,8 @@ class IdentityConfig(Section):
 
 
 class ShapingRule(Section):
-    match: list[str] = Field(min_length=1)  # recipient domains: "gmail.com" or "*.example.com"
+    # Recipient domains ("gmail.com", "*.example.com") or MX hosts ("mx:*.google.com").
+    match: list[str] = Field(min_length=1)
     max_connections: int | None = Field(None, ge=1)
     messages_per_connection: int | None = Field(None, ge=1)
     messages_per_minute: int | None = Field(None, ge=1)
@@ -358,8 +359,8 @@ class ShapingRule(Section):
         out = []
         for item in value:
             name = item.strip().lower().rstrip(".")
-            if not _HOSTNAME.match(name.removeprefix("*.")):
-                raise ValueError(f"{item!r} is not a domain or '*.domain'")
+            if not _HOSTNAME.match(name.removeprefix("mx:").removeprefix("*.")):
+                raise ValueError(f"{item!r} is not a domain, '*.domain' or 'mx:' and an MX host pattern")
             out.append(name)
         return out
 

@@ -290,6 +290,7 @@ class Scheduler:
                             if self.opener is None:
                                 raise ConnectFailed(result.transient("451 4.3.2 delivery is not running"))
                             connection = await self.opener(destination.hop)
+                            self.shaper.learn_mx(name, connection.remote.split("[", 1)[0])
                         try:
                             outcomes = await self._send(connection, job)
                         except StaleConnection:

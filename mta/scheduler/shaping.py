@@ -1,7 +1,9 @@
 """Traffic shaping: how hard each destination may be pushed, and how much a day.
 
-Rules match recipient domains (``gmail.com``, ``*.example.com``) and may
-cap connections, messages per connection and messages per minute.  Every
+Rules match recipient domains (``gmail.com``, ``*.example.com``) or the
+MX hosts mail is handed to (``mx:*.google.com``: every domain hosted there
+then shares one budget, learnt at its first connection), and may cap
+connections, messages per connection and messages per minute.  Every
 destination also adapts: a throttle reply (``421``, or an enhanced code
 ``4.7.x``) halves its connection allowance and sets a cool-down that
 doubles while throttling continues; each later success earns the allowance
@@ -57,23 +59,39 @@ class Shaper:
         self.default_per_connection = default_per_connection
         self.clock, self.wall = clock, wall
         self._states: dict[str, DestinationState] = {}
+        self._alias: dict[str, str] = {}  # destination -> "mx:<pattern>" whose budget it shares
         self._day = ""
         self._delivered_today = 0
 
-    def _rule(self, destination: str) -> ShapingRule | None:
-        return next((r for r in self.config.rules if any(_matches(p, destination) for p in r.match)), None)
+    def _rule(self, name: str) -> ShapingRule | None:
+        if name.startswith("mx:"):
+            return next((r for r in self.config.rules if name in r.match), None)
+        return next((r for r in self.config.rules
+                     if any(not p.startswith("mx:") and _matches(p, name) for p in r.match)), None)
+
+    def learn_mx(self, destination: str, mx_host: str) -> None:
+        """``destination``'s mail went to ``mx_host``: share an MX rule's budget from now on."""
+        if destination in self._alias or self._rule(destination) is not None:
+            return  # a rule for the domain itself wins
+        host = mx_host.lower().rstrip(".")
+        for rule in self.config.rules:
+            for pattern in rule.match:
+                if pattern.startswith("mx:") and _matches(pattern[3:], host):
+                    self._alias[destination] = pattern
+                    return
 
     def state(self, destination: str) -> DestinationState:
-        state = self._states.get(destination)
+        key = self._alias.get(destination, destination)
+        state = self._states.get(key)
         if state is None:
-            rule = self._rule(destination)
+            rule = self._rule(key)
             state = DestinationState(
                 max_connections=min(filter(None, [rule and rule.max_connections, self.default_connections])),
                 messages_per_connection=min(filter(None, [rule and rule.messages_per_connection,
                                                           self.default_per_connection])),
                 messages_per_minute=rule.messages_per_minute if rule else None,
             )
-            self._states[destination] = state
+            self._states[key] = state
         return state
 
     def connections(self, destination: str) -> int:

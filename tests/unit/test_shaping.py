@@ -67,3 +67,17 @@ def test_daily_cap_counts_deliveries_per_day() -> None:
     assert s.daily_cap_reached()
     clock.now += 86400
     assert not s.daily_cap_reached()
+
+
+def test_domains_on_one_mx_share_its_rule_once_learnt() -> None:
+    clock = Clock()
+    s = shaper(clock, rules=[ShapingRule(match=["mx:*.google.test"], max_connections=2, messages_per_minute=3)])
+    assert s.connections("a.example") == 10  # not known yet
+    s.learn_mx("a.example", "aspmx.l.google.test")
+    s.learn_mx("b.example", "alt1.aspmx.l.google.test")
+    s.learn_mx("c.example", "mx.elsewhere.test")
+    assert s.connections("a.example") == 2 and s.connections("c.example") == 10
+    for _ in range(2):
+        s.sent("a.example", "250 ok", delivered=True)
+    s.sent("b.example", "250 ok", delivered=True)
+    assert s.wait("a.example") == 60 and s.wait("b.example") == 60  # one budget for both
