@@ -1,8 +1,8 @@
-"""Fixtures of the end-to-end suite: one small internet per session.
+"""Fixtures of the end-to-end suite: one small internet per test run.
 
 The whole suite is skipped, with the reason, when network namespaces cannot
 be made here (not root, no ``ip netns``) or a peer program is missing.
-``internet`` builds the world once per session and always tears it down
+``internet`` builds the world once per run and always tears it down
 (processes by PID, then every ``kmta-*`` namespace it made), even when the
 build itself fails half way.  ``world`` hands it to a test, after making
 sure both pods run and the DNS holds its normal data; when the test fails,

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ipaddress
 import os
 import shutil
 import subprocess
@@ -160,10 +159,3 @@ def leftovers() -> set[str]:
     """Namespaces named like ours that still exist (for a final check)."""
     return {name for name in _list() if name.startswith(PREFIX)}
 
-
-def is_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
