@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     systems: list[System] = [Kubemta(root / "kubemta", sinks["kubemta"], None),
                              Kubemta(root / "kubemta-dkim", sinks["kubemta-dkim"], key),
                              Postfix(root / "postfix", sinks["postfix"]),
-                             Postfix(root / "postfix-opendkim", sinks["postfix-opendkim"], milter.port)]
+                             Postfix(root / "postfix-opendkim", sinks["postfix-opendkim"], milter.socket)]
     started: list[Any] = []
     machine = f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}"
     results: dict[str, Any] = {"machine": machine, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

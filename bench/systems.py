@@ -182,9 +182,9 @@ class RelayPostfix(PostfixServer):
 
 
 class Postfix(System):
-    def __init__(self, workdir: Path, sink: Sink, milter_port: int | None = None) -> None:
+    def __init__(self, workdir: Path, sink: Sink, milter: Path | None = None) -> None:
         super().__init__(workdir, sink)
-        self.name = "postfix-opendkim" if milter_port else "postfix"
+        self.name = "postfix-opendkim" if milter else "postfix"
         main = {
             "relayhost": f"[{HOST}]:{sink.port}",
             "default_transport": "smtp",
@@ -195,8 +195,8 @@ class Postfix(System):
             "smtp_tls_security_level": "none",
             "default_process_limit": "200",
         }
-        if milter_port:
-            main.update({"smtpd_milters": f"inet:{HOST}:{milter_port}", "milter_default_action": "tempfail",
+        if milter:
+            main.update({"smtpd_milters": f"unix:{milter}", "milter_default_action": "tempfail",
                          "milter_protocol": "6"})
         self.server = RelayPostfix(HOST, self.port, ["bench-local.test"], workdir, extra_main_cf=main)
 
@@ -224,16 +224,19 @@ class OpenDkim:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         workdir.chmod(0o755)
-        self.port = free_port(HOST)
+        # A Unix socket, as Debian's Postfix + OpenDKIM set-up uses: on a TCP
+        # socket each milter round trip can wait for a delayed ACK.
+        self.socket = workdir / "opendkim.sock"
         user = pwd.getpwnam("opendkim") if _has_user("opendkim") else None
         self.key = workdir / "bench.private"
         shutil.copyfile(key, self.key)
         self.key.chmod(0o600)
         if user:
             os.chown(self.key, user.pw_uid, user.pw_gid)
+            os.chown(workdir, user.pw_uid, user.pw_gid)  # it creates its socket here
         self.conf = workdir / "opendkim.conf"
         self.conf.write_text(
-            f"Socket inet:{self.port}@{HOST}\nDomain {DOMAIN}\nSelector bench\nKeyFile {self.key}\n"
+            f"Socket local:{self.socket}\nUMask 0000\nDomain {DOMAIN}\nSelector bench\nKeyFile {self.key}\n"
             f"Canonicalization relaxed/relaxed\nMode s\nSignatureAlgorithm rsa-sha256\nSyslog no\n"
             f"PidFile {workdir / 'opendkim.pid'}\n" + (f"UserID {user.pw_name}\n" if user else ""))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -241,7 +244,8 @@ class OpenDkim:
     def start(self) -> None:
         self.proc = subprocess.Popen(["opendkim", "-f", "-x", str(self.conf)], stdout=subprocess.DEVNULL,
                                      stderr=open(self.workdir / "opendkim.log", "ab"))  # noqa: SIM115
-        wait_port(HOST, self.port, 15, proc=self.proc)
+        if not wait_until(self.socket.exists, timeout=15):
+            raise RuntimeError(f"opendkim did not create {self.socket}")
 
     def pids(self) -> list[int]:
         return descendants(self.proc.pid) if self.proc else []
