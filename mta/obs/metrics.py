@@ -178,6 +178,8 @@ class Metrics:
         self.dsn = Counter("kubemta_dsn_queued", "Delivery status notifications (bounces) queued", registry=r)
         self.auth_failures = Counter("kubemta_auth_failures", "Failed AUTH attempts, by listener", ["listener"],
                                      registry=r)
+        self.auth_throttled = Counter("kubemta_auth_throttled", "AUTH refused by brute-force throttling, by scope "
+                                      "(client address or user name)", ["scope"], registry=r)
         self.dkim_failures = Counter("kubemta_dkim_sign_failures", "Messages that could not be DKIM-signed",
                                      registry=r)
         self.selfcheck = Gauge("kubemta_selfcheck_ok", "Deliverability self-checks, 1 = passing", ["check"],
@@ -299,6 +301,7 @@ _HANDLERS: dict[str, Callable[[Metrics, dict[str, Any]], None]] = {
     "queued": Metrics._queued,
     "connect_failed": lambda m, f: m.connect_failures.inc(),
     "auth_failed": lambda m, f: m.auth_failures.labels(str(f.get("listener", "unknown"))).inc(),
+    "auth_throttled": lambda m, f: m.auth_throttled.labels(str(f.get("scope", "unknown"))).inc(),
     "dkim_failed": lambda m, f: m.dkim_failures.inc(),
     "self_check": Metrics._selfcheck,
     "selfcheck": Metrics._selfcheck,

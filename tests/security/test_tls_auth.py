@@ -15,6 +15,7 @@ import trustme
 
 from tests.conftest import World
 from tests.obs.logs import events
+from tests.obs.scrape import scrape
 from tests.security.conftest import PASSWORD, Secure, make_secure, write_cert
 
 
@@ -100,6 +101,9 @@ def test_wrong_password_is_refused_then_the_client_is_locked_out(world: World) -
         assert (code, text[:5]) == (421, b"4.7.0")
     assert len(events(secure.server, "auth_failed")) == 3
     assert events(secure.server, "auth_throttled")
+    metrics = scrape(secure.server)
+    assert metrics.get("kubemta_auth_failures_total", listener="submission") == 3
+    assert metrics.get("kubemta_auth_throttled_total", scope="client") == 1
     assert "wrong password" not in secure.server.log()
 
 
