@@ -106,6 +106,19 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _domain_pattern(item: str, *, any_domain: bool = False, mx_hosts: bool = False) -> str:
+    """``example.com`` or ``*.example.com``; with the flags also ``*`` or ``mx:<pattern>``."""
+    name = item.strip().lower().rstrip(".")
+    if any_domain and name == "*":
+        return name
+    bare = name.removeprefix("mx:") if mx_hosts else name
+    if not _HOSTNAME.match(bare.removeprefix("*.")):
+        allowed = "a domain or '*.domain'" + (" or '*'" if any_domain else "") + \
+            (", or 'mx:' and an MX host pattern" if mx_hosts else "")
+        raise ValueError(f"{item!r} is not {allowed}")
+    return name
+
+
 def _readable_file(value: Path) -> Path:
     if not os.access(value, os.R_OK):
         raise ValueError(f"{value} is not a readable file")
@@ -223,14 +236,7 @@ class RouteConfig(Section):
     @field_validator("domains")
     @classmethod
     def _domains(cls, value: list[str]) -> list[str]:
-        out = []
-        for item in value:
-            name = item.strip().lower().rstrip(".")
-            bare = name[2:] if name.startswith("*.") else name
-            if name != "*" and not _HOSTNAME.match(bare):
-                raise ValueError(f"{item!r} is not a domain, '*.domain' or '*'")
-            out.append(name)
-        return out
+        return [_domain_pattern(item, any_domain=True) for item in value]
 
     @field_validator("relay")
     @classmethod
@@ -356,13 +362,7 @@ class ShapingRule(Section):
     @field_validator("match")
     @classmethod
     def _patterns(cls, value: list[str]) -> list[str]:
-        out = []
-        for item in value:
-            name = item.strip().lower().rstrip(".")
-            if not _HOSTNAME.match(name.removeprefix("mx:").removeprefix("*.")):
-                raise ValueError(f"{item!r} is not a domain, '*.domain' or 'mx:' and an MX host pattern")
-            out.append(name)
-        return out
+        return [_domain_pattern(item, mx_hosts=True) for item in value]
 
 
 class ShapingConfig(Section):
