@@ -148,6 +148,43 @@ def latency(system: System, sessions: int, per_session: int, size: int) -> dict[
             "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]}
 
 
+async def _hold(port: int, count: int, hosts: int = 50) -> list[asyncio.StreamWriter]:
+    """``count`` greeted, idle SMTP sessions, spread over source addresses 127.0.1.x."""
+    writers = []
+    for n in range(count):
+        reader, writer = await asyncio.open_connection(HOST, port, local_addr=(f"127.0.1.{1 + n % hosts}", 0))
+        await reader.readline()  # the 220 greeting: the session is set up
+        writers.append(writer)
+    return writers
+
+
+def idle_connections(system: System, count: int) -> dict[str, Any]:
+    """Memory of ``system`` while it holds ``count`` idle sessions."""
+    before = pss_bytes(system.pids())
+
+    async def main() -> dict[str, Any]:
+        writers = await _hold(system.port, count)
+        await asyncio.sleep(2)
+        during = pss_bytes(system.pids())
+        for writer in writers:
+            writer.close()
+        return {"system": system.name, "connections": len(writers), "pss_mb_before": before / 2**20,
+                "pss_mb_holding": during / 2**20}
+
+    return asyncio.run(main())
+
+
+def long_run(system: System, total: int, chunk: int) -> dict[str, Any]:
+    """Memory after each ``chunk`` messages of a ``total``-message run."""
+    samples = []
+    for sent in range(chunk, total + 1, chunk):
+        run = one_run(system, [], chunk, 10240, 20)
+        samples.append({"messages": sent, "pss_mb": pss_bytes(system.pids()) / 2**20,
+                        "all_delivered": run["all_delivered"]})
+        print(json.dumps(samples[-1]), flush=True)
+    return {"system": system.name, "messages": total, "samples": samples}
+
+
 def ratios(runs: list[dict[str, Any]], ours: str, theirs: str, metric: str) -> dict[str, Any]:
     out = {}
     keys = sorted({(r["size"], r["sessions"]) for r in runs})
@@ -180,6 +217,14 @@ def report(results: dict[str, Any], out: Path) -> None:
     lines += ["", "## Latency per transaction", "", "| system | sessions | p50 ms | p99 ms |", "|---|---|---|---|"]
     lines += [f"| {r['system']} | {r['sessions']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
               for r in results["latency"]]
+    if "idle" in results:
+        idle = results["idle"]
+        lines += ["", "## Idle sessions", "", f"{idle['system']} holding {idle['connections']} greeted idle sessions: "
+                  f"{idle['pss_mb_holding']:.0f} MB PSS ({idle['pss_mb_before']:.0f} MB before)."]
+    if "long" in results:
+        lines += ["", f"## Memory over {results['long']['messages']} messages", "",
+                  "| messages | PSS MB |", "|---|---|"]
+        lines += [f"| {x['messages']} | {x['pss_mb']:.0f} |" for x in results["long"]["samples"]]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -214,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1024,10240,102400")
     parser.add_argument("--sessions", default="1,20,100")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--idle", type=int, default=0, help="also hold this many idle sessions on kubemta")
+    parser.add_argument("--long", type=int, default=0, help="also send this many messages through kubemta, "
+                        "sampling its memory every tenth")
     args = parser.parse_args(argv)
     check_tools()
     if args.smoke:
@@ -251,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
         for system in systems:
             results["latency"].append(latency(system, 100 if not args.smoke else 20, 10 if not args.smoke else 3,
                                               10240))
+        if args.idle:
+            results["idle"] = idle_connections(systems[0], args.idle)
+            print(json.dumps(results["idle"]), flush=True)
+        if args.long:
+            results["long"] = long_run(systems[0], args.long, max(1, args.long // 10))
         results["ratios"] = {
             "end to end: kubemta / postfix": ratios(results["runs"], "kubemta", "postfix", "delivered_per_s"),
             "end to end: kubemta-dkim / postfix-opendkim": ratios(results["runs"], "kubemta-dkim", "postfix-opendkim",
@@ -263,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
     report(results, args.out)
     lost = [r for r in results["runs"] if not r["all_delivered"]]
+    lost += [{"system": "kubemta (long run)", "delivered": "not all", "messages": x["messages"]}
+             for x in results.get("long", {}).get("samples", []) if not x["all_delivered"]]
     for run in lost:
         print(f"bench: {run['system']} delivered {run['delivered']} of {run['messages']}", file=sys.stderr)
     print(f"bench: results in {args.out}")

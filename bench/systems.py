@@ -141,7 +141,7 @@ class Kubemta(System):
                            "trusted_networks": ["127.0.0.0/8"]}],
             "routes": [{"domains": ["*"], "relay": f"{HOST}:{sink.port}", "tls": "none"}],
             "http": {"address": f"{HOST}:{self.http}"},
-            "limits": {"max_connections_per_ip": 1000},
+            "limits": {"max_connections": 10000, "max_connections_per_ip": 1000},
             "log": {"level": "warning"},
         }
         if dkim_key:
