@@ -322,7 +322,7 @@ class DkimConfig(Section):
         return self
 
 
-class PodIdentity(Section):
+class PodEgress(Section):
     source_address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
     hostname: str | None = None
     # False where the egress IP is applied outside the pod (an egress gateway's
@@ -342,7 +342,7 @@ class IdentityConfig(Section):
 
     # Filled from $POD_NAME (or the host name) when not set.
     pod_name: str | None = None
-    pods: dict[str, PodIdentity] = Field(default_factory=dict)
+    pods: dict[str, PodEgress] = Field(default_factory=dict)
     enforce: bool = False  # a failing check makes the pod unready and pauses delivery
     check_interval: Duration = 300.0
     dnsbl_zones: list[str] = Field(default_factory=list)

@@ -90,7 +90,17 @@ class Connection:
 
     @property
     def tls(self) -> bool:
-        return bool(self.smtp.get_transport_info("sslcontext"))
+        return self.tls_details() is not None
+
+    def tls_details(self) -> tuple[str, str | None] | None:
+        """(version, cipher) of the session's TLS, or None (plain text, or already closed)."""
+        if not self.smtp.is_connected:
+            return None
+        ssl_object = self.smtp.get_transport_info("ssl_object")
+        if ssl_object is None:
+            return None
+        cipher = ssl_object.cipher()
+        return ssl_object.version() or "", cipher[0] if cipher else None
 
     async def send(
         self, sender: str, recipients: Sequence[str], data: bytes, *, smtputf8: bool = False, eight_bit: bool = False

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from email.utils import getaddresses
 
 import dkim
@@ -50,8 +50,17 @@ def include_headers(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
     return out
 
 
-def _signature(key: SigningKey, digest_input: Callable[[], bytes]) -> bytes:
-    raw = digest_input()
+class _Collect:
+    """What ``dkim.hash_headers`` feeds a hasher, kept as bytes for OpenSSL."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def update(self, data: bytes) -> None:
+        self.data.extend(data)
+
+
+def _signature(key: SigningKey, raw: bytes) -> bytes:
     if isinstance(key.key, ed25519.Ed25519PrivateKey):
         # RFC 8463: Ed25519 signs the SHA-256 hash of the data.
         return key.key.sign(hashlib.sha256(raw).digest())
@@ -82,15 +91,10 @@ def signature_header(message: bytes, key: SigningKey, now: int | None = None) ->
     ]
     value = dkim.fold(b"; ".join(b"=".join(f) for f in fields), namelen=len(HEADER_NAME), linesep=b"\r\n")
     value = dkim.RE_BTAG.sub(b"\\1", value)
-    hashed = bytearray()
-
-    class Collect:  # dkim.hash_headers feeds a hasher; we want the bytes
-        def update(self, data: bytes) -> None:
-            hashed.extend(data)
-
-    dkim.hash_headers(Collect(), CANON, CANON.canonicalize_headers(headers), include,
+    hashed = _Collect()
+    dkim.hash_headers(hashed, CANON, CANON.canonicalize_headers(headers), include,
                       (HEADER_NAME, b" " + value), dict(fields))
-    signature = _signature(key, lambda: bytes(hashed))
+    signature = _signature(key, bytes(hashed.data))
     fields[-1] = (b"b", base64.b64encode(signature))
     final = dkim.fold(b"; ".join(b"=".join(f) for f in fields) + b"\r\n", namelen=len(HEADER_NAME),
                       linesep=b"\r\n")

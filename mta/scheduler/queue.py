@@ -85,11 +85,10 @@ def _remote_fields(remote: str | None) -> dict[str, Any]:
 
 
 def _tls_fields(connection: Connection) -> dict[str, Any]:
-    ssl_object = connection.smtp.get_transport_info("ssl_object")
-    if ssl_object is None:
+    details = connection.tls_details()
+    if details is None:
         return {"tls": False}
-    cipher = ssl_object.cipher()
-    return {"tls": True, "tls_version": ssl_object.version(), "tls_cipher": cipher[0] if cipher else None}
+    return {"tls": True, "tls_version": details[0], "tls_cipher": details[1]}
 
 
 def _iso(ts: float) -> str:
@@ -350,8 +349,6 @@ class Scheduler:
         smtputf8 = bool(record.attrs.get("smtputf8"))
         eight_bit = bool(record.attrs.get("8bitmime"))
         domain = job.recipients[0].rpartition("@")[2].lower() if job.recipients else None
-        if not connection.smtp.is_connected:
-            raise StaleConnection(f"{connection.remote} closed the session")
         tls = _tls_fields(connection)
         event("attempt", queue_id=record.id, remote=connection.remote, **tls,
               recipients=len(job.recipients), size=record.size, domain=domain)

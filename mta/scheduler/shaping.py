@@ -130,18 +130,18 @@ class Shaper:
             state.allowance = min(state.max_connections, state.allowance + 1)
         return False
 
-    def _today(self) -> str:
-        return time.strftime("%Y-%m-%d", time.gmtime(self.wall()))
+    def _roll_day(self) -> None:
+        today = time.strftime("%Y-%m-%d", time.gmtime(self.wall()))
+        if today != self._day:
+            self._day, self._delivered_today = today, 0
 
     def _count_delivery(self) -> None:
-        if self._today() != self._day:
-            self._day, self._delivered_today = self._today(), 0
+        self._roll_day()
         self._delivered_today += 1
 
     def daily_cap_reached(self) -> bool:
         cap = self.config.daily_cap
         if cap is None:
             return False
-        if self._today() != self._day:
-            self._day, self._delivered_today = self._today(), 0
+        self._roll_day()
         return self._delivered_today >= cap

@@ -225,6 +225,8 @@ class SessionHandler:
             return
         policy = self.config.accounts.policy(user)
         account.check_size(policy, len(raw))
+        if policy.from_addresses == ["*"]:
+            return
         header, _ = receive.split_header(receive.normalise(raw))
         values = [f.split(b":", 1)[1].decode("utf-8", "replace")
                   for f in receive.header_fields(header) if f.lower().startswith(b"from:")]
