@@ -51,7 +51,7 @@ class StartupError(Exception):
 class App:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.spool = Spool(config.spool_shard)
+        self.spool = Spool(config.spool_shard, config.spool.sync)
         self.listeners: list[Listener] = []
         self.stopping = False
         self.obs = Observability(config)  # metrics, JSON logs, disk guard, webhooks

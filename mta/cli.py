@@ -194,7 +194,7 @@ def _drain(config: Config, args: argparse.Namespace) -> int:
     if not (shard / "msg").is_dir():
         print(f"mta drain: {root} holds no spool", file=sys.stderr)
         return 1
-    spool = Spool(shard)
+    spool = Spool(shard, config.spool.sync)
     try:
         loaded = spool.open()
     except SpoolLocked as exc:
@@ -232,7 +232,7 @@ def _serve(config: Config) -> int:
 def _queue_offline(config: Config, action: str, ids: list[str]) -> Any:
     from mta.scheduler.queue import Scheduler
 
-    spool = Spool(config.spool_shard)
+    spool = Spool(config.spool_shard, config.spool.sync)
     loaded = spool.open()
     try:
         async def run() -> Any:
@@ -251,7 +251,7 @@ def _queue_offline(config: Config, action: str, ids: list[str]) -> Any:
 
 def queue_request(config: Config, action: str, ids: list[str]) -> Any:
     """Run a queue action through the server, or on the spool when none runs."""
-    spool = Spool(config.spool_shard)
+    spool = Spool(config.spool_shard, config.spool.sync)
     if not spool.in_use():
         if action == "list" and not config.spool_shard.exists():
             return []

@@ -177,6 +177,9 @@ class ListenerConfig(Section):
 
 class SpoolConfig(Section):
     path: Path = Path("./var/spool")
+    # How a commit round reaches the disk: one syncfs of the spool's
+    # filesystem (best on a volume of its own), or an fsync per file.
+    sync: Literal["syncfs", "fsync"] = "syncfs"
 
 
 class DnsConfig(Section):

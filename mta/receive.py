@@ -45,7 +45,9 @@ def has_bare_line_endings(data: bytes) -> bool:
 
 def normalise(data: bytes) -> bytes:
     """CRLF line endings everywhere, and a final CRLF."""
-    data = _LINE_ENDINGS.sub(b"\r\n", data)
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") != crlf or data.count(b"\n") != crlf:  # counting is far cheaper than the regex
+        data = _LINE_ENDINGS.sub(b"\r\n", data)
     if data and not data.endswith(b"\r\n"):
         data += b"\r\n"
     return data

@@ -5,7 +5,9 @@ write, renames and unlinks to do once the written data is on disk).  One
 background thread runs whatever changes are waiting as a single round:
 
 1. write every new file (no fsync yet);
-2. fsync every written file, then every directory a new file appeared in;
+2. make them durable: one ``syncfs`` of the spool's filesystem (one journal
+   commit for the whole round), or, with ``sync="fsync"``, an fsync of every
+   written file and then of every directory a new file appeared in;
 3. do the renames (the commit points), fsync their target directories;
 4. do the unlinks, fsync their directories.
 
@@ -13,6 +15,10 @@ A change's future completes only after its round finished, so "done" always
 means "on disk".  While one round is syncing, new changes queue up and form
 the next, larger round: throughput grows with concurrency instead of being
 capped at one fsync latency per message.
+
+``syncfs`` writes back every dirty file of the filesystem, so it suits a
+spool on a volume of its own (a PersistentVolume); where the spool shares a
+busy filesystem, ``fsync`` keeps each round's cost to its own files.
 
 Failure: if any step of a round fails, every change in that round fails with
 ``SpoolError`` and the files it wrote or renamed into place are removed, so
@@ -22,6 +28,8 @@ nothing is half-kept.  The thread itself never dies of a failed round.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import queue
@@ -36,6 +44,7 @@ from spool.errors import SpoolError
 log = logging.getLogger(__name__)
 
 MAX_ROUND = 512  # changes per round; bounds the memory one round pins
+SYNC_MODES = ("syncfs", "fsync")
 
 
 class Batch:
@@ -70,10 +79,39 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _load_syncfs() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    libc = ctypes.CDLL(name, use_errno=True)
+    return getattr(libc, "syncfs", None)
+
+
+_syncfs = _load_syncfs()
+
+
+def syncfs(fd: int) -> None:
+    """Flush the whole filesystem ``fd`` is on and wait for it (Linux 2.6.39+).
+
+    From Linux 5.8 on it reports write-back errors of any file on the
+    filesystem, which is what a commit round needs to know.
+    """
+    if _syncfs is None:
+        raise OSError("syncfs is not available on this system")
+    if _syncfs(fd) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"syncfs: {os.strerror(errno)}")
+
+
 class Committer:
     """The one thread that writes and syncs a spool's files."""
 
-    def __init__(self, name: str = "spool-commit") -> None:
+    def __init__(self, name: str = "spool-commit", sync: str = "syncfs") -> None:
+        if sync not in SYNC_MODES:
+            raise ValueError(f"sync must be one of {', '.join(SYNC_MODES)}, not {sync!r}")
+        if sync == "syncfs" and _syncfs is None:
+            sync = "fsync"
+        self.sync = sync
         self._queue: queue.SimpleQueue[tuple[Change, Future[Any]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -144,8 +182,7 @@ class Committer:
         for _, value, future in batches:
             future.set_result(value)
 
-    @staticmethod
-    def _apply(batches: list[tuple[Batch, Any, Future[Any]]], done: list[Path]) -> None:
+    def _apply(self, batches: list[tuple[Batch, Any, Future[Any]]], done: list[Path]) -> None:
         fds: list[int] = []
         new_dirs: set[Path] = set()
         try:
@@ -158,13 +195,18 @@ class Committer:
                     while view:
                         view = view[os.write(fd, view):]
                     new_dirs.add(path.parent)
-            for fd in fds:
-                os.fsync(fd)
+            if self.sync == "syncfs" and fds:
+                # Files and their directory entries in one journal commit.
+                syncfs(fds[0])
+            else:
+                for fd in fds:
+                    os.fsync(fd)
         finally:
             for fd in fds:
                 os.close(fd)
-        for directory in new_dirs:
-            fsync_dir(directory)
+        if self.sync == "fsync":
+            for directory in new_dirs:
+                fsync_dir(directory)
         rename_dirs: set[Path] = set()
         for batch, _, _ in batches:
             for src, dst in batch.renames:

@@ -55,13 +55,28 @@ class LoadResult:
     removed_uncommitted: int = 0
 
 
-class Spool:
-    """A spool directory owned by this process."""
+RECENT_BYTES = 16 * 1024 * 1024  # message bodies kept in memory after a store
 
-    def __init__(self, root: Path) -> None:
+
+class Spool:
+    """A spool directory owned by this process.
+
+    Two commit threads serve it: one for stores and state changes, whose
+    callers wait for the disk, and one for removals, so that deleting
+    delivered mail never holds up the next ``250``.  A removal is only ever
+    submitted after every change to that message has completed.
+    """
+
+    def __init__(self, root: Path, sync: str = "syncfs") -> None:
         self.root = Path(root)
+        self.sync = sync
         self.lock = DirectoryLock(self.root / "lock")
         self._committer: Committer | None = None
+        self._reaper: Committer | None = None
+        # Bodies just stored, so that delivering them right after does not
+        # read them back; oldest first, bounded by RECENT_BYTES.
+        self._recent: dict[str, bytes] = {}
+        self._recent_bytes = 0
 
     # -- ownership -------------------------------------------------------
 
@@ -78,13 +93,17 @@ class Spool:
         except BaseException:
             self.lock.release()
             raise
-        self._committer = Committer(name=f"spool-commit:{self.root.name}")
+        self._committer = Committer(name=f"spool-commit:{self.root.name}", sync=self.sync)
+        self._reaper = Committer(name=f"spool-reap:{self.root.name}", sync=self.sync)
         return result
 
     def close(self) -> None:
-        if self._committer is not None:
-            self._committer.close()
-            self._committer = None
+        for committer in (self._committer, self._reaper):
+            if committer is not None:
+                committer.close()
+        self._committer = self._reaper = None
+        self._recent.clear()
+        self._recent_bytes = 0
         self.lock.release()
 
     def in_use(self) -> bool:
@@ -112,6 +131,26 @@ class Spool:
             return self.message_path(record_id).read_bytes()
         except FileNotFoundError:
             raise UnknownMessage(record_id) from None
+
+    async def message(self, record_id: str) -> bytes:
+        """The raw message, from memory if it was stored recently."""
+        data = self._recent.get(record_id)
+        if data is None:
+            data = await asyncio.to_thread(self.read_message, record_id)
+        return data
+
+    def _remember(self, record_id: str, data: bytes) -> None:
+        if len(data) > RECENT_BYTES // 4:
+            return
+        self._recent[record_id] = data
+        self._recent_bytes += len(data)
+        while self._recent_bytes > RECENT_BYTES:
+            self._forget(next(iter(self._recent)))
+
+    def _forget(self, record_id: str) -> None:
+        data = self._recent.pop(record_id, None)
+        if data is not None:
+            self._recent_bytes -= len(data)
 
     # -- changes ---------------------------------------------------------
 
@@ -156,10 +195,17 @@ class Spool:
             raise SpoolError("spool is not open")
         return self._committer
 
+    def _reaper_or_fail(self) -> Committer:
+        if self._reaper is None:
+            raise SpoolError("spool is not open")
+        return self._reaper
+
     async def store(self, data: bytes, record: Record) -> Record:
         """Make a new message durable; returns the stored record."""
         future = self._committer_or_fail().submit(self._store_change(data, record))
-        return await asyncio.wrap_future(future)
+        stored: Record = await asyncio.wrap_future(future)
+        self._remember(stored.id, data)
+        return stored
 
     async def save(self, record: Record, state: str | None = None) -> Record:
         """Write a new revision of ``record``, moving it to ``state`` if given."""
@@ -167,7 +213,8 @@ class Spool:
         return await asyncio.wrap_future(future)
 
     async def remove(self, record: Record) -> None:
-        future = self._committer_or_fail().submit(self._remove_change(record))
+        self._forget(record.id)
+        future = self._reaper_or_fail().submit(self._remove_change(record))
         await asyncio.wrap_future(future)
 
     # Blocking twins, for tools that run without an event loop.
@@ -178,7 +225,7 @@ class Spool:
         return self._committer_or_fail().run(self._save_change(record, state))
 
     def remove_blocking(self, record: Record) -> None:
-        self._committer_or_fail().run(self._remove_change(record))
+        self._reaper_or_fail().run(self._remove_change(record))
 
     # -- loading ---------------------------------------------------------
 

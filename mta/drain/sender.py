@@ -80,7 +80,7 @@ async def hand_over(spool: Spool, records: Iterable[Record], targets: list[str],
                 report.left.append(record.id)
                 continue
             try:
-                message = await asyncio.to_thread(spool.read_message, record.id)
+                message = await spool.message(record.id)
             except SpoolError as exc:
                 report.left.append(record.id)
                 report.errors.append(f"{record.id}: {exc}")

@@ -338,7 +338,7 @@ class Scheduler:
 
     async def _send(self, connection: Connection, job: Job) -> dict[str, Outcome]:
         record = job.record
-        data = await asyncio.to_thread(self.spool.read_message, record.id)
+        data = await self.spool.message(record.id)
         if self.signer is not None:
             try:
                 data = self.signer.sign(data)
@@ -453,7 +453,7 @@ class Scheduler:
             event("bounce_suppressed", level=logging.WARNING, queue_id=record.id,
                   reason="null sender", recipients=len(failed))
             return
-        original = await asyncio.to_thread(self.spool.read_message, record.id)
+        original = await self.spool.message(record.id)
         header, _ = split_header(original)
         message = dsn.build(
             reporting_mta=self.config.hostname,

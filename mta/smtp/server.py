@@ -22,12 +22,13 @@ import logging
 from collections.abc import Iterator
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import MISSING, SMTP, syntax
 
 from mta.config import Config, ListenerConfig
 from mta.obs.log import event
 from mta.policy.relay import client_ip
 from mta.smtp import replies
+from mta.smtp.data import TOO_LONG, read_content
 from mta.smtp.session import SessionHandler
 from mta.smtp.tls import ServerTls
 
@@ -136,14 +137,43 @@ class KubemtaSMTP(SMTP):
             return
         await super().smtp_STARTTLS(arg)
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         # The whole DATA phase gets one deadline: a floor on the transfer
         # rate, so a client trickling bytes cannot hold a session forever.
         self._reset_timeout(self._mta.limits.data_timeout)
         try:
-            await super().smtp_DATA(arg)
+            await self._data(arg)
         finally:
             self._reset_timeout()
+
+    async def _data(self, arg: str) -> None:
+        """aiosmtpd's DATA command with the content read in blocks (``mta.smtp.data``)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            content = await read_content(self._reader, self.data_size_limit, self.line_length_limit)
+        except asyncio.IncompleteReadError:
+            # The client went away in the middle: nothing of it is kept, and
+            # aiosmtpd ends the session quietly on a reset.
+            raise ConnectionResetError("connection closed during DATA") from None
+        if content.problem is not None:
+            self._set_post_data_state()
+            await self.push("500 Line too long (see RFC5321 4.5.3.1.6)" if content.problem == TOO_LONG
+                            else "552 Error: Too much mail data")
+            return
+        self.envelope.content = self.envelope.original_content = content.data
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         address, rest = super()._getaddr(arg)

@@ -1,0 +1,81 @@
+"""The DATA phase read in blocks instead of one line at a time.
+
+aiosmtpd reads message content with one ``readuntil(b"\\r\\n")`` and a few
+Python statements per line, which dominates the cost of large messages.
+``read_content`` asks the stream for everything up to the next ``.\\r\\n``
+(the only place the end of data can be), so a message costs a handful of
+calls however many lines it has; it then removes the transparency dots and
+checks line lengths with bytes operations.
+
+The rules are aiosmtpd's and RFC 5321's: lines end with CRLF, the content
+ends at a line holding a single dot (§4.1.1.4), a leading dot is removed
+from every line (§4.5.2), and a message over the size limit or with a line
+over the line limit is read to its end and then refused (§4.2.5).
+
+Failure: a closed connection raises ``asyncio.IncompleteReadError``; limits
+are reported in ``Content.problem`` and never raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+END = b".\r\n"
+TOO_LONG = "line"
+TOO_MUCH = "size"
+
+
+@dataclass
+class Content:
+    data: bytes  # without the final dot line, dots removed; empty when refused
+    problem: str | None = None  # TOO_LONG or TOO_MUCH
+
+
+async def _next_block(reader: asyncio.StreamReader) -> bytes:
+    """Bytes up to and including the next ``.\\r\\n``, or a bounded block without it."""
+    try:
+        return await reader.readuntil(END)
+    except asyncio.LimitOverrunError as exc:
+        # More buffered than the stream's limit: take what was scanned (at
+        # least one byte) and look again, so memory stays bounded.
+        return await reader.readexactly(max(exc.consumed, 1))
+
+
+def _ends_content(tail: bytes, block: bytes) -> bool:
+    """Whether ``block`` ends with the dot line: ``.\r\n`` at the start of a line."""
+    if not block.endswith(END):
+        return False
+    before = block[-5:-3] if len(block) >= 5 else (tail + block[:-3])[-2:]
+    return before == b"\r\n"
+
+
+async def read_content(reader: asyncio.StreamReader, size_limit: int | None, line_limit: int) -> Content:
+    """Read one message's content after ``354``; ``line_limit`` includes the CRLF."""
+    blocks: list[bytes] = []
+    total = 0
+    tail = b"\r\n"  # the content starts at the beginning of a line
+    problem: str | None = None
+    while True:
+        block = await _next_block(reader)
+        last = _ends_content(tail, block)
+        if last:
+            block = block[:-3]
+        total += len(block)
+        if size_limit and total > size_limit:
+            problem = TOO_MUCH
+            blocks.clear()  # refused anyway: keep memory flat while draining
+        else:
+            blocks.append(block)
+        if last:
+            break
+        tail = (tail + block[-4:])[-4:]
+    if problem is not None:
+        return Content(b"", problem)
+    raw = b"".join(blocks)
+    if raw and max(map(len, raw.split(b"\r\n"))) + 2 > line_limit:
+        return Content(b"", TOO_LONG)
+    if raw[:1] == b"." or b"\r\n." in raw:
+        # Transparency (RFC 5321 §4.5.2): drop the first dot of every line.
+        raw = (b"\r\n" + raw).replace(b"\r\n.", b"\r\n")[2:]
+    return Content(raw)
