@@ -149,7 +149,7 @@ class Connection:
                 await self._reset_after(0)
                 return outcomes
             try:
-                response = await smtp.data(data)
+                response = await self._data(data)
             except aiosmtplib.SMTPResponseException as exc:
                 outcome = result.from_reply(exc.code, " ".join(exc.message.split()), remote)
                 if exc.code == 421:
@@ -168,6 +168,33 @@ class Connection:
             for rcpt in recipients:
                 outcomes.setdefault(rcpt, outcome)
             return outcomes
+
+    async def _data(self, data: bytes) -> aiosmtplib.SMTPResponse:
+        """DATA and the content.
+
+        Messages leave the spool with CRLF line endings (``mta.receive``
+        normalises them), so only the leading dots need doubling (RFC 5321
+        §4.5.2), a bytes replace; aiosmtplib's ``data`` runs two regular
+        expressions over every message, a tenth of the delivery path's time.
+        """
+        smtp = self.smtp
+        crlf = data.count(b"\r\n")
+        if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+            return await smtp.data(data)  # bare line endings: aiosmtplib fixes them
+        start = await smtp.execute_command(b"DATA")
+        if start.code != 354:
+            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        if data[:1] == b"." or b"\n." in data:
+            data = (b"\n" + data).replace(b"\n.", b"\n..")[1:]
+        if data and not data.endswith(b"\r\n"):
+            data += b"\r\n"
+        # No await between the write and read_response: the reply cannot
+        # arrive before aiosmtplib expects it.
+        smtp.protocol.write(data + b".\r\n")
+        response = await smtp.protocol.read_response(timeout=smtp.timeout)
+        if response.code != 250:
+            raise aiosmtplib.SMTPDataError(response.code, response.message)
+        return response
 
     async def _reset_after(self, code: int) -> None:
         if code == 421:

@@ -30,6 +30,7 @@ from mta.obs.log import event
 from mta.policy import account, address, relay
 from mta.scheduler.queue import Scheduler
 from mta.smtp import replies
+from mta.smtp.dispatch import DispatchNames
 from mta.smtp.replies import Rejected
 from spool import Recipient, Record, Spool
 from spool.ids import new_id
@@ -63,7 +64,7 @@ def is_tls(server: SMTP) -> bool:
     return bool(transport is not None and transport.get_extra_info("sslcontext"))
 
 
-class SessionHandler:
+class SessionHandler(DispatchNames):
     def __init__(self, listener: ListenerConfig, config: Config, spool: Spool, scheduler: Scheduler,
                  admission: Sequence[Admission] = (), *, credentials: Credentials | None = None,
                  services: AuthServices | None = None) -> None:
