@@ -22,7 +22,7 @@ from email.utils import getaddresses
 import dkim
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding
-from dkim.canonicalization import CanonicalizationPolicy
+from dkim.canonicalization import CanonicalizationPolicy, correct_empty_body, strip_trailing_lines
 
 from mta.dkim.keys import SigningKey
 
@@ -67,12 +67,37 @@ def _signature(key: SigningKey, raw: bytes) -> bytes:
     return key.key.sign(raw, padding.PKCS1v15(), hashes.SHA256())
 
 
-def signature_header(message: bytes, key: SigningKey, now: int | None = None) -> bytes:
-    """The ``DKIM-Signature: ...\\r\\n`` field for ``message`` with ``key``."""
-    headers, body = dkim.rfc822_parse(message)
+Headers = list[tuple[bytes, bytes]]
+
+
+def parse(message: bytes) -> tuple[Headers, bytes]:
+    """``dkim.rfc822_parse``'s (headers, body), without splitting the body
+    into lines and joining it again when the message has CRLF line endings."""
+    end = message.find(b"\r\n\r\n")
+    if end < 0 or message.startswith(b"\r\n") or message.count(b"\n") != message.count(b"\r\n"):
+        return dkim.rfc822_parse(message)  # type: ignore[no-any-return]
+    headers, _ = dkim.rfc822_parse(message[:end + 4])
+    return headers, message[end + 4:]
+
+
+def canonical_body(body: bytes) -> bytes:
+    """Relaxed body canonicalisation (RFC 6376 §3.4.4), as dkimpy does it.
+
+    dkimpy runs two regular expressions over the whole body; when the body
+    has no tab, no double space and no space before a line end they change
+    nothing, and only the trailing empty lines are left to remove.
+    """
+    if b"\t" in body or b"  " in body or b" \r\n" in body:
+        return CANON.canonicalize_body(body)  # type: ignore[no-any-return]
+    return correct_empty_body(strip_trailing_lines(body))  # type: ignore[no-any-return]
+
+
+def signature_header(parsed: tuple[Headers, bytes], key: SigningKey, now: int | None = None) -> bytes:
+    """The ``DKIM-Signature: ...\\r\\n`` field for a ``parse``d message with ``key``."""
+    headers, body = parsed
     include = include_headers(headers)
     algorithm = b"ed25519-sha256" if key.kind == "ed25519" else b"rsa-sha256"
-    body_hash = base64.b64encode(hashlib.sha256(CANON.canonicalize_body(body)).digest())
+    body_hash = base64.b64encode(hashlib.sha256(canonical_body(body)).digest())
     domain = key.domain.encode("ascii")
     fields = [
         (b"v", b"1"),
@@ -101,8 +126,7 @@ def signature_header(message: bytes, key: SigningKey, now: int | None = None) ->
     return HEADER_NAME + b": " + final
 
 
-def from_domain(message: bytes) -> str | None:
-    headers, _ = dkim.rfc822_parse(message)
+def from_domain(headers: Headers) -> str | None:
     values = [v.decode("utf-8", "replace") for name, v in headers if name.lower() == b"from"]
     addresses = [addr for _, addr in getaddresses(values) if "@" in addr]
     return addresses[0].rpartition("@")[2].lower().rstrip(".") if addresses else None
@@ -115,10 +139,8 @@ class Signer:
             self.keys.setdefault(key.domain, []).append(key)
         self.fallback = fallback_domain.lower() if fallback_domain else None
 
-    def keys_for(self, message: bytes) -> list[SigningKey]:
-        if not self.keys:
-            return []  # nothing to sign with: do not even parse the header
-        domain = from_domain(message) or ""
+    def keys_for(self, headers: Headers) -> list[SigningKey]:
+        domain = from_domain(headers) or ""
         labels = domain.split(".")
         for i in range(len(labels) - 1):
             candidate = ".".join(labels[i:])
@@ -128,14 +150,17 @@ class Signer:
 
     def sign(self, message: bytes, now: int | None = None) -> bytes:
         """The message with its signatures prepended (unchanged if no key applies)."""
-        keys = self.keys_for(message)
+        if not self.keys:
+            return message  # nothing to sign with: do not even parse the header
+        parsed = parse(message)
+        keys = self.keys_for(parsed[0])
         if not keys:
             return message
         try:
             fields = []
             for key in keys:
                 key.refresh()
-                fields.append(signature_header(message, key, now))
+                fields.append(signature_header(parsed, key, now))
         except Exception as exc:
             raise SigningError(f"DKIM signing for {keys[0].domain} failed: {exc}") from exc
         return b"".join(fields) + message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 
@@ -9,9 +10,10 @@ import dkim
 import dkim.util
 import pytest
 from cryptography.hazmat.primitives import serialization
+from dkim.canonicalization import CanonicalizationPolicy
 
 from mta.dkim import keys
-from mta.dkim.signer import Signer, SigningError, include_headers, signature_header
+from mta.dkim.signer import Signer, SigningError, canonical_body, include_headers, parse, signature_header
 
 MESSAGE = (b"From: Billing <billing@example.com>\r\nTo: someone@example.net\r\nSubject: Invoice  42\r\n"
            b"Date: Sat, 28 Nov 2026 10:00:00 +0000\r\nMessage-ID: <a@example.com>\r\n\r\n"
@@ -35,7 +37,7 @@ def test_rsa_signature_is_byte_identical_to_dkimpy(tmp_path: Path, monkeypatch: 
     path = make_key(tmp_path, "rsa", "rsa.pem", pkcs1=True)
     key = keys.SigningKey.load("example.com", "s2026", path)
     now = 1_790_000_000
-    ours = signature_header(MESSAGE, key, now=now)
+    ours = signature_header(parse(MESSAGE), key, now=now)
     monkeypatch.setattr(time, "time", lambda: now)
     headers, _ = dkim.rfc822_parse(MESSAGE)
     theirs = dkim.sign(MESSAGE, b"s2026", b"example.com", path.read_bytes(), canonicalize=(b"relaxed", b"relaxed"),
@@ -71,9 +73,9 @@ def test_signing_domain_is_from_domain_or_parent_or_fallback(tmp_path: Path) -> 
     parent = keys.SigningKey.load("example.com", "p", make_key(tmp_path, "ed25519", "p.pem"))
     fallback = keys.SigningKey.load("relay.example.org", "f", make_key(tmp_path, "ed25519", "f.pem"))
     signer = Signer([parent, fallback], fallback_domain="relay.example.org")
-    assert signer.keys_for(b"From: a@mail.example.com\r\n\r\n") == [parent]
-    assert signer.keys_for(b"From: a@other.test\r\n\r\n") == [fallback]
-    assert Signer([parent]).keys_for(b"From: a@other.test\r\n\r\n") == []
+    assert signer.keys_for(parse(b"From: a@mail.example.com\r\n\r\n")[0]) == [parent]
+    assert signer.keys_for(parse(b"From: a@other.test\r\n\r\n")[0]) == [fallback]
+    assert Signer([parent]).keys_for(parse(b"From: a@other.test\r\n\r\n")[0]) == []
     assert Signer([parent]).sign(b"From: a@other.test\r\n\r\nx\r\n") == b"From: a@other.test\r\n\r\nx\r\n"
 
 
@@ -104,3 +106,19 @@ def test_signing_failure_is_an_error_not_an_unsigned_message(tmp_path: Path) -> 
     key.domain = "exämple.com"  # cannot be encoded into the d= tag
     with pytest.raises(SigningError):
         Signer([key]).sign(MESSAGE.replace(b"example.com", "exämple.com".encode()))
+
+
+BODY_PIECES = [b"a", b".", b" ", b"\t", b"\r\n", b"  ", b"\n", b"\r", b"x y"]
+
+
+def test_parse_and_body_canonicalisation_match_dkimpy() -> None:
+    rng = random.Random(6376)
+    headers = b"From: a@example.com\r\nSubject: folded\r\n  on two lines\r\nTo: b@example.net\r\n"
+    for _ in range(3000):
+        body = b"".join(rng.choice(BODY_PIECES) for _ in range(rng.randrange(0, 12)))
+        message = headers + b"\r\n" + body
+        assert parse(message) == tuple(dkim.rfc822_parse(message)), message
+        assert canonical_body(body) == CanonicalizationPolicy.from_c_value(b"relaxed/relaxed").canonicalize_body(
+            body), body
+    for odd in (b"", b"\r\nbody only\r\n", b"From: a@b\r\n", b"From: a@b\nTo: c@d\n\nbare LF\n"):
+        assert parse(odd) == tuple(dkim.rfc822_parse(odd)), odd
