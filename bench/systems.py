@@ -137,6 +137,7 @@ class Kubemta(System):
         self.http = free_port(HOST)
         config = {
             "hostname": "bench-mta.bench.test",
+            "workers": int(os.environ.get("W", "2")),  # one receiving process per core, as recommended
             "spool": {"path": str(workdir / "spool")},
             "listeners": [{"name": "relay", "address": f"{HOST}:{self.port}", "mode": "relay",
                            "trusted_networks": ["127.0.0.0/8"]}],

@@ -1,7 +1,8 @@
 """Wiring and lifetime of ``mta serve``: build the parts, run, shut down.
 
 Start: open (and lock) the spool and load it, then start the scheduler, the
-listeners, the control socket and the health endpoints.  SIGTERM or SIGINT:
+listeners, the control socket, the health endpoints and the worker
+processes, if ``workers`` asks for them (``mta.workers``).  SIGTERM or SIGINT:
 readiness turns false at once, listeners stop accepting, sessions in a
 transaction may finish until ``shutdown.timeout``, deliveries in flight get
 the same deadline and are then abandoned (their mail stays queued), and the
@@ -39,6 +40,7 @@ from mta.scheduler.queue import Scheduler
 from mta.smtp.server import Listener
 from mta.smtp.session import AuthServices, SessionHandler
 from mta.smtp.tls import TlsError
+from mta.workers import WorkerError, Workers, shared
 from spool import Spool, SpoolError
 
 log = logging.getLogger(__name__)
@@ -121,15 +123,21 @@ class App:
                                    if api is not None else None)
         control = ControlServer(socket_path(config.spool.path), scheduler)
         host, port = config.http.host_port
+        workers = Workers(config, self.spool, scheduler)
         health = HealthServer(host, port, {"listeners": self._listeners_ready, "spool": self._spool_ready,
-                                           "identity": identity.ready, **self.obs.checks},
+                                           "identity": identity.ready, "workers": workers.ready,
+                                           **self.obs.checks},
                               metrics=self.obs.metrics)
-        self.obs.attach(scheduler, self.spool, health, lambda: self.listeners)
+        self.obs.attach(scheduler, self.spool, health, lambda: self.listeners, workers=lambda: workers.sessions)
         scheduler_task: asyncio.Task[None] | None = None
+        # With workers, they serve the listeners without AUTH; this process delivers.
+        delegated = {item.name for item in shared(config)} if config.workers else set()
         try:
             services = AuthServices(
                 Throttle(config.limits.max_auth_failures, config.limits.auth_failure_window), RateLimits())
             for item in config.listeners:
+                if item.name in delegated:
+                    continue
                 try:
                     credentials = Credentials(item.auth.credentials_file) if item.auth else None
                     handler = SessionHandler(item, config, self.spool, scheduler, self.obs.admission(item.name),
@@ -156,12 +164,16 @@ class App:
                 raise StartupError(f"drain.listen {config.drain.listen}: {exc.strerror}") from None
             identity.start()
             scheduler_task = asyncio.create_task(scheduler.run())
-            event("started", hostname=config.hostname, pid=os.getpid(),
+            try:
+                await workers.start()
+            except WorkerError as exc:
+                raise StartupError(str(exc)) from None
+            event("started", hostname=config.hostname, pid=os.getpid(), workers=config.workers,
                   listeners=",".join(f"{item.name}={item.address}" for item in config.listeners))
             await self._wait_for_signal(scheduler_task)
         finally:
             await identity.stop()
-            await self._shutdown(scheduler, scheduler_task, control, health)
+            await self._shutdown(scheduler, scheduler_task, control, health, workers)
 
     async def _wait_for_signal(self, scheduler_task: asyncio.Task[None]) -> None:
         loop = asyncio.get_running_loop()
@@ -175,7 +187,7 @@ class App:
             scheduler_task.result()  # the scheduler must never end on its own: surface why
 
     async def _shutdown(self, scheduler: Scheduler, scheduler_task: asyncio.Task[None] | None,
-                        control: ControlServer, health: HealthServer) -> None:
+                        control: ControlServer, health: HealthServer, workers: Workers) -> None:
         self.stopping = True
         self.drain.stopping = True  # refuse handoffs from other pods from now on
         event("stopping", timeout=self.config.shutdown.timeout)
@@ -183,7 +195,8 @@ class App:
         deadline = loop.time() + self.config.shutdown.timeout
         for listener in self.listeners:
             listener.stop_accepting()
-        await asyncio.gather(*(listener.drain(deadline) for listener in self.listeners))
+        # Workers finish their sessions too, and announce what they stored, before delivery stops.
+        await asyncio.gather(workers.stop(deadline), *(listener.drain(deadline) for listener in self.listeners))
         await scheduler.stop(time.monotonic() + max(0.0, deadline - loop.time()))
         if scheduler_task is not None:
             scheduler_task.cancel()

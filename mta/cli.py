@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("-c", "--config", metavar="FILE", help=help_text, default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("serve", parents=[common], help="run the MTA")
+    worker = sub.add_parser("worker", help="(internal) a receiving process that mta serve starts (workers: N)")
+    worker.add_argument("--channel-fd", type=int, required=True)
     sub.add_parser("check-config", parents=[common], help="validate the configuration and print it")
     _drain_parser(sub, common)
     _add_user_parser(sub, common)
@@ -229,6 +231,14 @@ def _serve(config: Config) -> int:
     return 0
 
 
+def _worker(channel_fd: int) -> int:
+    from mta.workers import serve_worker
+
+    # Its configuration comes from the main process, which validated it.
+    asyncio.run(serve_worker(channel_fd))
+    return 0
+
+
 def _queue_offline(config: Config, action: str, ids: list[str]) -> Any:
     from mta.scheduler.queue import Scheduler
 
@@ -309,6 +319,8 @@ def _queue(config: Config, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "worker":
+        return _worker(args.channel_fd)
     try:
         config = _load_config(args.config)
     except ConfigError as exc:

@@ -558,6 +558,10 @@ def _default_hostname() -> str:
 
 class Config(Section):
     hostname: str = Field(default_factory=_default_hostname)
+    # Receiving processes besides the main one (mta.workers): with N > 0 the
+    # listeners without AUTH are served by N workers (SO_REUSEPORT) and the
+    # main process delivers.  0: the main process does everything.
+    workers: int = Field(0, ge=0, le=64)
     spool: SpoolConfig = SpoolConfig()
     listeners: list[ListenerConfig] = Field(default_factory=_default_listeners)
     dns: DnsConfig = DnsConfig()

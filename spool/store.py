@@ -97,6 +97,21 @@ class Spool:
         self._reaper = Committer(name=f"spool-reap:{self.root.name}", sync=self.sync)
         return result
 
+    def attach(self) -> None:
+        """Write new messages into a spool another process of this server owns.
+
+        For ``mta.workers``: the owner has locked and loaded the spool; a
+        worker only adds messages (ids are unique), so it needs no lock and
+        loads nothing.  ``store`` is the only change it may make.
+        """
+        self._committer = Committer(name=f"spool-commit:{self.root.name}", sync=self.sync)
+
+    def read_record(self, state: str, record_id: str) -> Record:
+        """One metadata file, as the loader would read it (``RecordError`` if damaged)."""
+        record = loads(self._meta_path(state, record_id).read_bytes())
+        record.state = state
+        return record
+
     def close(self) -> None:
         for committer in (self._committer, self._reaper):
             if committer is not None:

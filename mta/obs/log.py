@@ -45,11 +45,12 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,  # which process of the server (mta.workers)
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             for key, value in fields.items():
-                if key not in ("ts", "level", "logger", "message"):
+                if key not in ("ts", "level", "logger", "pid", "message"):
                     out[key] = _jsonable(value)
             # The same event as one readable line, for people reading raw output.
             out["message"] = record.getMessage()
@@ -96,14 +97,19 @@ def _value(value: Any) -> str:
     return text
 
 
+def publish(name: str, fields: dict[str, Any]) -> None:
+    """Hand an event to the subscribers only: one another process already logged (``mta.workers``)."""
+    for subscriber in tuple(_subscribers):
+        try:
+            subscriber(name, fields)
+        except Exception:  # noqa: BLE001 - observers must never break mail flow
+            _log.exception("event subscriber %r failed on %s", subscriber, name)
+
+
 def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
     """Log one mail event: ``event=NAME queue_id=... key=value ...``."""
     present = {k: ("[redacted]" if k.lower() in _REDACTED else v) for k, v in fields.items() if v is not None}
-    for subscriber in tuple(_subscribers):
-        try:
-            subscriber(name, present)
-        except Exception:  # noqa: BLE001 - observers must never break mail flow
-            _log.exception("event subscriber %r failed on %s", subscriber, name)
+    publish(name, present)
     if _events.isEnabledFor(level):
         text = " ".join([f"event={name}"] + [f"{k}={_value(v)}" for k, v in present.items()])
         ordered = {"event": name, **present}

@@ -58,9 +58,12 @@ class Observability:
 
         return [disk]
 
-    def attach(self, scheduler: Any, spool: Any, health: HealthServer, listeners: Callable[[], Iterable[Any]]
-               ) -> None:
-        """Point the scrape-time gauges at their owners and subscribe to events."""
+    def attach(self, scheduler: Any, spool: Any, health: HealthServer, listeners: Callable[[], Iterable[Any]],
+               workers: Callable[[], dict[str, int]] = dict) -> None:
+        """Point the scrape-time gauges at their owners and subscribe to events.
+
+        ``workers`` gives the sessions open in worker processes, by listener.
+        """
         if self.metrics is not None:
             metrics = self.metrics
 
@@ -69,7 +72,13 @@ class Observability:
                 return QueueSnapshot(by_state, active, oldest)
 
             metrics.sources.queue = queue
-            metrics.sources.sessions = lambda: {item.config.name: len(item.sessions) for item in listeners()}
+            def sessions() -> dict[str, int]:
+                counts = workers()
+                for item in listeners():
+                    counts[item.config.name] = counts.get(item.config.name, 0) + len(item.sessions)
+                return counts
+
+            metrics.sources.sessions = sessions
             metrics.sources.readiness = lambda: {name: ok for name, (ok, _) in health.run_checks().items()}
             metrics.sources.disk = self.disk.metrics
             metrics.sources.spool_commits = lambda: spool.stats

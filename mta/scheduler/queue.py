@@ -161,8 +161,9 @@ class Scheduler:
             self._track(record)
 
     def accept(self, record: Record) -> None:
-        """A newly spooled message: try it now."""
-        self._track(record)
+        """A newly spooled message: try it now (once, however often it is announced)."""
+        if record.id not in self.records:
+            self._track(record)
 
     def _track(self, record: Record) -> None:
         self.records[record.id] = record

@@ -245,12 +245,13 @@ class Listener:
         protocol.command_size_limit = limits.max_command_length
         return protocol
 
-    async def start(self) -> None:
+    async def start(self, *, reuse_port: bool = False) -> None:
+        """Listen; with ``reuse_port`` other processes of this server share the port (``mta.workers``)."""
         host, port = self.config.host_port
         loop = asyncio.get_running_loop()
         ssl_context = self.tls.current() if self.tls and self.config.mode == "submissions" else None
         self.server = await loop.create_server(self._protocol, host=host, port=port, reuse_address=True,
-                                               ssl=ssl_context)
+                                               reuse_port=reuse_port or None, ssl=ssl_context)
         if self.config.auth and self.config.auth.allow_plaintext:
             log.warning("listener %s allows AUTH without TLS: passwords cross the network in clear text",
                         self.config.name)

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
@@ -28,7 +28,6 @@ from mta.auth.throttle import Throttle
 from mta.config import Config, ListenerConfig
 from mta.obs.log import event
 from mta.policy import account, address, relay
-from mta.scheduler.queue import Scheduler
 from mta.smtp import replies
 from mta.smtp.dispatch import DispatchNames
 from mta.smtp.replies import Rejected
@@ -64,8 +63,14 @@ def is_tls(server: SMTP) -> bool:
     return bool(transport is not None and transport.get_extra_info("sslcontext"))
 
 
+class Queue(Protocol):
+    """Where stored mail goes: the scheduler, or in a worker process the channel to it."""
+
+    def accept(self, record: Record) -> None: ...
+
+
 class SessionHandler(DispatchNames):
-    def __init__(self, listener: ListenerConfig, config: Config, spool: Spool, scheduler: Scheduler,
+    def __init__(self, listener: ListenerConfig, config: Config, spool: Spool, scheduler: Queue,
                  admission: Sequence[Admission] = (), *, credentials: Credentials | None = None,
                  services: AuthServices | None = None) -> None:
         self.listener = listener

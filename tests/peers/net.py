@@ -80,8 +80,19 @@ def wait_port(
         time.sleep(0.05)
 
 
+def _with_children(pid: int) -> list[int]:
+    """`pid` and its children (a server may listen from worker processes)."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            pids += [int(child) for child in task.read_text().split()]
+        except OSError:
+            continue
+    return pids
+
+
 def holds_listener(pid: int, port: int) -> bool:
-    """Does process `pid` hold a TCP socket listening on `port` (any address)?"""
+    """Does process `pid` or a child of it hold a TCP socket listening on `port` (any address)?"""
     inodes: set[str] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -95,11 +106,12 @@ def holds_listener(pid: int, port: int) -> bool:
                 inodes.add(fields[9])
     if not inodes:
         return False
-    fd_dir = Path(f"/proc/{pid}/fd")
-    try:
-        fds = list(fd_dir.iterdir())
-    except (FileNotFoundError, PermissionError):
-        return False
+    fds: list[Path] = []
+    for process in _with_children(pid):
+        try:
+            fds += list(Path(f"/proc/{process}/fd").iterdir())
+        except (FileNotFoundError, PermissionError):
+            continue
     for fd in fds:
         try:
             target = os.readlink(fd)

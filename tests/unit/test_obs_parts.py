@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 
 import pytest
 
@@ -35,7 +36,8 @@ def test_an_event_is_one_json_line_with_event_and_queue_id(json_log: io.StringIO
     assert first["code"] == 250 and first["tls"] is True and "skipped" not in first
     assert first["password"] == "[redacted]" and "hunter2" not in json_log.getvalue()
     assert first["message"].startswith("event=delivered queue_id=Q1 ")
-    assert second == {"ts": second["ts"], "level": "warning", "logger": "x", "message": "plain line"}
+    assert second == {"ts": second["ts"], "level": "warning", "logger": "x", "pid": os.getpid(),
+                      "message": "plain line"}
 
 
 def test_a_failing_subscriber_never_breaks_the_caller(json_log: io.StringIO) -> None:
