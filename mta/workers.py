@@ -119,9 +119,12 @@ class Workers:
         ours, theirs = socket.socketpair()
         with ours, theirs:
             python = [sys.executable, "-P"] if sys.flags.safe_path else [sys.executable]
-            worker.process = await asyncio.create_subprocess_exec(
-                *python, "-m", "mta.cli", "worker", "--channel-fd", str(theirs.fileno()),
-                pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL)
+            try:
+                worker.process = await asyncio.create_subprocess_exec(
+                    *python, "-m", "mta.cli", "worker", "--channel-fd", str(theirs.fileno()),
+                    pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL)
+            except OSError as exc:
+                raise WorkerError(f"worker {worker.number} cannot be started: {exc}") from None
             reader, writer = await asyncio.open_connection(sock=ours.dup(), limit=CHANNEL_LIMIT)
         writer.write(self.config.model_dump_json().encode() + b"\n")
         try:
@@ -236,7 +239,8 @@ class Workers:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        self.rescan(min_age=0.0)
+        if self.workers:
+            self.rescan(min_age=0.0)
 
 
 # -- a worker's side -------------------------------------------------------------
@@ -279,8 +283,10 @@ async def serve_worker(channel_fd: int) -> None:
         writer.write(_line("ready", listeners=[item.config.name for item in listeners]))
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+        # The main process says when to stop: Ctrl-C reaches the whole process
+        # group, and a worker that left first would look like a crash.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
         waits = {asyncio.create_task(stop.wait()), asyncio.create_task(reader.read())}  # EOF: the main process is gone
         while not stop.is_set():
             done, _ = await asyncio.wait(waits, timeout=REPORT_INTERVAL, return_when=asyncio.FIRST_COMPLETED)

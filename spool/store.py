@@ -127,9 +127,9 @@ class Spool:
 
     @property
     def stats(self) -> tuple[int, int]:
-        """(commit rounds, changes committed) since open."""
-        c = self._committer
-        return (c.rounds, c.changes) if c else (0, 0)
+        """(commit rounds, changes committed) since open, removals included."""
+        done = [c for c in (self._committer, self._reaper) if c is not None]
+        return sum(c.rounds for c in done), sum(c.changes for c in done)
 
     # -- paths -----------------------------------------------------------
 

@@ -28,6 +28,7 @@ from mta.delivery import result
 from mta.delivery.mx import LookupFailed, MxResolver
 from mta.delivery.result import Outcome
 from mta.delivery.route import NextHop
+from mta.receive import has_bare_line_endings
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +179,8 @@ class Connection:
         expressions over every message, a tenth of the delivery path's time.
         """
         smtp = self.smtp
-        crlf = data.count(b"\r\n")
-        if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
-            return await smtp.data(data)  # bare line endings: aiosmtplib fixes them
+        if has_bare_line_endings(data):
+            return await smtp.data(data)  # aiosmtplib fixes them
         start = await smtp.execute_command(b"DATA")
         if start.code != 354:
             raise aiosmtplib.SMTPDataError(start.code, start.message)

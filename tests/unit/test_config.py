@@ -93,3 +93,29 @@ def test_durations(text: object, seconds: float) -> None:
 @pytest.mark.parametrize(("text", "size"), [(1000, 1000), ("512K", 524288), ("25M", 26214400), ("1GiB", 1 << 30)])
 def test_sizes(text: object, size: int) -> None:
     assert config._size(text) == size
+
+
+def test_the_validated_tree_survives_its_json_form(tmp_path: Path) -> None:
+    """Worker processes get the main process's configuration as JSON (mta.workers)."""
+    key = tmp_path / "dkim.pem"
+    key.write_text("not checked here")
+    users = tmp_path / "users"
+    users.write_text("")
+    production = Path(__file__).parents[2] / "kustomize/overlays/production/mta.yaml"
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(f"""
+hostname: mta.example.com
+workers: 2
+spool: {{path: {tmp_path / "spool"}, sync: fsync}}
+listeners:
+  - {{name: relay, address: "127.0.0.1:2525", mode: relay, trusted_networks: [10.0.0.0/8]}}
+  - {{name: sub, address: "127.0.0.1:2587", mode: submission, auth: {{credentials_file: {users}}}}}
+dkim: {{keys: [{{domain: example.com, selector: s1, key_file: {key}}}]}}
+identity:
+  pods: {{mta-0: {{source_address: 192.0.2.10, hostname: mta0.example.com}}}}
+routes: [{{domains: ["*"], relay: "smtp.example.net:587", tls: starttls}}]
+""")
+    for path in (production, extra):
+        loaded = config.load(path, {"POD_NAME": "mta-0"})
+        assert config.Config.model_validate_json(loaded.model_dump_json()) == loaded, path
+    assert config.load(extra, {"POD_NAME": "mta-0"}).hostname == "mta0.example.com"
