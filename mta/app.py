@@ -123,12 +123,14 @@ class App:
                                    if api is not None else None)
         control = ControlServer(socket_path(config.spool.path), scheduler)
         host, port = config.http.host_port
-        workers = Workers(config, self.spool, scheduler)
+        metrics = self.obs.metrics
+        workers = Workers(config, self.spool, scheduler,
+                          metrics.spool_write.labels("store").observe if metrics is not None else None)
         health = HealthServer(host, port, {"listeners": self._listeners_ready, "spool": self._spool_ready,
                                            "identity": identity.ready, "workers": workers.ready,
                                            **self.obs.checks},
                               metrics=self.obs.metrics)
-        self.obs.attach(scheduler, self.spool, health, lambda: self.listeners, workers=lambda: workers.sessions)
+        self.obs.attach(scheduler, self.spool, health, lambda: self.listeners, workers)
         scheduler_task: asyncio.Task[None] | None = None
         # With workers, they serve the listeners without AUTH; this process delivers.
         delegated = {item.name for item in shared(config)} if config.workers else set()

@@ -12,8 +12,8 @@ a socket pair, one JSON line each.
 The main process does everything else for all mail: scheduling and delivery,
 the AUTH listeners (so that brute-force throttling and account limits count
 every attempt in one place), health and metrics (worker events feed the
-same counters and webhooks; worker sessions are added to the sessions
-gauge), the control socket, the drain and the identity checks.
+same counters and webhooks; their sessions, spool commits and store
+durations are added to the gauges, counters and histogram), the control socket, the drain and the identity checks.
 
 Failure: a worker that cannot start its listeners stops ``mta serve`` from
 starting (``WorkerError``).  A worker that exits while the server runs is logged
@@ -35,6 +35,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from mta.config import Config, ListenerConfig
@@ -54,7 +55,7 @@ RESCAN = 30.0  # seconds between looks for stored but unannounced messages
 RESCAN_AGE = 10.0  # younger metadata files may still be on their way as announcements
 RESTART_DELAY = 1.0
 START_TIMEOUT = 30.0  # for a worker to load and bind its listeners
-REPORT_INTERVAL = 1.0  # how often a worker reports its open sessions
+REPORT_INTERVAL = 1.0  # how often a worker reports its open sessions and spool counters
 CHANNEL_LIMIT = 1 << 24  # longest line on the channel (the config, a record)
 
 
@@ -79,16 +80,20 @@ class Worker:
         self.number = number
         self.process: asyncio.subprocess.Process | None = None
         self.listening = False
-        self.sessions: dict[str, int] = {}
+        self.sessions: dict[str, int] = {}  # as last reported
+        self.commits = (0, 0)  # spool (rounds, changes), as last reported
+        self.commits_before = (0, 0)  # of its predecessors, so the counters never go back
 
 
 class Workers:
     """Starts, feeds, watches and stops the worker processes of ``mta serve``."""
 
-    def __init__(self, config: Config, spool: Spool, scheduler: Scheduler) -> None:
+    def __init__(self, config: Config, spool: Spool, scheduler: Scheduler,
+                 observe_store: Callable[[float], None] | None = None) -> None:
         self.config = config
         self.spool = spool
         self.scheduler = scheduler
+        self.observe_store = observe_store  # the spool write histogram, for workers' stores
         self.workers = [Worker(number) for number in range(1, config.workers + 1)]
         self.stopping = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -101,6 +106,13 @@ class Workers:
             for name, count in worker.sessions.items():
                 total[name] = total.get(name, 0) + count
         return total
+
+    @property
+    def commits(self) -> tuple[int, int]:
+        """Spool commit rounds and changes of all workers, past and present."""
+        rounds = sum(w.commits[0] + w.commits_before[0] for w in self.workers)
+        changes = sum(w.commits[1] + w.commits_before[1] for w in self.workers)
+        return rounds, changes
 
     def ready(self) -> tuple[bool, str]:
         """For ``/readyz``: every worker is listening (one being restarted is not)."""
@@ -140,6 +152,7 @@ class Workers:
         worker.listening = True
         event("worker_started", worker=worker.number, worker_pid=worker.process.pid,
               listeners=",".join(ready["listeners"]))
+        self._tasks = [task for task in self._tasks if not task.done()]
         self._tasks.append(asyncio.create_task(self._serve(worker, reader, writer)))
 
     async def _serve(self, worker: Worker, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -154,6 +167,9 @@ class Workers:
         worker.listening = False
         status = await worker.process.wait()
         worker.sessions = {}
+        worker.commits_before = (worker.commits_before[0] + worker.commits[0],
+                                 worker.commits_before[1] + worker.commits[1])
+        worker.commits = (0, 0)
         self.rescan(min_age=0.0)  # whatever it stored, it announced or it is on disk
         if self.stopping:
             return
@@ -175,10 +191,13 @@ class Workers:
                 record = loads(message["record"].encode())
                 record.state = INCOMING
                 self.scheduler.accept(record)
+                if self.observe_store is not None and message.get("seconds") is not None:
+                    self.observe_store(float(message["seconds"]))
             elif kind == "event":
                 obs_log.publish(message["name"], message["fields"])
-            elif kind == "sessions":
+            elif kind == "report":
                 worker.sessions = {str(k): int(v) for k, v in message["sessions"].items()}
+                worker.commits = (int(message["commits"][0]), int(message["commits"][1]))
         except (ValueError, KeyError, TypeError, RecordError) as exc:
             log.error("worker %d sent something unreadable (%s): %.200r", worker.number, exc, line)
 
@@ -251,16 +270,30 @@ class Announcer:
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
+        self._seconds: dict[str, float] = {}
+
+    def time_stores(self, spool: Spool) -> None:
+        """Measure each store until durable, for the main process's spool write histogram."""
+        original = spool.store
+
+        async def store(data: bytes, record: Record) -> Record:
+            started = time.perf_counter()
+            stored = await original(data, record)
+            self._seconds[stored.id] = time.perf_counter() - started
+            return stored
+
+        spool.store = store  # type: ignore[method-assign]
 
     def accept(self, record: Record) -> None:
-        self.writer.write(_line("record", record=record.dumps().decode()))
+        self.writer.write(_line("record", record=record.dumps().decode(), seconds=self._seconds.pop(record.id, None)))
 
     def event(self, name: str, fields: dict[str, Any]) -> None:
         if not self.writer.is_closing():
             self.writer.write(_line("event", name=name, fields=fields))
 
-    def sessions(self, listeners: list[Listener]) -> None:
-        self.writer.write(_line("sessions", sessions={item.config.name: len(item.sessions) for item in listeners}))
+    def report(self, listeners: list[Listener], spool: Spool) -> None:
+        self.writer.write(_line("report", sessions={item.config.name: len(item.sessions) for item in listeners},
+                                commits=list(spool.stats)))
 
 
 async def serve_worker(channel_fd: int) -> None:
@@ -273,6 +306,7 @@ async def serve_worker(channel_fd: int) -> None:
     obs_log.subscribe(announcer.event)
     spool = Spool(config.spool_shard, config.spool.sync)
     spool.attach()
+    announcer.time_stores(spool)
     listeners: list[Listener] = []
     try:
         for item in shared(config):
@@ -292,7 +326,7 @@ async def serve_worker(channel_fd: int) -> None:
             done, _ = await asyncio.wait(waits, timeout=REPORT_INTERVAL, return_when=asyncio.FIRST_COMPLETED)
             if done:
                 break
-            announcer.sessions(listeners)
+            announcer.report(listeners, spool)
         for task in waits:
             task.cancel()
         deadline = loop.time() + config.shutdown.timeout

@@ -59,10 +59,11 @@ class Observability:
         return [disk]
 
     def attach(self, scheduler: Any, spool: Any, health: HealthServer, listeners: Callable[[], Iterable[Any]],
-               workers: Callable[[], dict[str, int]] = dict) -> None:
+               workers: Any = None) -> None:
         """Point the scrape-time gauges at their owners and subscribe to events.
 
-        ``workers`` gives the sessions open in worker processes, by listener.
+        ``workers`` (``mta.workers.Workers``) adds the worker processes'
+        sessions and spool commits.
         """
         if self.metrics is not None:
             metrics = self.metrics
@@ -73,7 +74,7 @@ class Observability:
 
             metrics.sources.queue = queue
             def sessions() -> dict[str, int]:
-                counts = workers()
+                counts = workers.sessions if workers is not None else {}
                 for item in listeners():
                     counts[item.config.name] = counts.get(item.config.name, 0) + len(item.sessions)
                 return counts
@@ -81,7 +82,11 @@ class Observability:
             metrics.sources.sessions = sessions
             metrics.sources.readiness = lambda: {name: ok for name, (ok, _) in health.run_checks().items()}
             metrics.sources.disk = self.disk.metrics
-            metrics.sources.spool_commits = lambda: spool.stats
+            def commits() -> tuple[int, int]:
+                ours, theirs = spool.stats, workers.commits if workers is not None else (0, 0)
+                return ours[0] + theirs[0], ours[1] + theirs[1]
+
+            metrics.sources.spool_commits = commits
             metrics.instrument_spool(spool)
             self._subscribe(metrics.on_event)
         if self.webhooks.endpoints:

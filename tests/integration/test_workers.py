@@ -13,7 +13,7 @@ from spool.ids import new_id
 from tests.conftest import World
 from tests.harness import HOST, MtaServer, send_mail
 from tests.obs.logs import events, wait_for_event
-from tests.obs.scrape import scrape
+from tests.obs.scrape import scrape, wait_for_sample
 from tests.peers.net import free_port
 
 MESSAGES = 60
@@ -51,9 +51,13 @@ def test_workers_share_the_relay_port_and_the_main_process_delivers_everything(w
     assert {e["pid"] for e in received} == workers
     # Every delivery is the main process's, whoever received the message.
     assert {e["pid"] for e in events(server, "delivered")} == {server.proc.pid}
-    # The worker's events reach the main process's metrics.
+    # The workers' events, stores and commits reach the main process's metrics.
     metrics = scrape(server)
     assert metrics.get("kubemta_messages_received_total", listener="relay", result="accepted") == MESSAGES
+    assert metrics.get("kubemta_spool_write_duration_seconds_count", operation="store") == MESSAGES
+    # Worker counters arrive with their next report (every second): stores there, removals here.
+    metrics = wait_for_sample(server, "kubemta_spool_commit_changes_total", 2 * MESSAGES)
+    assert metrics.get("kubemta_spool_commit_changes_total") == 2 * MESSAGES
 
 
 def test_auth_listeners_stay_in_the_main_process(world: World, tmp_path) -> None:  # type: ignore[no-untyped-def]
