@@ -18,7 +18,9 @@ capped at one fsync latency per message.
 
 ``syncfs`` writes back every dirty file of the filesystem, so it suits a
 spool on a volume of its own (a PersistentVolume); where the spool shares a
-busy filesystem, ``fsync`` keeps each round's cost to its own files.
+busy filesystem, ``fsync`` keeps each round's cost to its own files.  Where
+``syncfs`` cannot report write errors (before Linux 5.8) or is missing,
+``fsync`` is used.
 
 Failure: if any step of a round fails, every change in that round fails with
 ``SpoolError`` and the files it wrote or renamed into place are removed, so
@@ -80,6 +82,14 @@ def fsync_dir(path: Path) -> None:
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
+    # Before Linux 5.8 syncfs did not report write-back errors: a failed
+    # write would go unnoticed, so such kernels get the per-file fsync.
+    release = os.uname().release.split(".")
+    try:
+        if (int(release[0]), int(release[1].split("-")[0])) < (5, 8):
+            return None
+    except (IndexError, ValueError):
+        return None
     name = ctypes.util.find_library("c")
     if name is None:
         return None
@@ -91,10 +101,11 @@ _syncfs = _load_syncfs()
 
 
 def syncfs(fd: int) -> None:
-    """Flush the whole filesystem ``fd`` is on and wait for it (Linux 2.6.39+).
+    """Flush the whole filesystem ``fd`` is on and wait for it.
 
-    From Linux 5.8 on it reports write-back errors of any file on the
-    filesystem, which is what a commit round needs to know.
+    It reports write-back errors of any file on the filesystem (Linux 5.8
+    and later, the only kernels it is used on), which is what a commit round
+    needs to know.
     """
     if _syncfs is None:
         raise OSError("syncfs is not available on this system")

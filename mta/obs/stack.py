@@ -73,6 +73,7 @@ class Observability:
                 return QueueSnapshot(by_state, active, oldest)
 
             metrics.sources.queue = queue
+
             def sessions() -> dict[str, int]:
                 counts = workers.sessions if workers is not None else {}
                 for item in listeners():
@@ -82,6 +83,7 @@ class Observability:
             metrics.sources.sessions = sessions
             metrics.sources.readiness = lambda: {name: ok for name, (ok, _) in health.run_checks().items()}
             metrics.sources.disk = self.disk.metrics
+
             def commits() -> tuple[int, int]:
                 ours, theirs = spool.stats, workers.commits if workers is not None else (0, 0)
                 return ours[0] + theirs[0], ours[1] + theirs[1]

@@ -5,9 +5,12 @@
 cannot parse is a ``501`` through the one error mapper; sessions are
 counted (in all and per client address) and refused with ``421`` past the
 limits; too many failed commands end the session; the DATA phase has a
-deadline of its own.  ``Listener`` binds a socket with
-``loop.create_server`` (with TLS from the first byte for ``submissions``)
-and can stop accepting while sessions already running finish.
+deadline of its own and reads the content in blocks (``mta.smtp.data``);
+plain ``<local@domain>`` paths skip aiosmtpd's general address parser.
+``Listener`` binds a socket with ``loop.create_server`` (with TLS from the
+first byte for ``submissions``, shared with other processes for
+``mta.workers``) and can stop accepting while sessions already running
+finish.
 
 Failure: binding errors raise ``OSError`` at start (the caller names the
 listener); a session's errors become replies, never crash the server.
