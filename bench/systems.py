@@ -25,31 +25,12 @@ from pathlib import Path
 
 import yaml
 
-from tests.peers.net import free_port, wait_port
+from tests.peers.net import descendants, free_port, wait_port
 from tests.peers.postfix import PostfixServer
 from tests.peers.sink import SmtpSink
 
 DOMAIN = "bench.test"
 HOST = "127.0.0.1"
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        out.append(current)
-        todo.extend(children.get(current, []))
-    return out
 
 
 def cpu_seconds(pids: list[int]) -> float:

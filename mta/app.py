@@ -123,9 +123,7 @@ class App:
                                    if api is not None else None)
         control = ControlServer(socket_path(config.spool.path), scheduler)
         host, port = config.http.host_port
-        metrics = self.obs.metrics
-        workers = Workers(config, self.spool, scheduler,
-                          metrics.spool_write.labels("store").observe if metrics is not None else None)
+        workers = Workers(config, self.spool, scheduler)
         health = HealthServer(host, port, {"listeners": self._listeners_ready, "spool": self._spool_ready,
                                            "identity": identity.ready, "workers": workers.ready,
                                            **self.obs.checks},

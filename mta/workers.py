@@ -88,12 +88,12 @@ class Worker:
 class Workers:
     """Starts, feeds, watches and stops the worker processes of ``mta serve``."""
 
-    def __init__(self, config: Config, spool: Spool, scheduler: Scheduler,
-                 observe_store: Callable[[float], None] | None = None) -> None:
+    def __init__(self, config: Config, spool: Spool, scheduler: Scheduler) -> None:
         self.config = config
         self.spool = spool
         self.scheduler = scheduler
-        self.observe_store = observe_store  # the spool write histogram, for workers' stores
+        # The spool write histogram, for workers' stores (set by mta.obs.stack).
+        self.observe_store: Callable[[float], None] | None = None
         self.workers = [Worker(number) for number in range(1, config.workers + 1)]
         self.stopping = False
         self._tasks: list[asyncio.Task[None]] = []

@@ -109,6 +109,8 @@ class Spool:
     def read_record(self, state: str, record_id: str) -> Record:
         """One metadata file, as the loader would read it (``RecordError`` if damaged)."""
         record = loads(self._meta_path(state, record_id).read_bytes())
+        if record.id != record_id:
+            raise RecordError(f"id {record.id} does not match file name")
         record.state = state
         return record
 
@@ -266,14 +268,11 @@ class Spool:
             try:
                 if path.suffix != ".json":
                     raise RecordError("not a metadata file")
-                record = loads(path.read_bytes())
-                if record.id != path.stem:
-                    raise RecordError(f"id {record.id} does not match file name")
+                record = self.read_record(state, path.stem)
             except (RecordError, OSError) as exc:
                 bad_ids.add(path.name.removesuffix(".json"))
                 self._quarantine(path, str(exc), result)
                 continue
-            record.state = state
             previous = best.get(record.id)
             if previous is None:
                 best[record.id] = (record, path)

@@ -63,7 +63,7 @@ class Observability:
         """Point the scrape-time gauges at their owners and subscribe to events.
 
         ``workers`` (``mta.workers.Workers``) adds the worker processes'
-        sessions and spool commits.
+        sessions, spool commits and store durations.
         """
         if self.metrics is not None:
             metrics = self.metrics
@@ -90,6 +90,8 @@ class Observability:
 
             metrics.sources.spool_commits = commits
             metrics.instrument_spool(spool)
+            if workers is not None:
+                workers.observe_store = metrics.spool_write.labels("store").observe
             self._subscribe(metrics.on_event)
         if self.webhooks.endpoints:
             self._subscribe(self.webhooks.on_event)

@@ -80,19 +80,28 @@ def wait_port(
         time.sleep(0.05)
 
 
-def _with_children(pid: int) -> list[int]:
-    """`pid` and its children (a server may listen from worker processes)."""
-    pids = [pid]
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (a server may listen from worker processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
         try:
-            pids += [int(child) for child in task.read_text().split()]
+            stat = (entry / "stat").read_text()
         except OSError:
             continue
-    return pids
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(children.get(current, []))
+    return out
 
 
 def holds_listener(pid: int, port: int) -> bool:
-    """Does process `pid` or a child of it hold a TCP socket listening on `port` (any address)?"""
+    """Does process `pid` or one below it hold a TCP socket listening on `port` (any address)?"""
     inodes: set[str] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -107,7 +116,7 @@ def holds_listener(pid: int, port: int) -> bool:
     if not inodes:
         return False
     fds: list[Path] = []
-    for process in _with_children(pid):
+    for process in descendants(pid):
         try:
             fds += list(Path(f"/proc/{process}/fd").iterdir())
         except (FileNotFoundError, PermissionError):
