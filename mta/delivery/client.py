@@ -28,7 +28,7 @@ from mta.delivery import result
 from mta.delivery.mx import LookupFailed, MxResolver
 from mta.delivery.result import Outcome
 from mta.delivery.route import NextHop
-from mta.receive import has_bare_line_endings
+from mta.message import has_bare_line_endings
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mta import replies
 from mta.config import DiskConfig, reserve_amount
 from mta.obs.log import event
-from mta.smtp import replies
-from mta.smtp.replies import Rejected
+from mta.replies import Rejected
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from mta.obs.http import HealthServer
 from mta.obs.log import event
 from mta.obs.metrics import Metrics, QueueSnapshot
 from mta.obs.webhooks import Webhooks
-from mta.smtp.replies import Rejected
+from mta.replies import Rejected
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from email.utils import getaddresses
 
+from mta import replies
 from mta.config import AccountPolicy
-from mta.smtp import replies
-from mta.smtp.replies import Rejected
+from mta.replies import Rejected
 
 
 def allowed(address: str, patterns: Iterable[str]) -> bool:

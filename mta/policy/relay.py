@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 
-from mta.smtp import replies
+from mta import replies
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

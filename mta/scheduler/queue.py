@@ -39,8 +39,8 @@ from mta.delivery.client import ConnectFailed, Connection, StaleConnection
 from mta.delivery.result import Kind, Outcome
 from mta.delivery.route import NextHop, Router
 from mta.dkim.signer import Signer, SigningError
+from mta.message import split_header
 from mta.obs.log import event
-from mta.receive import split_header
 from mta.scheduler.backoff import retry_delay
 from mta.scheduler.shaping import Shaper
 from spool import Recipient, Record, Spool, SpoolError

@@ -28,12 +28,13 @@ from typing import Any, AnyStr
 
 from aiosmtpd.smtp import MISSING, SMTP, syntax
 
+from mta import replies
 from mta.config import Config, ListenerConfig
 from mta.obs.log import event
 from mta.policy.relay import client_ip
-from mta.smtp import replies
 from mta.smtp.data import TOO_LONG, read_content
 from mta.smtp.dispatch import DispatchNames
+from mta.smtp.enhanced import add_enhanced_code
 from mta.smtp.session import SessionHandler
 from mta.smtp.tls import ServerTls
 
@@ -110,7 +111,7 @@ class KubemtaSMTP(DispatchNames, SMTP):
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str) and self._greeted and not self._raw:
-            status = replies.add_enhanced_code(status)  # type: ignore[assignment]
+            status = add_enhanced_code(status)  # type: ignore[assignment]
             if status[:1] == "5":  # type: ignore[index]
                 self._errors += 1
         self._greeted = True

@@ -22,15 +22,14 @@ from typing import Any, Protocol
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
-from mta import receive
+from mta import message, receive, replies
 from mta.auth.credentials import Credentials
 from mta.auth.throttle import Throttle
 from mta.config import Config, ListenerConfig
 from mta.obs.log import event
 from mta.policy import account, address, relay
-from mta.smtp import replies
+from mta.replies import Rejected
 from mta.smtp.dispatch import DispatchNames
-from mta.smtp.replies import Rejected
 from spool import Recipient, Record, Spool
 from spool.ids import new_id
 
@@ -225,7 +224,7 @@ class SessionHandler(DispatchNames):
               reply=str(exc.reply), reason=exc.detail, **fields)
 
     def _check_content(self, raw: bytes, user: str | None) -> None:
-        if self.config.limits.bare_line_endings == "reject" and receive.has_bare_line_endings(raw):
+        if self.config.limits.bare_line_endings == "reject" and message.has_bare_line_endings(raw):
             raise Rejected(replies.BARE_LINE_ENDING)
         if user is None:
             return
@@ -233,9 +232,9 @@ class SessionHandler(DispatchNames):
         account.check_size(policy, len(raw))
         if policy.from_addresses == ["*"]:
             return
-        header, _ = receive.split_header(receive.normalise(raw))
+        header, _ = message.split_header(message.normalise(raw))
         values = [f.split(b":", 1)[1].decode("utf-8", "replace")
-                  for f in receive.header_fields(header) if f.lower().startswith(b"from:")]
+                  for f in message.header_fields(header) if f.lower().startswith(b"from:")]
         account.check_from_header(policy, values)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:

@@ -9,14 +9,13 @@ import os
 
 import pytest
 
-from mta import config
+from mta import config, replies
 from mta.config import DiskConfig, reserve_amount
 from mta.obs import log as obs_log
 from mta.obs.disk import DiskGuard
 from mta.obs.metrics import Metrics, reason_label
 from mta.obs.webhooks import sign, verify
-from mta.smtp import replies
-from mta.smtp.replies import Rejected
+from mta.replies import Rejected
 
 
 @pytest.fixture

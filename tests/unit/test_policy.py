@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from mta.policy import address, relay
-from mta.smtp.replies import Rejected
+from mta.replies import Rejected
 
 NETS = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128")]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from mta import receive
+from mta import message, receive
 
 ARRIVAL = receive.Arrival(queue_id="QID1", helo="client.example", client_ip="192.0.2.7",
                           hostname="mta.example.com", protocol="ESMTP", recipients=("r@example.net",),
@@ -12,7 +12,7 @@ ARRIVAL = receive.Arrival(queue_id="QID1", helo="client.example", client_ip="192
 
 
 def test_bare_cr_and_lf_become_crlf_and_a_final_crlf_is_added() -> None:
-    assert receive.normalise(b"a\nb\rc\r\nd") == b"a\r\nb\r\nc\r\nd\r\n"
+    assert message.normalise(b"a\nb\rc\r\nd") == b"a\r\nb\r\nc\r\nd\r\n"
 
 
 def test_received_header_first_and_missing_ids_added() -> None:
@@ -21,7 +21,7 @@ def test_received_header_first_and_missing_ids_added() -> None:
     assert lines[0] == b"Received: from client.example ([192.0.2.7])"
     assert lines[1] == b"\tby mta.example.com (kubemta) with ESMTP id QID1"
     assert lines[2] == b"\tfor <r@example.net>; Fri, 02 Jan 2026 03:04:05 +0000"
-    header, body = receive.split_header(out)
+    header, body = message.split_header(out)
     assert b"\r\nMessage-ID: <" in header and header.count(b"Date: ") == 1
     assert body == b"\r\nbody\r\n"
 
@@ -35,7 +35,7 @@ def test_existing_message_id_and_date_are_kept() -> None:
 
 def test_text_without_header_is_kept_as_body() -> None:
     out = receive.prepare(b"just text\r\n\r\nmore\r\n", ARRIVAL)
-    header, body = receive.split_header(out)
+    header, body = message.split_header(out)
     assert body == b"\r\njust text\r\n\r\nmore\r\n"
     assert b"Message-ID" in header
 
@@ -54,7 +54,7 @@ def test_authenticated_mail_gets_our_results_and_forged_ones_are_removed() -> No
               b"Authentication-Results: other.example; spf=pass smtp.mailfrom=x@y.example\r\n"
               b"Subject: s\r\n\r\nbody\r\n")
     out = receive.prepare(forged, arrival)
-    header, _ = receive.split_header(out)
+    header, _ = message.split_header(out)
     assert out.startswith(b"Authentication-Results: mta.example.com; auth=pass smtp.auth=billing\r\n")
     assert header.count(b"mta.example.com;") == 1 and b"smtp.auth=ceo" not in out and b"bank.example" not in out
     assert b"garbage" not in out

@@ -46,7 +46,7 @@ PATHS = [
 def test_simple_paths_parse_as_aiosmtpd_parses_them() -> None:
     from aiosmtpd.smtp import SMTP
 
-    from mta.smtp import replies
+    from mta import replies
 
     config = Config.model_validate({"hostname": "mta.kubemta.test", "listeners": [
         {"name": "relay", "address": "127.0.0.1:2525", "mode": "relay", "trusted_networks": ["127.0.0.0/8"]}]})

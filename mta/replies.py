@@ -1,10 +1,15 @@
-"""The one place that turns outcomes and errors into SMTP replies.
+"""The reply vocabulary: typed SMTP replies and the catalogue of our own.
 
-Policy and receive code raise ``Rejected`` with a catalogue reply; anything
-else that escapes a session becomes a generic temporary failure, so a client
-never sees internals (the detail goes to the log with the queue id).  It also
-completes the replies aiosmtpd writes itself with an RFC 3463 enhanced status
-code, so that every 2xx/4xx/5xx reply carries one (RFC 2034).
+A leaf: it imports nothing of the project, so every stage may use it.  A
+``Reply`` is a basic code, an RFC 3463 enhanced status code (empty when a
+remote server gave none) and text.  Policy and receive code raise
+``Rejected`` with a catalogue reply; ``for_exception`` is the one place an
+exception becomes the reply a client sees — anything but ``Rejected`` is a
+generic temporary failure, so a client never sees internals (the detail
+goes to the log with the queue id).  ``parse`` and ``from_server`` read a
+reply that crossed the wire or was kept as text in the spool.
+
+Failure: ``parse`` of text that is no reply gives ``None``.
 """
 
 from __future__ import annotations
@@ -12,20 +17,50 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from spool import SpoolError
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})$")
+_DEFAULT_BY_CLASS = {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}
 
 
 @dataclass(frozen=True)
 class Reply:
     code: int
-    enhanced: str
+    enhanced: str  # "5.1.1"; "" when the server sent none
     text: str
 
     def __str__(self) -> str:
-        return f"{self.code} {self.enhanced} {self.text}"
+        if self.enhanced:
+            return f"{self.code} {self.enhanced} {self.text}".rstrip()
+        return f"{self.code} {self.text}".rstrip()
 
-    def with_text(self, text: str) -> Reply:
-        return Reply(self.code, self.enhanced, text)
+    @property
+    def status(self) -> str:
+        """The enhanced code, or the class default (``4.0.0``) when the server gave none."""
+        return self.enhanced or _DEFAULT_BY_CLASS.get(self.code // 100, "4.0.0")
+
+    @property
+    def positive(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+
+def from_server(code: int, message: str) -> Reply:
+    """A server's reply as aiosmtplib gives it: the code and the (multi-line) message."""
+    text = " ".join(message.split())
+    first, _, rest = text.partition(" ")
+    if _ENHANCED.match(first) and first[0] == str(code)[0]:
+        return Reply(code, first, rest)
+    return Reply(code, "", text)
+
+
+def parse(text: str) -> Reply | None:
+    """``"550 5.1.1 user unknown"`` -> a Reply; None for text that is not one."""
+    head, _, rest = text.strip().partition(" ")
+    if len(head) != 3 or not head.isdigit() or head[0] not in "245":
+        return None
+    return from_server(int(head), rest)
 
 
 class Rejected(Exception):
@@ -76,30 +111,6 @@ def for_exception(exc: BaseException) -> Reply:
     """The reply a client gets for an exception raised while serving it."""
     if isinstance(exc, Rejected):
         return exc.reply
-    if isinstance(exc, SpoolError):
-        return LOCAL_ERROR
     return LOCAL_ERROR
 
 
-# Enhanced codes for aiosmtpd's own replies, by basic code.
-_DEFAULT_ENHANCED = {
-    211: "2.0.0", 214: "2.0.0", 221: "2.0.0", 235: "2.7.0", 250: "2.0.0", 252: "2.0.0",
-    421: "4.3.2", 450: "4.2.0", 451: "4.3.0", 452: "4.3.1", 454: "4.7.0",
-    500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4",
-    530: "5.7.0", 534: "5.7.9", 535: "5.7.8", 538: "5.7.11",
-    550: "5.0.0", 551: "5.1.6", 552: "5.3.4", 553: "5.1.3", 554: "5.0.0", 555: "5.5.4",
-}
-_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
-_CODE = re.compile(r"^([245]\d\d)([ -])(.*)$", re.DOTALL)
-
-
-def add_enhanced_code(line: str) -> str:
-    """``'503 Error: need MAIL command'`` -> ``'503 5.5.1 Error: need MAIL command'``."""
-    if _HAS_ENHANCED.match(line):
-        return line
-    match = _CODE.match(line)
-    if not match:
-        return line  # 3xx intermediate replies carry no enhanced code
-    code = int(match.group(1))
-    enhanced = _DEFAULT_ENHANCED.get(code, f"{code // 100}.0.0")
-    return f"{code}{match.group(2)}{enhanced} {match.group(3)}"
