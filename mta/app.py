@@ -26,6 +26,7 @@ from mta.auth.throttle import Throttle
 from mta.config import Config
 from mta.control import ControlServer, socket_path
 from mta.delivery.client import ClientSettings, Connector
+from mta.delivery.courier import Courier
 from mta.delivery.mx import MxResolver, make_resolver
 from mta.dkim.keys import DkimKeyError, SigningKey
 from mta.dkim.signer import Signer
@@ -36,7 +37,9 @@ from mta.obs.http import HealthServer
 from mta.obs.log import event
 from mta.obs.stack import Observability
 from mta.policy.account import RateLimits
-from mta.scheduler.queue import Scheduler
+from mta.policy.admission import storage
+from mta.scheduler.operator import Operator
+from mta.scheduler.queue import Scheduler, assemble
 from mta.smtp.server import Listener
 from mta.smtp.session import AuthServices, SessionHandler
 from mta.smtp.tls import TlsError
@@ -115,13 +118,14 @@ class App:
             raise StartupError(f"spool.path {config.spool.path}: {exc.strerror}") from None
         event("spool_loaded", path=str(config.spool_shard), messages=len(loaded.records),
               quarantined=len(loaded.corrupt), removed_uncommitted=loaded.removed_uncommitted)
-        scheduler = Scheduler(self.spool, config, self._connector().open, signer=signer)
+        courier = Courier(self._connector().open, self.spool.message, signer)
+        scheduler, intake = assemble(self.spool, config, courier)
         scheduler.load(loaded.records)
         api = self.drain.api
         identity = IdentityMonitor(config, keys, scheduler,
                                    notify=(lambda reason, message, kind: try_event(api, reason, message, kind))
                                    if api is not None else None)
-        control = ControlServer(socket_path(config.spool.path), scheduler)
+        control = ControlServer(socket_path(config.spool.path), Operator(scheduler))
         host, port = config.http.host_port
         workers = Workers(config, self.spool, scheduler)
         health = HealthServer(host, port, {"listeners": self._listeners_ready, "spool": self._spool_ready,
@@ -140,7 +144,7 @@ class App:
                     continue
                 try:
                     credentials = Credentials(item.auth.credentials_file) if item.auth else None
-                    handler = SessionHandler(item, config, self.spool, scheduler, self.obs.admission(item.name),
+                    handler = SessionHandler(item, config, intake, [storage(self.obs.disk.ready, item.name)],
                                              credentials=credentials, services=services)
                     listener = Listener(item, config, handler)
                 except (CredentialsError, TlsError) as exc:
@@ -159,7 +163,7 @@ class App:
                 raise StartupError(f"http.address {config.http.address} or control socket: {exc.strerror}") \
                     from None
             try:
-                await self.drain.start(scheduler)
+                await self.drain.start(intake, scheduler.records)
             except OSError as exc:
                 raise StartupError(f"drain.listen {config.drain.listen}: {exc.strerror}") from None
             identity.start()

@@ -240,19 +240,20 @@ def _worker(channel_fd: int) -> int:
 
 
 def _queue_offline(config: Config, action: str, ids: list[str]) -> Any:
-    from mta.scheduler.queue import Scheduler
+    from mta.scheduler.operator import Operator
+    from mta.scheduler.queue import assemble
 
     spool = Spool(config.spool_shard, config.spool.sync)
     loaded = spool.open()
     try:
         async def run() -> Any:
-            scheduler = Scheduler(spool, config, opener=None)
+            # No courier: nothing is delivered, but a bounce queues its DSN.
+            scheduler, _ = assemble(spool, config, courier=None)
             scheduler.load(loaded.records)
-            if action == "list":
-                return scheduler.list()
-            if action == "show":
-                return {i: scheduler.show(i) for i in ids}
-            return await scheduler.act(action, ids)
+            response = await control.handle(Operator(scheduler), {"action": action, "ids": ids})
+            if not response["ok"]:
+                raise control.ControlError(response["error"])
+            return response["result"]
 
         return asyncio.run(run())
     finally:

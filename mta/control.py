@@ -17,7 +17,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from mta.scheduler.queue import Scheduler
+from mta.scheduler.operator import Operator
 
 log = logging.getLogger(__name__)
 
@@ -33,23 +33,23 @@ def socket_path(spool_root: Path) -> Path:
     return Path(spool_root) / "control.sock"
 
 
-async def handle(scheduler: Scheduler, request: dict[str, Any]) -> dict[str, Any]:
+async def handle(operator: Operator, request: dict[str, Any]) -> dict[str, Any]:
     action = request.get("action")
     ids = request.get("ids") or []
     if action not in ACTIONS or not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         return {"ok": False, "error": f"bad request; actions are {', '.join(ACTIONS)}"}
     if action == "list":
-        return {"ok": True, "result": scheduler.list()}
+        return {"ok": True, "result": operator.list()}
     if action == "show":
-        found = {i: scheduler.show(i) for i in ids}
+        found = {i: operator.show(i) for i in ids}
         return {"ok": True, "result": found}
-    return {"ok": True, "result": await scheduler.act(action, ids)}
+    return {"ok": True, "result": await operator.act(action, ids)}
 
 
 class ControlServer:
-    def __init__(self, path: Path, scheduler: Scheduler) -> None:
+    def __init__(self, path: Path, operator: Operator) -> None:
         self.path = path
-        self.scheduler = scheduler
+        self.operator = operator
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -64,7 +64,7 @@ class ControlServer:
             line = await asyncio.wait_for(reader.readline(), timeout=10)
             try:
                 request = json.loads(line)
-                response = await handle(self.scheduler, request) if isinstance(request, dict) else \
+                response = await handle(self.operator, request) if isinstance(request, dict) else \
                     {"ok": False, "error": "request must be a JSON object"}
             except ValueError:
                 response = {"ok": False, "error": "request is not JSON"}

@@ -39,9 +39,11 @@ from collections.abc import Callable
 from typing import Any
 
 from mta.config import Config, ListenerConfig
+from mta.intake import Intake
 from mta.obs import log as obs_log
 from mta.obs.log import event
 from mta.obs.stack import Observability
+from mta.policy.admission import storage
 from mta.scheduler.queue import Scheduler
 from mta.smtp.server import Listener
 from mta.smtp.session import SessionHandler
@@ -266,7 +268,7 @@ class Workers:
 
 
 class Announcer:
-    """What a worker's sessions hand their stored mail to: the channel to the main process."""
+    """A worker's end of the channel: its intake announces stored mail here, and its events go here."""
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
@@ -307,10 +309,11 @@ async def serve_worker(channel_fd: int) -> None:
     spool = Spool(config.spool_shard, config.spool.sync)
     spool.attach()
     announcer.time_stores(spool)
+    intake = Intake(spool, announcer.accept, config.queue.lifetime)
     listeners: list[Listener] = []
     try:
         for item in shared(config):
-            handler = SessionHandler(item, config, spool, announcer, obs.admission(item.name))
+            handler = SessionHandler(item, config, intake, [storage(obs.disk.ready, item.name)])
             listener = Listener(item, config, handler)
             await listener.start(reuse_port=True)
             listeners.append(listener)

@@ -10,31 +10,20 @@ can never bounce in turn.  Failure: none; it only formats.
 
 from __future__ import annotations
 
-import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime, make_msgid
 
-_REPLY_CODE = re.compile(r"^\d{3}\s")
-_ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
-
 
 @dataclass(frozen=True)
 class FailedRecipient:
     address: str
-    reply: str  # the remote reply, or our own explanation
+    status: str  # the RFC 3463 status: the remote reply's, or ours ("4.4.7" when it expired)
+    diagnostic: str  # the remote reply as it came, or our own explanation
     remote: str | None  # "mx.example.com[192.0.2.1]" when a server answered
     expired: bool = False
-
-    @property
-    def status(self) -> str:
-        match = _ENHANCED.search(self.reply)
-        if match:
-            code = match.group(0)
-            # A failed action must carry a non-success status.
-            return code if not code.startswith("2") else "5.0.0"
-        return "4.4.7" if self.expired else "5.0.0"
+    answered: bool = False  # the diagnostic is a server's reply (an "smtp" Diagnostic-Code)
 
 
 def _fold(text: str) -> str:
@@ -77,7 +66,7 @@ def build(
     for item in failed:
         why = "the message stayed in the queue too long" if item.expired else "the message was refused"
         host = f" by {item.remote}" if item.remote else ""
-        lines.append(f"<{item.address}>: {why}{host}: {_fold(item.reply)}")
+        lines.append(f"<{item.address}>: {why}{host}: {_fold(item.diagnostic)}")
     lines += [
         "",
         f"--{boundary}",
@@ -88,11 +77,13 @@ def build(
         f"Arrival-Date: {format_datetime(arrival)}",
     ]
     for item in failed:
-        lines += ["", f"Final-Recipient: rfc822; {item.address}", "Action: failed", f"Status: {item.status}"]
+        # A failed action must carry a non-success status.
+        status = item.status if item.status[:1] in ("4", "5") else "5.0.0"
+        lines += ["", f"Final-Recipient: rfc822; {item.address}", "Action: failed", f"Status: {status}"]
         if item.remote:
             lines.append(f"Remote-MTA: dns; {item.remote.split('[', 1)[0]}")
-        diagnostic = _fold(item.reply)
-        if _REPLY_CODE.match(diagnostic) and item.remote:
+        diagnostic = _fold(item.diagnostic)
+        if item.answered and item.remote:
             lines.append(f"Diagnostic-Code: smtp; {diagnostic}")
         else:
             lines.append(f"Diagnostic-Code: X-Kubemta; {diagnostic}")

@@ -6,7 +6,8 @@ source address, says EHLO with our host name and upgrades to TLS: always for
 smart hosts that ask for it (verified against the configured roots),
 opportunistically for MX hosts (unverified, and in plain text again if the
 handshake fails, as RFC 7435 allows).  ``Connection.send`` runs one mail
-transaction and maps every reply to an ``Outcome`` per recipient.
+transaction and maps every reply to an ``Outcome`` per recipient.  The
+courier (``mta.delivery.courier``) decides which connection a message uses.
 
 Failure: ``ConnectFailed`` carrying the outcome for every recipient of the
 hop; ``send`` never raises for remote trouble, it reports it, and marks the
@@ -24,9 +25,10 @@ from pathlib import Path
 
 import aiosmtplib
 
+from mta import replies
 from mta.delivery import result
 from mta.delivery.mx import LookupFailed, MxResolver
-from mta.delivery.result import Outcome
+from mta.delivery.result import Kind, Outcome, Tls
 from mta.delivery.route import NextHop
 from mta.message import has_bare_line_endings
 
@@ -56,7 +58,7 @@ class ClientSettings:
 
 
 def _reply_text(exc: aiosmtplib.SMTPResponseException) -> str:
-    return f"{exc.code} {' '.join(exc.message.split())}"
+    return str(replies.from_server(exc.code, exc.message))
 
 
 def read_credentials(path: Path) -> tuple[str, str]:
@@ -83,25 +85,38 @@ def _tls_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext:
 class Connection:
     """An open, greeted SMTP session with one server."""
 
-    def __init__(self, smtp: aiosmtplib.SMTP, remote: str) -> None:
+    def __init__(self, smtp: aiosmtplib.SMTP, mx_host: str | None, mx_ip: str | None) -> None:
         self.smtp = smtp
-        self.remote = remote
+        self.mx_host = mx_host
+        self.mx_ip = mx_ip
         self.usable = True
         self.transactions = 0
 
     @property
-    def tls(self) -> bool:
-        return self.tls_details() is not None
+    def remote(self) -> str:
+        """``mx.example.com[192.0.2.1]``, ``[192.0.2.1]`` for an address literal, a relay's ``host:port``."""
+        return result.remote_name(self.mx_host, self.mx_ip) or "?"
 
-    def tls_details(self) -> tuple[str, str | None] | None:
-        """(version, cipher) of the session's TLS, or None (plain text, or already closed)."""
+    @property
+    def tls(self) -> bool:
+        return self.tls_info() is not None
+
+    def tls_info(self) -> Tls | None:
+        """The session's TLS version and cipher, or None (plain text, or already closed)."""
         if not self.smtp.is_connected:
             return None
         ssl_object = self.smtp.get_transport_info("ssl_object")
         if ssl_object is None:
             return None
         cipher = ssl_object.cipher()
-        return ssl_object.version() or "", cipher[0] if cipher else None
+        return Tls(ssl_object.version() or "", cipher[0] if cipher else None)
+
+    def outcome(self, kind: Kind, code: int, enhanced: str, text: str) -> Outcome:
+        """An outcome of our own wording about this server."""
+        return Outcome(kind, replies.Reply(code, enhanced, text), self.mx_host, self.mx_ip, self.tls_info())
+
+    def _answered(self, exc: aiosmtplib.SMTPResponseException) -> Outcome:
+        return result.from_server(exc.code, exc.message, self.mx_host, self.mx_ip, self.tls_info())
 
     async def send(
         self, sender: str, recipients: Sequence[str], data: bytes, *, smtputf8: bool = False, eight_bit: bool = False
@@ -110,12 +125,13 @@ class Connection:
         if not smtp.is_connected:
             self.usable = False
             raise StaleConnection(f"{remote} closed the session")
+        tls = self.tls_info()
         outcomes: dict[str, Outcome] = {}
         options: list[str] = []
         encoding = "ascii"
         if smtputf8:
             if not smtp.supports_extension("smtputf8"):
-                outcome = result.permanent("553 5.6.7 remote server does not support SMTPUTF8", remote)
+                outcome = self.outcome(Kind.PERMANENT, 553, "5.6.7", "remote server does not support SMTPUTF8")
                 return dict.fromkeys(recipients, outcome)
             options.append("SMTPUTF8")
             encoding = "utf-8"
@@ -134,7 +150,7 @@ class Connection:
                     raise StaleConnection(str(exc)) from None
                 raise
             except aiosmtplib.SMTPResponseException as exc:
-                outcome = result.from_reply(exc.code, " ".join(exc.message.split()), remote)
+                outcome = self._answered(exc)
                 await self._reset_after(exc.code)
                 return dict.fromkeys(recipients, outcome)
             accepted = []
@@ -143,7 +159,7 @@ class Connection:
                     await smtp.rcpt(rcpt, encoding=encoding)
                     accepted.append(rcpt)
                 except aiosmtplib.SMTPResponseException as exc:
-                    outcomes[rcpt] = result.from_reply(exc.code, " ".join(exc.message.split()), remote)
+                    outcomes[rcpt] = self._answered(exc)
                     if exc.code == 421:
                         raise
             if not accepted:
@@ -152,12 +168,12 @@ class Connection:
             try:
                 response = await self._data(data)
             except aiosmtplib.SMTPResponseException as exc:
-                outcome = result.from_reply(exc.code, " ".join(exc.message.split()), remote)
+                outcome = self._answered(exc)
                 if exc.code == 421:
                     self.usable = False
                 outcomes.update(dict.fromkeys(accepted, outcome))
                 return outcomes
-            done = result.delivered(f"{response.code} {' '.join(response.message.split())}", remote)
+            done = result.from_server(response.code, response.message, self.mx_host, self.mx_ip, tls)
             outcomes.update(dict.fromkeys(accepted, done))
             return outcomes
         except (aiosmtplib.SMTPException, OSError) as exc:
@@ -165,7 +181,8 @@ class Connection:
             # answered for is undecided and will be tried again.
             self.usable = False
             reply = _reply_text(exc) if isinstance(exc, aiosmtplib.SMTPResponseException) else f"{exc}"
-            outcome = result.transient(f"451 4.4.2 connection to {remote} lost: {reply}", remote)
+            outcome = Outcome(Kind.TRANSIENT, replies.Reply(451, "4.4.2", f"connection to {remote} lost: {reply}"),
+                              self.mx_host, self.mx_ip, tls)
             for rcpt in recipients:
                 outcomes.setdefault(rcpt, outcome)
             return outcomes
@@ -237,7 +254,7 @@ class Connector:
         try:
             hosts = await self.mx.mx_hosts(domain)
         except LookupFailed as exc:
-            raise ConnectFailed(Outcome(result.Kind.PERMANENT if exc.permanent else result.Kind.TRANSIENT,
+            raise ConnectFailed(Outcome(Kind.PERMANENT if exc.permanent else Kind.TRANSIENT,
                                         exc.reply)) from None
         tried = 0
         last: Outcome | None = None
@@ -247,54 +264,61 @@ class Connector:
                 addresses = await self.mx.addresses(host.name, self._families())
             except LookupFailed as exc:
                 lookup_permanent = lookup_permanent and exc.permanent
-                last = result.transient(exc.reply)
+                last = Outcome(Kind.TRANSIENT, exc.reply)
                 continue
             for address in addresses:
                 if tried >= MAX_ADDRESSES:
                     break
                 tried += 1
-                remote = host.name if host.name.startswith("[") else f"{host.name}[{address}]"
+                mx_host = None if host.name.startswith("[") else host.name
                 try:
-                    return await self._connect(address, self.settings.port, remote, tls="opportunistic",
+                    return await self._connect(address, self.settings.port, mx_host, address, tls="opportunistic",
                                                server_name=host.name)
                 except ConnectFailed as exc:
                     last = exc.outcome
-                    log.info("delivery to %s: %s", remote, exc.outcome.reply)
+                    log.info("delivery to %s: %s", exc.outcome.remote, exc.outcome.reply)
         if tried == 0 and lookup_permanent:
             # Every mail exchanger name is dead in DNS (or the domain has no
             # address at all): waiting will not help.
-            raise ConnectFailed(result.permanent(f"550 5.1.2 no address found for the mail exchangers of {domain}"))
-        raise ConnectFailed(last or result.transient(f"451 4.4.1 no mail exchanger of {domain} answered"))
+            raise ConnectFailed(result.permanent(550, "5.1.2", f"no address found for the mail exchangers of {domain}"))
+        raise ConnectFailed(last or result.transient(451, "4.4.1", f"no mail exchanger of {domain} answered"))
 
     async def _open_relay(self, hop: NextHop) -> Connection:
         route = hop.route
         assert route is not None
         host, port = route.relay_host_port
-        connection = await self._connect(host, port, hop.name, tls=route.tls, server_name=host,
+        connection = await self._connect(host, port, hop.name, None, tls=route.tls, server_name=host,
                                          verify=route.tls_verify, ca_file=route.ca_file)
         if route.auth_file is not None:
             if not connection.tls and route.tls != "none":
                 await connection.close()
                 raise ConnectFailed(result.transient(
-                    f"454 4.7.0 smart host {hop.name} offered no TLS; credentials not sent"))
+                    454, "4.7.0", f"smart host {hop.name} offered no TLS; credentials not sent"))
             try:
                 user, password = read_credentials(route.auth_file)
             except (OSError, ValueError) as exc:
                 await connection.close()
-                raise ConnectFailed(result.transient(f"451 4.3.5 smart host credentials unusable: {exc}")) from None
+                raise ConnectFailed(result.transient(451, "4.3.5", f"smart host credentials unusable: {exc}")) \
+                    from None
             try:
                 await connection.smtp.login(user, password)
             except aiosmtplib.SMTPException as exc:
                 await connection.close()
                 detail = _reply_text(exc) if isinstance(exc, aiosmtplib.SMTPResponseException) else str(exc)
-                raise ConnectFailed(result.transient(
-                    f"454 4.7.0 authentication to smart host {hop.name} failed: {detail}", hop.name)) from None
+                raise ConnectFailed(connection.outcome(
+                    Kind.TRANSIENT, 454, "4.7.0", f"authentication to smart host {hop.name} failed: {detail}")) \
+                    from None
         return connection
 
-    async def _connect(self, address: str, port: int, remote: str, *, tls: str, server_name: str,
-                       verify: bool = False, ca_file: Path | None = None, plaintext_retry: bool = True
-                       ) -> Connection:
+    async def _connect(self, address: str, port: int, mx_host: str | None, mx_ip: str | None, *, tls: str,
+                       server_name: str, verify: bool = False, ca_file: Path | None = None,
+                       plaintext_retry: bool = True) -> Connection:
         settings = self.settings
+        remote = result.remote_name(mx_host, mx_ip)
+
+        def failed(code: int, enhanced: str, text: str) -> ConnectFailed:
+            return ConnectFailed(Outcome(Kind.TRANSIENT, replies.Reply(code, enhanced, text), mx_host, mx_ip))
+
         context = _tls_context(verify, ca_file)
         smtp = aiosmtplib.SMTP(
             hostname=address,
@@ -313,11 +337,10 @@ class Connector:
             await smtp.ehlo()
         except aiosmtplib.SMTPResponseException as exc:
             smtp.close()
-            raise ConnectFailed(result.transient(f"451 4.4.0 {remote} refused the session: {_reply_text(exc)}",
-                                                 remote)) from None
+            raise failed(451, "4.4.0", f"{remote} refused the session: {_reply_text(exc)}") from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             smtp.close()
-            raise ConnectFailed(result.transient(f"451 4.4.1 cannot connect to {remote}: {exc}", remote)) from None
+            raise failed(451, "4.4.1", f"cannot connect to {remote}: {exc}") from None
         if tls in ("starttls", "opportunistic"):
             if smtp.supports_extension("starttls"):
                 try:
@@ -326,11 +349,10 @@ class Connector:
                     smtp.close()
                     if tls == "opportunistic" and plaintext_retry:
                         log.warning("STARTTLS with %s failed (%s); retrying in plain text", remote, exc)
-                        return await self._connect(address, port, remote, tls="none", server_name=server_name,
-                                                   plaintext_retry=False)
-                    raise ConnectFailed(result.transient(f"454 4.7.5 TLS with {remote} failed: {exc}", remote)) \
-                        from None
+                        return await self._connect(address, port, mx_host, mx_ip, tls="none",
+                                                   server_name=server_name, plaintext_retry=False)
+                    raise failed(454, "4.7.5", f"TLS with {remote} failed: {exc}") from None
             elif tls == "starttls":
-                await Connection(smtp, remote).close()
-                raise ConnectFailed(result.transient(f"454 4.7.4 {remote} does not offer STARTTLS", remote))
-        return Connection(smtp, remote)
+                await Connection(smtp, mx_host, mx_ip).close()
+                raise failed(454, "4.7.4", f"{remote} does not offer STARTTLS")
+        return Connection(smtp, mx_host, mx_ip)

@@ -6,7 +6,7 @@ equal preferences shuffled; no MX record means the domain's own A/AAAA
 (implicit MX); a null MX (RFC 7505) or a domain that does not exist is a
 permanent failure.  A DNS timeout or SERVFAIL is a transient failure.
 
-Failure: ``LookupFailed`` with ``permanent`` set, and an SMTP-style reply.
+Failure: ``LookupFailed`` with ``permanent`` set, and a typed reply.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
+from mta.replies import Reply
+
 
 class LookupFailed(Exception):
-    def __init__(self, permanent: bool, reply: str) -> None:
-        super().__init__(reply)
+    def __init__(self, permanent: bool, code: int, enhanced: str, text: str) -> None:
+        super().__init__(text)
         self.permanent = permanent
-        self.reply = reply
+        self.reply = Reply(code, enhanced, text)
 
 
 @dataclass(frozen=True)
@@ -57,13 +59,13 @@ class MxResolver:
         try:
             return await self.resolver.resolve(name, rdtype, search=False)
         except dns.resolver.NXDOMAIN:
-            raise LookupFailed(True, f"550 5.1.2 domain {name} does not exist") from None
+            raise LookupFailed(True, 550, "5.1.2", f"domain {name} does not exist") from None
         except dns.resolver.NoAnswer:
             return None
         except (dns.resolver.NoNameservers, dns.exception.Timeout) as exc:
-            raise LookupFailed(False, f"451 4.4.3 DNS lookup of {name}/{rdtype} failed: {exc}") from None
+            raise LookupFailed(False, 451, "4.4.3", f"DNS lookup of {name}/{rdtype} failed: {exc}") from None
         except dns.exception.DNSException as exc:
-            raise LookupFailed(False, f"451 4.4.3 DNS lookup of {name}/{rdtype} failed: {exc}") from None
+            raise LookupFailed(False, 451, "4.4.3", f"DNS lookup of {name}/{rdtype} failed: {exc}") from None
 
     async def mx_hosts(self, domain: str) -> list[MxHost]:
         """The hosts to try for ``domain``, best first."""
@@ -74,7 +76,7 @@ class MxResolver:
             return [MxHost(domain, 0)]  # implicit MX
         records = [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer]
         if any(name in ("", ".") for _, name in records):
-            raise LookupFailed(True, f"556 5.1.10 domain {domain} accepts no mail (null MX)")
+            raise LookupFailed(True, 556, "5.1.10", f"domain {domain} accepts no mail (null MX)")
         by_pref: dict[int, list[str]] = {}
         for pref, name in records:
             by_pref.setdefault(pref, []).append(name.lower())

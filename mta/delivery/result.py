@@ -1,10 +1,19 @@
-"""The result of a delivery attempt for one recipient."""
+"""The result of a delivery attempt for one recipient.
+
+An ``Outcome`` is what the courier reports and the scheduler decides on: a
+kind (delivered, try again later, never), the typed reply that says why —
+the remote server's, or our own wording when no server answered — and,
+when a server was reached, its MX host name, its address and the session's
+TLS.  Failure: none; these are values.
+"""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from enum import Enum
+
+from mta import replies
+from mta.replies import Reply
 
 
 class Kind(Enum):
@@ -13,41 +22,63 @@ class Kind(Enum):
     PERMANENT = "permanent"  # never: bounce
 
 
-_ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+@dataclass(frozen=True)
+class Tls:
+    version: str
+    cipher: str | None
 
 
 @dataclass(frozen=True)
 class Outcome:
     kind: Kind
-    reply: str  # "550 5.1.1 <x@y>: user unknown", or our own wording
-    remote: str | None = None  # "mx.example.com[192.0.2.1]" when a server answered
+    reply: Reply
+    mx_host: str | None = None  # the server's name ("mx.example.com"; a relay's "host:port")
+    mx_ip: str | None = None  # the address connected to, when known
+    tls: Tls | None = None  # the session's TLS, when a session carried the transaction
+
+    @property
+    def remote(self) -> str | None:
+        return remote_name(self.mx_host, self.mx_ip)
 
     @property
     def enhanced(self) -> str:
         """The enhanced status code, from the reply or a default for the kind."""
-        match = _ENHANCED.search(self.reply)
-        if match:
-            return match.group(0)
+        if self.reply.enhanced:
+            return self.reply.enhanced
         return {Kind.DELIVERED: "2.0.0", Kind.TRANSIENT: "4.0.0", Kind.PERMANENT: "5.0.0"}[self.kind]
 
 
-def delivered(reply: str, remote: str | None) -> Outcome:
-    return Outcome(Kind.DELIVERED, reply, remote)
+def remote_name(mx_host: str | None, mx_ip: str | None) -> str | None:
+    """``mx.example.com[192.0.2.1]`` (``[192.0.2.1]`` for an address literal, a relay's ``host:port``),
+    as logs and DSNs name a server; None when none answered."""
+    if mx_ip is not None:
+        return f"{mx_host or ''}[{mx_ip}]"
+    return mx_host
 
 
-def transient(reply: str, remote: str | None = None) -> Outcome:
-    return Outcome(Kind.TRANSIENT, reply, remote)
+def transient(code: int, enhanced: str, text: str) -> Outcome:
+    """A failure of our own wording that may go away (no server answered for it)."""
+    return Outcome(Kind.TRANSIENT, Reply(code, enhanced, text))
 
 
-def permanent(reply: str, remote: str | None = None) -> Outcome:
-    return Outcome(Kind.PERMANENT, reply, remote)
+def permanent(code: int, enhanced: str, text: str) -> Outcome:
+    """A failure of our own wording that will not go away."""
+    return Outcome(Kind.PERMANENT, Reply(code, enhanced, text))
 
 
-def from_reply(code: int, text: str, remote: str | None) -> Outcome:
-    """Classify a server's reply by its first digit."""
-    reply = f"{code} {text}".strip()
-    if 200 <= code < 300:
-        return delivered(reply, remote)
-    if 500 <= code < 600:
-        return permanent(reply, remote)
-    return transient(reply, remote)
+def from_reply(reply: Reply, mx_host: str | None = None, mx_ip: str | None = None,
+               tls: Tls | None = None) -> Outcome:
+    """Classify a reply by its first digit."""
+    if reply.positive:
+        kind = Kind.DELIVERED
+    elif reply.permanent:
+        kind = Kind.PERMANENT
+    else:
+        kind = Kind.TRANSIENT
+    return Outcome(kind, reply, mx_host, mx_ip, tls)
+
+
+def from_server(code: int, message: str, mx_host: str | None = None, mx_ip: str | None = None,
+                tls: Tls | None = None) -> Outcome:
+    """A server's reply as aiosmtplib reports it."""
+    return from_reply(replies.from_server(code, message), mx_host, mx_ip, tls)

@@ -1,10 +1,10 @@
 """The handoff endpoint: takes another pod's queued mail into this spool.
 
-Listens on ``drain.listen``.  A verified request is stored durably (same
-protocol as a received message: fsync before the answer), keeping the
-record's per-recipient state, attempts, next attempt and expiry, then given
-to the scheduler, which delivers it when it is due; nothing is retried
-early.  An id this pod already holds is answered ``duplicate`` and not
+Listens on ``drain.listen``.  A verified request goes through the intake
+(``Intake.put_record``: stored durably, fsync before the answer, then
+announced to the scheduler), keeping the record's per-recipient state,
+attempts, next attempt and expiry; the scheduler delivers it when it is
+due, nothing is retried early.  An id this pod already holds is answered ``duplicate`` and not
 stored twice, so a sender may safely repeat a request.
 
 Answers: 200 ``accepted``/``duplicate``; 401 bad or missing signature; 400
@@ -15,15 +15,14 @@ cannot store it (the sender keeps the message and tries another pod).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Container
 
 from aiohttp import web
 
 from mta.drain import wire
+from mta.intake import Intake
 from mta.obs.log import event
-from mta.scheduler.queue import Scheduler
-from spool import Spool, SpoolError
-from spool.store import DEFERRED, HOLD
+from spool import SpoolError
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +30,12 @@ METADATA_ALLOWANCE = 1024 * 1024
 
 
 class HandoffServer:
-    def __init__(self, host: str, port: int, secret: bytes, spool: Spool, scheduler: Scheduler,
+    def __init__(self, host: str, port: int, secret: bytes, intake: Intake, queued: Container[str],
                  max_message_size: int, stopping: Callable[[], bool]) -> None:
         self.host, self.port = host, port
         self.secret = secret
-        self.spool = spool
-        self.scheduler = scheduler
+        self.intake = intake
+        self.queued = queued  # the ids this pod holds
         self.max_body = max_message_size + METADATA_ALLOWANCE
         self.stopping = stopping
         self.runner: web.AppRunner | None = None
@@ -69,18 +68,14 @@ class HandoffServer:
         except wire.WireError as exc:
             event("handoff_refused", level=logging.WARNING, client=peer, reason=str(exc))
             return web.json_response({"error": str(exc)}, status=400)
-        if record.id in self.scheduler.records:
+        if record.id in self.queued:
             event("handoff_duplicate", queue_id=record.id, client=peer)
             return web.json_response({"result": "duplicate", "id": record.id})
-        state = record.state
         try:
-            stored = await self.spool.store(message, record)
-            if state in (DEFERRED, HOLD):
-                stored = await self.spool.save(stored, state)
+            stored = await self.intake.put_record(record, message)
         except SpoolError as exc:
             log.error("queue_id=%s handoff not stored: %s", record.id, exc)
             return web.json_response({"error": "cannot store"}, status=500)
         event("handoff_accepted", queue_id=stored.id, client=peer, state=stored.state, attempts=stored.attempts,
               pending=len(stored.pending()), recipients=len(stored.recipients))
-        self.scheduler.accept(stored)
         return web.json_response({"result": "accepted", "id": stored.id})

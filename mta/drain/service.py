@@ -19,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Container
 
 from mta.config import Config, parse_host_port
 from mta.drain import wire
 from mta.drain.receiver import HandoffServer
 from mta.drain.sender import DrainReport, hand_over
+from mta.intake import Intake
 from mta.k8s.api import KubeApi, KubeError, try_event
 from mta.k8s.identity import IdentityError, PodIdentity, pod_identity
 from mta.obs.log import event
@@ -78,11 +80,11 @@ class DrainService:
             except (IdentityError, KubeError) as exc:
                 raise DrainError(f"kubernetes: {exc}") from None
 
-    async def start(self, scheduler: Scheduler) -> None:
+    async def start(self, intake: Intake, queued: Container[str]) -> None:
         if self.config.drain.listen is None or self.secret is None:
             return
         host, port = parse_host_port(self.config.drain.listen)
-        self.server = HandoffServer(host, port, self.secret, self.spool, scheduler,
+        self.server = HandoffServer(host, port, self.secret, intake, queued,
                                     self.config.limits.max_message_size, lambda: self.stopping)
         await self.server.start()
 

@@ -1,10 +1,11 @@
 """The observability parts of one ``mta serve``, built and wired together.
 
 Owns the lifetime of the metrics registry, the disk guard and the webhook
-sender, and what ``mta.app`` needs from them: the log set-up, admission
-checks for the listeners, readiness checks for ``/readyz``, and the event
-subscriptions.  ``mta.app`` calls ``setup_logging``, ``attach``, ``start``
-and ``stop``; nothing else here is its business.
+sender, and what ``mta.app`` needs from them: the log set-up, readiness
+checks for ``/readyz``, and the event subscriptions (the disk guard's
+refusal of new mail is admission policy: ``mta.policy.admission``).
+``mta.app`` calls ``setup_logging``, ``attach``, ``start`` and ``stop``;
+nothing else here is its business.
 
 Failure: ``start`` raises ``OSError`` when the webhook outbox cannot be
 created; ``stop`` never raises and is safe to call when ``start`` was not.
@@ -20,10 +21,8 @@ from mta.config import Config
 from mta.obs import log as obs_log
 from mta.obs.disk import DiskGuard
 from mta.obs.http import HealthServer
-from mta.obs.log import event
 from mta.obs.metrics import Metrics, QueueSnapshot
 from mta.obs.webhooks import Webhooks
-from mta.replies import Rejected
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +43,6 @@ class Observability:
     def checks(self) -> dict[str, Callable[[], tuple[bool, str]]]:
         """Readiness checks to add to ``/readyz``."""
         return {"disk": self.disk.ready}
-
-    def admission(self, listener: str) -> list[Callable[[], None]]:
-        """Checks run at MAIL FROM on ``listener``: refuse new mail below the disk reserve."""
-
-        def disk() -> None:
-            try:
-                self.disk.admission()
-            except Rejected as exc:
-                event("rejected", level=logging.WARNING, listener=listener, reply=str(exc.reply),
-                      reason=exc.detail)
-                raise
-
-        return [disk]
 
     def attach(self, scheduler: Any, spool: Any, health: HealthServer, listeners: Callable[[], Iterable[Any]],
                workers: Any = None) -> None:

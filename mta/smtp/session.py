@@ -4,9 +4,10 @@ The aiosmtpd handler for one listener.  AUTH (PLAIN, LOGIN) checks the
 credentials file off the event loop, with brute-force throttling per client
 address and per user name.  MAIL and RCPT check address syntax, the
 account's policy and relay permission (a trusted network, or AUTH); DATA
-prepares the message (``mta.receive``), makes it durable in the spool and
-only then answers ``250 ... queued as ID``.  Every error, expected or not,
-becomes a reply through ``mta.smtp.replies``.
+prepares the message (``mta.receive``), puts it through the intake
+(``mta.intake``: durable in the spool, then announced) and only then answers
+``250 ... queued as ID``.  Every error, expected or not, becomes a reply
+through ``mta.replies.for_exception``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import asyncio
 import base64
 import binascii
 import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
@@ -26,19 +26,16 @@ from mta import message, receive, replies
 from mta.auth.credentials import Credentials
 from mta.auth.throttle import Throttle
 from mta.config import Config, ListenerConfig
+from mta.intake import Envelope as QueuedEnvelope
+from mta.intake import Intake
 from mta.obs.log import event
 from mta.policy import account, address, relay
+from mta.policy.admission import Admission
 from mta.replies import Rejected
 from mta.smtp.dispatch import DispatchNames
-from spool import Recipient, Record, Spool
 from spool.ids import new_id
 
 log = logging.getLogger(__name__)
-
-# A check run at MAIL FROM before a transaction starts (disk space, ...): it
-# raises ``replies.Rejected`` to refuse new mail.
-Admission = Callable[[], None]
-
 
 @dataclass
 class AuthServices:
@@ -62,20 +59,13 @@ def is_tls(server: SMTP) -> bool:
     return bool(transport is not None and transport.get_extra_info("sslcontext"))
 
 
-class Queue(Protocol):
-    """Where stored mail goes: the scheduler, or in a worker process the channel to it."""
-
-    def accept(self, record: Record) -> None: ...
-
-
 class SessionHandler(DispatchNames):
-    def __init__(self, listener: ListenerConfig, config: Config, spool: Spool, scheduler: Queue,
+    def __init__(self, listener: ListenerConfig, config: Config, intake: Intake,
                  admission: Sequence[Admission] = (), *, credentials: Credentials | None = None,
                  services: AuthServices | None = None) -> None:
         self.listener = listener
         self.config = config
-        self.spool = spool
-        self.scheduler = scheduler
+        self.intake = intake
         self.admission = list(admission)
         self.credentials = credentials
         limits = config.limits
@@ -242,7 +232,6 @@ class SessionHandler(DispatchNames):
         user = self._user(session)
         client = client_address(session)
         try:
-            now = time.time()
             raw = envelope.original_content or b""
             self._check_content(raw, user)
             protocol = "ESMTP" if session.extended_smtp else "SMTP"
@@ -261,16 +250,11 @@ class SessionHandler(DispatchNames):
                 auth_user=user,
                 authserv_id=self.config.authserv_id,
             )
-            message = receive.prepare(raw, arrival)
+            prepared = receive.prepare(raw, arrival)
             options = {o.upper() for o in envelope.mail_options}
-            record = Record(
-                id=queue_id,
+            queued = QueuedEnvelope(
                 sender="" if envelope.mail_from in (None, "", "<>") else envelope.mail_from,
-                recipients=[Recipient(r) for r in envelope.rcpt_tos],
-                created=now,
-                expires=now + self.config.queue.lifetime,
-                next_attempt=now,
-                size=len(message),
+                recipients=envelope.rcpt_tos,
                 attrs={
                     "listener": self.listener.name,
                     "client": client,
@@ -280,7 +264,7 @@ class SessionHandler(DispatchNames):
                     "8bitmime": "BODY=8BITMIME" in options,
                 },
             )
-            stored = await self.spool.store(message, record)
+            stored = await self.intake.put(queued, prepared, queue_id=queue_id)
         except Exception as exc:  # noqa: BLE001 - every failure must still get a reply
             reply = replies.for_exception(exc)
             if not isinstance(exc, Rejected):
@@ -289,11 +273,10 @@ class SessionHandler(DispatchNames):
                   client=client, user=user, reply=str(reply), reason=str(exc) or type(exc).__name__)
             return str(reply)
         if user is not None:
-            self.services.rates.record(user, len(record.recipients))
+            self.services.rates.record(user, len(stored.recipients))
         event("received", queue_id=queue_id, listener=self.listener.name, client=client,
-              helo=session.host_name, user=user, tls=is_tls(server), sender=record.sender or "<>",
-              recipients=len(record.recipients), size=stored.size)
-        self.scheduler.accept(stored)
+              helo=session.host_name, user=user, tls=is_tls(server), sender=stored.sender or "<>",
+              recipients=len(stored.recipients), size=stored.size)
         return str(replies.queued(queue_id))
 
     async def handle_exception(self, error: Exception) -> str:

@@ -38,9 +38,9 @@ def test_dsn_is_a_valid_multipart_report() -> None:
     raw = dsn.build(
         reporting_mta="mta.example.com", queue_id="Q1", original_sender="sender@example.com",
         original_header=b"Subject: hello\r\nMessage-ID: <orig@example.com>\r\n", arrival=when,
-        failed=[dsn.FailedRecipient("nobody@example.net", "550 5.1.1 <nobody@example.net>: User unknown",
-                                    "mx.example.net[192.0.2.25]"),
-                dsn.FailedRecipient("late@example.org", "4.4.7 message expired", None, expired=True)],
+        failed=[dsn.FailedRecipient("nobody@example.net", "5.1.1", "550 5.1.1 <nobody@example.net>: User unknown",
+                                    "mx.example.net[192.0.2.25]", answered=True),
+                dsn.FailedRecipient("late@example.org", "4.4.7", "4.4.7 message expired", None, expired=True)],
         now=when,
     )
     msg = email.message_from_bytes(raw)

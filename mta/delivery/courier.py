@@ -1,0 +1,145 @@
+"""The courier: carries one message to one next hop and reports.
+
+``Courier.deliver(hop, parcel)`` is the whole interface the scheduler sees
+(chasquid's ``Courier.Deliver``): it signs the message (DKIM), takes a kept-
+open connection to the hop or opens one, runs the transaction and returns a
+``Report`` — an ``Outcome`` per recipient, and whether the hop could be
+reached at all.  Connections stay open between deliveries, at most
+``per_connection`` transactions each; a kept-open connection the server has
+closed meanwhile is replaced once, since nothing was sent on it.  The
+scheduler says when idle connections are no longer wanted (``release``) or
+must not be used again (``discard``, after a throttle).
+
+Failure: ``deliver`` never raises for remote or local trouble, it reports
+it: a hop that cannot be reached gives ``reached=False`` with the reason for
+every recipient; a signing failure or any unexpected error is a temporary
+local failure.  It never sleeps, retries later or touches the spool.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from mta.delivery import result
+from mta.delivery.client import ConnectFailed, Connection, StaleConnection
+from mta.delivery.result import Outcome
+from mta.delivery.route import NextHop
+from mta.dkim.signer import Signer, SigningError
+from mta.obs.log import event
+
+log = logging.getLogger(__name__)
+
+Opener = Callable[[NextHop], Awaitable[Connection]]
+Content = Callable[[str], Awaitable[bytes]]  # the stored message by queue id
+
+
+@dataclass(frozen=True)
+class Parcel:
+    """One message, for those of its recipients that share a next hop."""
+
+    queue_id: str
+    sender: str  # "" for the null sender
+    recipients: list[str]
+    size: int
+    smtputf8: bool = False
+    eight_bit: bool = False
+
+
+@dataclass
+class Report:
+    outcomes: dict[str, Outcome]
+    reached: bool = True  # False: the hop cannot be reached now, which holds for all its mail
+    server: str | None = None  # the host that answered ("" for an address literal), when one did
+
+
+class Courier:
+    def __init__(self, opener: Opener, content: Content, signer: Signer | None = None) -> None:
+        self.opener = opener
+        self.content = content
+        self.signer = signer
+        self._idle: dict[NextHop, list[Connection]] = {}
+
+    async def deliver(self, hop: NextHop, parcel: Parcel, per_connection: int) -> Report:
+        connection: Connection | None = None
+        try:
+            data = await self.content(parcel.queue_id)
+            if self.signer is not None:
+                try:
+                    data = self.signer.sign(data)
+                except SigningError as exc:
+                    # Never send unsigned what a key is configured for: try later.
+                    event("dkim_failed", level=logging.ERROR, queue_id=parcel.queue_id, reason=str(exc))
+                    return Report(dict.fromkeys(parcel.recipients, result.transient(451, "4.7.0", str(exc))))
+            connection = await self._take(hop, per_connection)
+            try:
+                outcomes = await self._send(connection, parcel, data)
+            except StaleConnection:
+                # Nothing was sent on the old session: once more on a fresh one.
+                await connection.close()
+                connection = None
+                connection = await self.opener(hop)
+                outcomes = await self._send(connection, parcel, data)
+        except ConnectFailed as exc:
+            event("connect_failed", level=logging.WARNING, queue_id=parcel.queue_id, destination=str(hop),
+                  reply=str(exc.outcome.reply))
+            return Report(dict.fromkeys(parcel.recipients, exc.outcome), reached=False)
+        except Exception:
+            log.exception("queue_id=%s delivery attempt failed locally", parcel.queue_id)
+            if connection is not None:
+                connection.usable = False
+            local = result.transient(451, "4.3.0", "local error during delivery")
+            return Report(dict.fromkeys(parcel.recipients, local))
+        finally:
+            if connection is not None:
+                await self._put_back(hop, connection, per_connection)
+        return Report(outcomes, server=connection.mx_host or "")
+
+    async def _take(self, hop: NextHop, per_connection: int) -> Connection:
+        idle = self._idle.get(hop)
+        while idle:
+            connection = idle.pop()
+            if connection.usable and connection.transactions < per_connection:
+                return connection
+            await connection.close()
+        return await self.opener(hop)
+
+    async def _put_back(self, hop: NextHop, connection: Connection, per_connection: int) -> None:
+        if connection.usable and connection.transactions < per_connection:
+            self._idle.setdefault(hop, []).append(connection)
+        else:
+            await connection.close()
+
+    async def _send(self, connection: Connection, parcel: Parcel, data: bytes) -> dict[str, Outcome]:
+        domain = parcel.recipients[0].rpartition("@")[2].lower() if parcel.recipients else None
+        tls = connection.tls_info()
+        tls_fields = {"tls": False} if tls is None else {"tls": True, "tls_version": tls.version,
+                                                          "tls_cipher": tls.cipher}
+        event("attempt", queue_id=parcel.queue_id, remote=connection.remote, **tls_fields,
+              recipients=len(parcel.recipients), size=parcel.size, domain=domain)
+        started = time.monotonic()
+        outcomes = await connection.send(parcel.sender, parcel.recipients, data, smtputf8=parcel.smtputf8,
+                                         eight_bit=parcel.eight_bit)
+        event("attempt_done", level=logging.DEBUG, queue_id=parcel.queue_id, remote=connection.remote,
+              domain=domain, duration=round(time.monotonic() - started, 6), recipients=len(parcel.recipients))
+        return outcomes
+
+    async def discard(self, hop: NextHop) -> None:
+        """Close the hop's idle connections: it asked us to slow down."""
+        for connection in self._idle.pop(hop, []):
+            connection.usable = False
+            await connection.close()
+
+    async def release(self, hop: NextHop, keep: int) -> None:
+        """Keep at most ``keep`` idle connections to ``hop`` (those its remaining senders may reuse)."""
+        idle = self._idle.get(hop, [])
+        while len(idle) > keep:
+            await idle.pop(0).close()
+        if not idle:
+            self._idle.pop(hop, None)
+
+    async def close(self) -> None:
+        for hop in list(self._idle):
+            await self.release(hop, 0)

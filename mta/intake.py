@@ -1,0 +1,72 @@
+"""The one way into the queue: store durably, then announce.
+
+Every producer of mail — an SMTP session, the HTTP handoff from another
+pod, a bounce — calls ``Intake.put`` (chasquid's ``Queue.Put``): it builds
+the spool record, stores it (``fsync`` before it returns) and only then
+announces it to whoever schedules it.  In ``mta serve`` the announcement
+goes to the scheduler in the same process; in a worker process it goes
+over the channel to the main process (``mta.workers``); both are an
+``announce`` callable, so producers do not know which.
+
+Failure: ``SpoolError`` from the store propagates and nothing is
+announced; the producer answers its client (``451``, ``500``) and keeps
+nothing.  An announcement cannot fail the put: the record is on disk and a
+worker's unannounced mail is found again by the rescan.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from spool import Recipient, Record, Spool
+from spool.ids import new_id
+from spool.store import DEFERRED, HOLD
+
+Announce = Callable[[Record], None]
+
+
+@dataclass(frozen=True)
+class Envelope:
+    sender: str  # "" for the null sender
+    recipients: Sequence[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    lifetime: float | None = None  # seconds in the queue; None: queue.lifetime
+
+
+class Intake:
+    def __init__(self, spool: Spool, announce: Announce, lifetime: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.spool = spool
+        self.announce = announce
+        self.lifetime = lifetime
+        self.clock = clock
+
+    async def put(self, envelope: Envelope, data: bytes, *, queue_id: str | None = None) -> Record:
+        """Queue a new message; ``queue_id`` when the producer already named it (a Received header)."""
+        now = self.clock()
+        lifetime = self.lifetime if envelope.lifetime is None else envelope.lifetime
+        record = Record(
+            id=queue_id or new_id(now),
+            sender=envelope.sender,
+            recipients=[Recipient(address) for address in envelope.recipients],
+            created=now,
+            expires=now + lifetime,
+            next_attempt=now,
+            size=len(data),
+            attrs=dict(envelope.attrs),
+        )
+        stored = await self.spool.store(data, record)
+        self.announce(stored)
+        return stored
+
+    async def put_record(self, record: Record, data: bytes) -> Record:
+        """Queue a record made elsewhere (a handoff), keeping its recipients' states, attempts and times."""
+        state = record.state
+        stored = await self.spool.store(data, record)
+        if state in (DEFERRED, HOLD):
+            stored = await self.spool.save(stored, state)
+        self.announce(stored)
+        return stored

@@ -1,0 +1,121 @@
+"""What an operator sees of the queue and does to it (``mta queue ...``).
+
+``describe`` is the operator's view of one record; ``Operator`` lists and
+shows records and applies flush, hold, release, delete and bounce.  Actions
+go through the scheduler's own state, so they never race a delivery: a
+message in a delivery round gets delete, hold or bounce when the round
+ends, and flush or release is refused while it is being delivered.
+
+Failure: an action whose spool write fails answers ``failed: ...`` for that
+id and leaves the message in its last durable state; others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from mta.message import split_header
+from mta.obs.log import event
+from mta.scheduler.queue import Scheduler
+from spool import Record, SpoolError
+from spool.store import DEFERRED, HOLD
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("flush", "hold", "release", "delete", "bounce")
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def describe(record: Record) -> dict[str, Any]:
+    """The operator's view of a record (``mta queue list --json``)."""
+    return {
+        "id": record.id,
+        "state": record.state,
+        "sender": record.sender,
+        "recipients": [
+            {"address": r.address, "state": r.state, "last_reply": r.last_reply, "remote": r.remote}
+            for r in record.recipients
+        ],
+        "attempts": record.attempts,
+        "created": _iso(record.created),
+        "next_attempt": _iso(record.next_attempt),
+        "expires": _iso(record.expires),
+        "size": record.size,
+    }
+
+
+class Operator:
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    def list(self) -> list[dict[str, Any]]:
+        return [describe(r) for r in sorted(self.scheduler.records.values(), key=lambda r: r.created)]
+
+    def show(self, record_id: str) -> dict[str, Any] | None:
+        record = self.scheduler.records.get(record_id)
+        if record is None:
+            return None
+        info = describe(record)
+        try:
+            header, _ = split_header(self.scheduler.spool.read_message(record_id))
+            info["header"] = header.decode("utf-8", errors="replace")
+        except SpoolError:
+            info["header"] = None
+        return info
+
+    async def act(self, action: str, ids: list[str]) -> dict[str, str]:
+        """Apply an operator action; returns a word of result per id."""
+        if action == "flush" and not ids:
+            ids = [r.id for r in self.scheduler.records.values() if r.state != HOLD]
+        results = {}
+        for record_id in ids:
+            results[record_id] = await self._act_one(action, record_id)
+        self.scheduler.wake()
+        return results
+
+    async def _act_one(self, action: str, record_id: str) -> str:
+        scheduler = self.scheduler
+        record = scheduler.records.get(record_id)
+        if record is None:
+            return "unknown id"
+        if action not in ACTIONS:
+            return f"unknown action {action!r}"
+        if record_id in scheduler.active:
+            if action in ("delete", "hold", "bounce"):
+                scheduler.after_round[record_id] = action
+                return "will be done when the current delivery attempt ends"
+            return "being delivered now"
+        scheduler.active.add(record_id)
+        try:
+            now = scheduler.clock()
+            if action == "flush":
+                if record.state == HOLD:
+                    return "on hold; release it first"
+                record.next_attempt = now
+                scheduler.track(await scheduler.spool.save(record))
+            elif action == "release":
+                if record.state != HOLD:
+                    return "not on hold"
+                record.next_attempt = now
+                scheduler.track(await scheduler.spool.save(record, DEFERRED))
+            elif action == "hold":
+                if record.state == HOLD:
+                    return "already on hold"
+                scheduler.records[record_id] = await scheduler.spool.save(record, HOLD)
+                event("held", queue_id=record_id)
+            elif action == "delete":
+                await scheduler.forget(record, "deleted by the administrator")
+            else:  # bounce
+                failed = scheduler.fail_pending(record, now, expired=False)
+                await scheduler.conclude(record, failed, None, now)
+            return "ok"
+        except SpoolError as exc:
+            log.error("queue_id=%s %s failed: %s", record_id, action, exc)
+            return f"failed: {exc}"
+        finally:
+            scheduler.active.discard(record_id)
