@@ -5,6 +5,9 @@
 # ports (the Service maps 25/587/465 to 2525/2587/2465), and `mta` itself is
 # PID 1: it handles SIGTERM (stop accepting, finish, drain on scale-down).
 #
+# Dependencies come at the exact versions of constraints.txt, the ones CI
+# tests (setup.cfg only gives ranges).
+#
 # The base is named once so that every stage uses the same interpreter (the
 # virtualenv built in the first stage is copied into the second):
 #   podman build --build-arg PYTHON_IMAGE=localhost/pybase ...
@@ -13,13 +16,13 @@ ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-COPY pyproject.toml setup.cfg README.md ./
+COPY pyproject.toml setup.cfg README.md constraints.txt ./
 COPY spool ./spool
 COPY mta ./mta
 RUN python3 -m venv /opt/kubemta \
  && /opt/kubemta/bin/pip install --upgrade pip wheel \
- && /opt/kubemta/bin/pip wheel --wheel-dir /wheels . \
- && /opt/kubemta/bin/pip install --no-index --find-links /wheels kubemta \
+ && /opt/kubemta/bin/pip wheel -c constraints.txt --wheel-dir /wheels . \
+ && /opt/kubemta/bin/pip install --no-index --find-links /wheels -c constraints.txt kubemta \
  && /opt/kubemta/bin/pip uninstall -y pip wheel setuptools \
  && /opt/kubemta/bin/python3 -m compileall -q /opt/kubemta \
  && /opt/kubemta/bin/mta check-config >/dev/null

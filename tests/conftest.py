@@ -4,6 +4,9 @@
 hands out real receiving MTAs (Postfix's smtp-sink) on loopback addresses,
 all on one port that the MTA is told to deliver to.  Everything started is
 stopped at the end of the test, by PID.
+
+The hooks of ``tests.ci`` apply to the whole suite: a test that lacks
+something skips locally (``require``), and fails in CI (``CI=true``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,12 @@ from typing import Any
 
 import pytest
 
+from tests.ci import (  # noqa: F401 -- hooks and the helper, installed for the whole suite
+    pytest_runtest_makereport,
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+    require,
+)
 from tests.harness import MtaServer, merge
 from tests.peers.dns import DnsServer
 from tests.peers.net import free_port

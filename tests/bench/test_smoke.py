@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # starts Postfix, OpenDKIM and kubemta and drives each for a while
+
 
 @pytest.mark.skipif(shutil.which("opendkim") is None and not Path("/usr/sbin/opendkim").exists(),
                     reason="the benchmark compares with Postfix + OpenDKIM: install opendkim")

@@ -6,7 +6,7 @@ parallel runs build it once), the test image ``localhost/kubemta:test``, and
 containers named ``kubemta-test-*`` that a test starts (removed by name).
 
 How it fails: ``missing_tools()`` names what this machine lacks (the tests
-skip with it); a failed build raises RuntimeError with podman's output.
+skip with it, or fail with it in CI); a failed build raises RuntimeError with podman's output.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The real image: built from the Dockerfile, run read-only as non-root, delivering, stopping on SIGTERM.
 
 Slow (a first build on a fresh machine makes the debootstrap base, about a
-minute, then the image); later runs reuse podman's cache.  Skipped, with
-the reason, where podman is not installed.
+minute, then the image); later runs reuse podman's cache, so marked
+``slow``.  Skipped, with the reason, where podman is not installed (in CI
+that is a failure, see ``tests.ci``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tests.peers.sink import SmtpSink
 
 pytestmark = [
     pytest.mark.container,
+    pytest.mark.slow,
     pytest.mark.skipif(bool(image.missing_tools()),
                        reason=f"podman image tests need {', '.join(image.missing_tools())} "
                               "(apt-get install podman runc buildah debootstrap)"),

@@ -1,7 +1,10 @@
 """Fixtures of the end-to-end suite: one small internet per test run.
 
+Every test here is marked ``slow`` (``-m "not slow"`` leaves the suite out).
 The whole suite is skipped, with the reason, when network namespaces cannot
-be made here (not root, no ``ip netns``) or a peer program is missing.
+be made here (not root, no ``ip netns``) or a peer program is missing; in
+CI (``CI=true``) each of its tests fails with that reason instead
+(``tests.ci``).
 ``internet`` builds the world once per run and always tears it down
 (processes by PID, then every ``kmta-*`` namespace it made), even when the
 build itself fails half way.  ``world`` hands it to a test, after making
@@ -34,11 +37,15 @@ def _why_not() -> str | None:
     return None
 
 
+# tryfirst: the "slow" marker must be there before ``-m`` deselects.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
     ours = [item for item in items if here in Path(str(item.fspath)).parents]
     if not ours:
         return
+    for item in ours:
+        item.add_marker(pytest.mark.slow)
     reason = _why_not()
     if reason:
         for item in ours:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.ci import require
 from tests.e2e.chasquid import Chasquid, fetch
 from tests.e2e.world import DNS_IP, HOSTS, PODS, World
 
@@ -19,8 +20,8 @@ USER = "e2e"
 @pytest.fixture
 def chasquid(world: World) -> Iterator[Chasquid]:
     binary, reason = fetch()
-    if binary is None:
-        pytest.skip(reason)
+    require(binary is not None, reason)
+    assert binary is not None
     server = Chasquid(binary, HOSTS["mx-other"][0], "other.test", [USER], world.root / "mx-other", DNS_IP,
                       world.ca)
     world.others.append(server)

@@ -4,12 +4,15 @@ fallbacks, retries, bounces and their DSNs."""
 from __future__ import annotations
 
 import email
+import re
 import smtplib
 import time
+from datetime import datetime
 
 from tests.conftest import World
 from tests.harness import MtaServer, send_mail
 from tests.obs.logs import events, wait_for_event
+from tests.peers.sink import SmtpSink
 
 
 def send(server: MtaServer, sender: str, recipients: list[str], subject: str = "test") -> str:
@@ -55,18 +58,34 @@ def test_recipients_in_several_domains_each_get_the_message_once(world: World) -
     assert len(dest.messages()) == 1 and len(amx.messages()) == 1
 
 
+MTA_SOURCE = "127.0.0.42"  # the MTA's outbound address, so the sink can tell its sessions from anyone else's
+
+
+def connections_from(sink: SmtpSink, address: str) -> int:
+    """Sessions the sink accepted from ``address``: with ``-v`` smtp-sink logs ``connect (AF_INET ADDR)`` for each."""
+    return sink.stderr().count(f"smtp-sink: connect (AF_INET {address})")
+
+
+def commands(sink: SmtpSink, start: str) -> int:
+    """Commands the sink received that begin with ``start`` (its ``-v`` log echoes each as the client sent it)."""
+    return len(re.findall(r"^smtp-sink: " + re.escape(start), sink.stderr(), re.IGNORECASE | re.MULTILINE))
+
+
 def test_messages_to_one_destination_share_a_connection(world: World) -> None:
-    sink = world.sink("dest")
-    server = world.mta({"delivery": {"max_per_destination": 1}})
+    sink = world.sink("dest", ["-v"])
+    server = world.mta({"delivery": {"max_per_destination": 1, "source_address": MTA_SOURCE}})
     with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as client:
         client.ehlo("app.kubemta.test")
         for i in range(5):
             client.sendmail("a@sender.test", ["u@dest.test"], f"Subject: {i}\r\n\r\nbody {i}\r\n")
-    sink.wait_for_messages(5, timeout=30)
+    messages = sink.wait_for_messages(5, timeout=30)
     server.wait_queue_empty()
-    # One connection, five transactions: the sink sees each message's MAIL from the same session.
     assert len(events(server, "attempt")) == 5
     assert server.log().count("connect_failed") == 0
+    assert {m.client_addr for m in messages} == {MTA_SOURCE}
+    # Counted where the mail arrives: one session carried all five transactions.
+    assert connections_from(sink, MTA_SOURCE) == 1, sink.stderr()
+    assert commands(sink, "MAIL FROM:<a@sender.test>") == 5, sink.stderr()
 
 
 def assert_one_dsn(sender_sink, failed_rcpt: str, status_prefix: str, text: str):  # type: ignore[no-untyped-def]
@@ -126,14 +145,33 @@ def test_tempfail_then_success_after_flush(world: World) -> None:
     server.wait_queue_empty()
 
 
+def attempt_times(server: MtaServer, queue_id: str, count: int, timeout: float) -> list[float]:
+    """When the first ``count`` delivery attempts of ``queue_id`` began (the log's ``ts``), in seconds."""
+    found = wait_for_event(server, "attempt", timeout=timeout, count=count, queue_id=queue_id)
+    return [datetime.fromisoformat(item["ts"]).timestamp() for item in found[:count]]
+
+
 def test_retry_happens_by_itself_with_backoff(world: World) -> None:
-    flaky = world.sink("flaky", ["-r", "RCPT"])
-    server = world.mta({"queue": {"retry_initial": "2s", "retry_max": "4s", "retry_jitter": 0}})
-    send(server, "a@sender.test", ["user@flaky.test"])
-    server.wait_for_queue(lambda q: q and q[0]["attempts"] >= 1, what="first attempt")
+    flaky = world.sink("flaky", ["-v", "-r", "RCPT"])
+    # No jitter: the delays are exactly 1 s, 2 s, 4 s ... (the scheduler never waits less than 1 s).
+    server = world.mta({"queue": {"retry_initial": "1s", "retry_max": "8s", "retry_jitter": 0}})
+    queue_id = send(server, "a@sender.test", ["user@flaky.test"])
+    first, second, third = attempt_times(server, queue_id, 3, timeout=20)
+    # Two retries, each on its own, and the second waited about twice as long as the first.
+    assert 0.9 <= second - first <= 2.0, (first, second, third)
+    assert 1.9 <= third - second <= 3.5, (first, second, third)
+    assert third - second >= 1.5 * (second - first), (first, second, third)
+    # Each attempt reached the receiver, which refused it at RCPT.
+    assert commands(flaky, "RCPT TO:<user@flaky.test>") >= 3, flaky.stderr()
+    assert flaky.messages() == []
+    [item] = server.queue_list()
+    assert item["id"] == queue_id and item["state"] == "deferred" and item["attempts"] >= 3
     flaky.restart([])
-    flaky.wait_for_messages(1, timeout=20)
+    # The next retry is due about 4 s after the third attempt; nothing is flushed.
+    assert flaky.wait_for_messages(1, timeout=20)[0].recipients == ["user@flaky.test"]
     server.wait_queue_empty()
+    [delivered] = events(server, "delivered", queue_id=queue_id)
+    assert delivered["attempts"] >= 4
 
 
 def test_message_past_its_lifetime_bounces_with_expiry_status(world: World) -> None:

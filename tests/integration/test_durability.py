@@ -10,10 +10,9 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from spool import Recipient, Record, Spool
 from spool.ids import new_id
+from tests.ci import require
 from tests.conftest import HOSTS, World
 from tests.harness import send_mail
 from tests.obs.logs import events, wait_for_event
@@ -164,8 +163,7 @@ def test_full_spool_answers_451_and_keeps_nothing(world: World) -> None:
     mountpoint.mkdir(parents=True)
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mountpoint)],
                              capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    require(mounted.returncode == 0, f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
     try:
         server.start()
         small = send_mail(server.port, "a@sender.test", ["user@down.test"])

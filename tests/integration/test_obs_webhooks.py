@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import time
 from collections import Counter
 from pathlib import Path
@@ -37,6 +39,9 @@ def test_signed_events_once_each_through_an_outage_and_a_restart(world: World) -
     got = receiver.wait_for(3, "/all")  # two delivered (one is the DSN) and one bounced
     [bounce] = receiver.wait_for(1, "/bounces")
     assert all(r.valid for r in receiver.events()), "every POST carries a valid signature"
+    for r in receiver.events():  # and by the README's contract, computed here, not with the product's verify
+        digest = hmac.new(SECRET, r.headers["X-Kubemta-Timestamp"].encode() + b"." + r.body, hashlib.sha256)
+        assert r.headers["X-Kubemta-Signature"] == f"sha256={digest.hexdigest()}"
     assert bounce.payload["event"] == "bounced" and bounce.payload["queue_id"] == bad
     assert bounce.headers["X-Kubemta-Event"] == "bounced"
     assert bounce.headers["X-Kubemta-Event-Id"] == bounce.payload["id"]
