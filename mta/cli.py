@@ -23,6 +23,7 @@ from mta import config as config_module
 from mta import control
 from mta.auth.credentials import CredentialsError, set_password
 from mta.config import Config, ConfigError
+from mta.hostport import parse_host_port
 from spool import Spool, SpoolLocked
 
 QUEUE_ACTIONS = {
@@ -187,7 +188,7 @@ def _drain(config: Config, args: argparse.Namespace) -> int:
         return 2
     try:
         secret = wire.read_secret(secret_file)
-        config_module.parse_host_port(args.to)
+        parse_host_port(args.to)
     except (OSError, ValueError) as exc:
         print(f"mta drain: {exc}", file=sys.stderr)
         return 2

@@ -3,7 +3,10 @@
 Sources, later ones winning: built-in defaults, a YAML file (``-c FILE`` or
 ``$MTA_CONFIG``), environment variables ``MTA__SECTION__KEY`` (list items by
 index: ``MTA__LISTENERS__0__ADDRESS``; values are parsed as YAML scalars).
-No other module reads files or the environment for settings.
+Last, this pod's entry of ``identity.pods`` is applied (``mta.identity.pod``).
+No other module reads files or the environment for settings.  Parsing
+``host:port`` values belongs to ``mta.hostport``; turning a disk reserve
+into bytes, to ``mta.obs.disk``.
 
 Failure: ``ConfigError`` whose message names the key (or the environment
 variable, or the file) and the reason; ``mta`` prints it and exits 2.
@@ -31,6 +34,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from mta.hostport import parse_host_port
+from mta.identity.pod import with_pod_identity
 
 ENV_PREFIX = "MTA__"
 
@@ -75,31 +81,6 @@ def _size(value: Any) -> int:
 
 Duration = Annotated[float, BeforeValidator(_duration)]
 Size = Annotated[int, BeforeValidator(_size)]
-
-
-def parse_host_port(value: str, default_port: int | None = None) -> tuple[str, int]:
-    """``host:port``, ``[v6]:port`` or (with a default) a bare host."""
-    text = str(value).strip()
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep:
-            raise ValueError(f"{value!r}: unclosed '[' in address")
-        port_text = rest[1:] if rest.startswith(":") else ""
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"{value!r}: expected ':port' after ']'")
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-    else:
-        host, port_text = text, ""  # a bare name, or a bare IPv6 address
-    if not host:
-        raise ValueError(f"{value!r}: missing host")
-    if not port_text:
-        if default_port is None:
-            raise ValueError(f"{value!r}: missing ':port'")
-        return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"{value!r}: port must be a number from 1 to 65535")
-    return host, int(port_text)
 
 
 class Section(BaseModel):
@@ -415,13 +396,6 @@ def _reserve(value: Any) -> str | int:
 Reserve = Annotated[str | int, BeforeValidator(_reserve)]
 
 
-def reserve_amount(reserve: str | int, total: int) -> int:
-    """The reserve in bytes (or inodes) on a filesystem of ``total``."""
-    if isinstance(reserve, str):
-        return int(total * float(reserve.rstrip("%")) / 100)
-    return reserve
-
-
 class MetricsConfig(Section):
     """Prometheus metrics on ``/metrics`` of ``http.address``."""
 
@@ -585,7 +559,7 @@ class Config(Section):
 
     @property
     def spool_shard(self) -> Path:
-        """The spool directory of this process (one shard for now)."""
+        """The one spool shard: the main process owns it, worker processes attach to it."""
         return self.spool.path / "0"
 
     @field_validator("hostname")
@@ -719,20 +693,4 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
         config = Config.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_format(exc, source)) from None
-    return _with_pod_identity(config, environ)
-
-
-def _with_pod_identity(config: Config, environ: Mapping[str, str]) -> Config:
-    """Apply ``identity.pods.<this pod>``: its egress address and HELO name win."""
-    pod_name = (config.identity.pod_name or config.kubernetes.pod_name or environ.get("POD_NAME")
-                or socket.gethostname())
-    pod = config.identity.pods.get(pod_name)
-    egress = config.identity.egress_address or (pod and pod.source_address) or config.delivery.source_address
-    identity = config.identity.model_copy(update={"pod_name": pod_name, "egress_address": egress})
-    update: dict[str, Any] = {"identity": identity}
-    if pod is not None:
-        if pod.hostname:
-            update["hostname"] = pod.hostname
-        if pod.source_address and pod.bind:
-            update["delivery"] = config.delivery.model_copy(update={"source_address": pod.source_address})
-    return config.model_copy(update=update)
+    return with_pod_identity(config, environ)

@@ -1,6 +1,12 @@
 """One spool directory: its layout, the durable write protocol, loading.
 
-Layout of a spool directory (one per shard, one shard per worker process)::
+A spool directory is one shard of the queue (``mta`` runs one, shard ``0``).
+One process owns it: it holds the lock, loads it at open, and is the only
+one to change or remove what it holds.  Other processes of the same server
+(``mta.workers``) may attach to it and only add new messages; the owner
+finds those it was not told about with ``unannounced``.
+
+Layout of a spool directory::
 
     lock              flock'd by the owning process
     tmp/              metadata being written; cleared at open
@@ -21,6 +27,8 @@ higher ``revision`` wins.
 Failures: writes raise ``SpoolError`` and keep nothing of the failed change;
 a file that fails to load is moved to ``corrupt/``, logged and counted, and
 loading goes on.  ``SpoolLocked`` when another process owns the directory.
+``unannounced`` logs and skips a metadata file it cannot read: the owner
+quarantines it at its next open.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,12 +67,13 @@ RECENT_BYTES = 16 * 1024 * 1024  # message bodies kept in memory after a store
 
 
 class Spool:
-    """A spool directory owned by this process.
+    """A spool directory, owned by this process (``open``) or attached to (``attach``).
 
-    Two commit threads serve it: one for stores and state changes, whose
-    callers wait for the disk, and one for removals, so that deleting
-    delivered mail never holds up the next ``250``.  A removal is only ever
-    submitted after every change to that message has completed.
+    An owned spool has two commit threads: one for stores and state
+    changes, whose callers wait for the disk, and one for removals, so that
+    deleting delivered mail never holds up the next ``250``.  A removal is
+    only ever submitted after every change to that message has completed.
+    An attached spool has only the first, and only stores.
     """
 
     def __init__(self, root: Path, sync: str = "syncfs") -> None:
@@ -105,6 +114,37 @@ class Spool:
         loads nothing.  ``store`` is the only change it may make.
         """
         self._committer = Committer(name=f"spool-commit:{self.root.name}", sync=self.sync)
+
+    def unannounced(self, known: Container[str], min_age: float) -> list[Record]:
+        """Records in ``incoming/`` whose id is not in ``known``, oldest id first.
+
+        For the owner of a spool that attached processes store into: a
+        message one of them stored but never announced (it died in between)
+        is found here.  Metadata younger than ``min_age`` seconds is left
+        out, as its announcement may still be on its way.  A file removed
+        meanwhile (delivered) is skipped; one that cannot be read is logged
+        and skipped, and left for the loader to quarantine at the next open.
+        """
+        limit = time.time() - min_age
+        try:
+            names = sorted(entry.name for entry in os.scandir(self.root / INCOMING))
+        except OSError as exc:
+            log.error("cannot scan %s for unannounced mail: %s", self.root / INCOMING, exc)
+            return []
+        found = []
+        for name in names:
+            record_id = name.removesuffix(".json")
+            if record_id == name or record_id in known:
+                continue  # not metadata (the loader judges those), or already queued
+            try:
+                if self._meta_path(INCOMING, record_id).stat().st_mtime > limit:
+                    continue
+                found.append(self.read_record(INCOMING, record_id))
+            except FileNotFoundError:
+                continue  # delivered and removed meanwhile
+            except (OSError, RecordError) as exc:
+                log.error("queue_id=%s unreadable in the spool: %s", record_id, exc)
+        return found
 
     def read_record(self, state: str, record_id: str) -> Record:
         """One metadata file, as the loader would read it (``RecordError`` if damaged)."""

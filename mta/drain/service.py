@@ -21,10 +21,11 @@ import logging
 import time
 from collections.abc import Container
 
-from mta.config import Config, parse_host_port
+from mta.config import Config
 from mta.drain import wire
 from mta.drain.receiver import HandoffServer
 from mta.drain.sender import DrainReport, hand_over
+from mta.hostport import parse_host_port
 from mta.intake import Intake
 from mta.k8s.api import KubeApi, KubeError, try_event
 from mta.k8s.identity import IdentityError, PodIdentity, pod_identity

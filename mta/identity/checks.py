@@ -30,9 +30,10 @@ import dns.resolver
 import dns.reversename
 import spf
 
-from mta.config import Config, parse_host_port
+from mta.config import Config
 from mta.delivery.mx import make_resolver
 from mta.dkim.keys import SigningKey, public_value
+from mta.hostport import parse_host_port
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 

@@ -22,11 +22,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mta import replies
-from mta.config import DiskConfig, reserve_amount
+from mta.config import DiskConfig
 from mta.obs.log import event
 from mta.replies import Rejected
 
 log = logging.getLogger(__name__)
+
+
+def reserve_amount(reserve: str | int, total: int) -> int:
+    """The reserve in bytes (or inodes) on a filesystem of ``total``.
+
+    ``reserve`` is as ``disk.min_free`` validated it: an amount, or a share
+    of the filesystem written ``"5%"``.
+    """
+    if isinstance(reserve, str):
+        return int(total * float(reserve.rstrip("%")) / 100)
+    return reserve
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ scrape.  Nothing here raises into mail flow.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -45,16 +44,16 @@ ATTEMPT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 SPOOL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 _CATALOGUE = {str(value): name.lower() for name, value in vars(replies).items() if isinstance(value, replies.Reply)}
-_REPLY = re.compile(r"^([245]\d\d)[ -]([245]\.\d{1,3}\.\d{1,3})")
 
 
 def reason_label(reply: Any) -> str:
-    """A bounded label for a rejection: the catalogue name, else ``CODE_ENHANCED``."""
+    """A bounded label for a rejection: the catalogue name, else ``CODE_ENHANCED``, else ``other``."""
     text = str(reply or "")
     if text in _CATALOGUE:
         return _CATALOGUE[text]
-    match = _REPLY.match(text)
-    return f"{match.group(1)}_{match.group(2)}" if match else "other"
+    parsed = replies.parse(text)
+    # Without an enhanced code the text is all there is, and text is unbounded.
+    return f"{parsed.code}_{parsed.enhanced}" if parsed is not None and parsed.enhanced else "other"
 
 
 @dataclass
@@ -253,7 +252,7 @@ class Metrics:
         # (a DNS timeout, say) is not a failure yet.
         check = fields.get("check")
         if check:
-            ok = fields.get("status") in ("pass", "warn") if "status" in fields else bool(fields.get("ok"))
+            ok = fields.get("status") in ("pass", "warn")
             self.selfcheck.labels(str(check)).set(1.0 if ok else 0.0)
 
     # -- spool timing ------------------------------------------------------
@@ -304,5 +303,4 @@ _HANDLERS: dict[str, Callable[[Metrics, dict[str, Any]], None]] = {
     "auth_throttled": lambda m, f: m.auth_throttled.labels(str(f.get("scope", "unknown"))).inc(),
     "dkim_failed": lambda m, f: m.dkim_failures.inc(),
     "self_check": Metrics._selfcheck,
-    "selfcheck": Metrics._selfcheck,
 }

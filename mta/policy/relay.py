@@ -1,8 +1,10 @@
-"""Relay authorisation: which clients may send mail anywhere.
+"""Relay authorisation of clients that have not authenticated.
 
-Without AUTH (a later layer) the only grant is a client address inside the
-listener's ``trusted_networks``.  Everything else is refused at RCPT with
-``554 5.7.1``: this MTA never relays for strangers.
+A client that authenticated (AUTH, on a listener with ``auth``) may relay;
+what it may send is ``mta.policy.account``'s to decide.  For any other
+client the only grant is an address inside the listener's
+``trusted_networks``.  Failure: ``Rejected`` with ``554 5.7.1`` at RCPT for
+everyone else: this MTA never relays for strangers.
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ import os
 import pytest
 
 from mta import config, replies
-from mta.config import DiskConfig, reserve_amount
+from mta.config import DiskConfig
 from mta.obs import log as obs_log
-from mta.obs.disk import DiskGuard
+from mta.obs.disk import DiskGuard, reserve_amount
 from mta.obs.metrics import Metrics, reason_label
 from mta.obs.webhooks import sign, verify
 from mta.replies import Rejected
@@ -63,6 +63,9 @@ def test_labels_stay_bounded() -> None:
     assert reason_label(str(replies.RELAY_DENIED)) == "relay_denied"
     assert reason_label("554 5.7.1 something new") == "554_5.7.1"
     assert reason_label("garbage") == "other"
+    assert reason_label("550 5.1.1") == "550_5.1.1"
+    assert reason_label("550 no enhanced code here") == "other"
+    assert reason_label(None) == "other"
 
 
 def test_events_feed_counters() -> None:

@@ -184,6 +184,61 @@ def test_second_owner_is_refused_while_first_lives_and_allowed_after_kill(tmp_pa
     third.close()
 
 
+def age(spool: Spool, record: Record, seconds: float) -> None:
+    meta = spool.root / INCOMING / f"{record.id}.json"
+    then = time.time() - seconds
+    os.utime(meta, (then, then))
+
+
+def test_unannounced_finds_what_attached_processes_stored_and_nobody_announced(
+        spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
+    attached = Spool(spool.root, spool.sync)
+    attached.attach()
+    try:
+        announced, orphan, young, damaged = (attached.store_blocking(b"m\r\n", make_record()) for _ in range(4))
+    finally:
+        attached.close()
+    for record in (announced, orphan, damaged):
+        age(spool, record, 60)
+    (spool.root / INCOMING / f"{damaged.id}.json").write_text("{not json")
+    age(spool, damaged, 60)
+    (spool.root / INCOMING / "stray.txt").write_text("not metadata")
+    deferred = spool.save_blocking(spool.store_blocking(b"d\r\n", make_record()), DEFERRED)
+    known = {announced.id}
+
+    found = spool.unannounced(known, min_age=10)
+    assert [r.id for r in found] == [orphan.id]
+    assert found[0].state == INCOMING and found[0].sender == orphan.sender
+    assert f"queue_id={damaged.id} unreadable" in caplog.text
+    # Left where it is: quarantine is the loader's job, at the next open.
+    assert (spool.root / INCOMING / f"{damaged.id}.json").exists()
+    assert deferred.id not in {r.id for r in spool.unannounced(known, min_age=0)}
+    assert sorted(r.id for r in spool.unannounced(known, min_age=0)) == sorted([orphan.id, young.id])
+
+
+class DeliveredWhileAsked:
+    """A set of known ids whose lookup removes a record's metadata, as delivery would meanwhile."""
+
+    def __init__(self, spool: Spool, record: Record) -> None:
+        self.spool, self.record = spool, record
+
+    def __contains__(self, record_id: object) -> bool:
+        if record_id == self.record.id:
+            (self.spool.root / INCOMING / f"{record_id}.json").unlink(missing_ok=True)
+        return False
+
+
+def test_unannounced_skips_a_record_removed_meanwhile(spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
+    gone, kept = spool.store_blocking(b"g\r\n", make_record()), spool.store_blocking(b"k\r\n", make_record())
+    assert [r.id for r in spool.unannounced(DeliveredWhileAsked(spool, gone), min_age=0)] == [kept.id]
+    assert "unreadable" not in caplog.text
+
+
+def test_unannounced_logs_a_spool_it_cannot_scan(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert Spool(tmp_path / "absent").unannounced(set(), min_age=0) == []
+    assert "cannot scan" in caplog.text
+
+
 def test_concurrent_stores_share_commit_rounds(spool: Spool) -> None:
     async def many() -> list[Record]:
         return await asyncio.gather(*(spool.store(b"m\r\n" * 50, make_record()) for _ in range(200)))
