@@ -22,7 +22,6 @@ import signal
 import time
 
 from mta.auth.credentials import Credentials, CredentialsError
-from mta.auth.throttle import Throttle
 from mta.config import Config
 from mta.control import ControlServer, socket_path
 from mta.delivery.client import ClientSettings, Connector
@@ -36,14 +35,14 @@ from mta.k8s.api import try_event
 from mta.obs.http import HealthServer
 from mta.obs.log import event
 from mta.obs.stack import Observability
-from mta.policy.account import RateLimits
 from mta.policy.admission import storage
 from mta.scheduler.operator import Operator
 from mta.scheduler.queue import Scheduler, assemble
 from mta.smtp.server import Listener
 from mta.smtp.session import AuthServices, SessionHandler
 from mta.smtp.tls import TlsError
-from mta.workers import WorkerError, Workers, shared
+from mta.workers import shared
+from mta.workers.supervisor import WorkerError, Workers
 from spool import Spool, SpoolError
 
 log = logging.getLogger(__name__)
@@ -137,8 +136,7 @@ class App:
         # With workers, they serve the listeners without AUTH; this process delivers.
         delegated = {item.name for item in shared(config)} if config.workers else set()
         try:
-            services = AuthServices(
-                Throttle(config.limits.max_auth_failures, config.limits.auth_failure_window), RateLimits())
+            services = AuthServices.build(config.limits)
             for item in config.listeners:
                 if item.name in delegated:
                     continue

@@ -233,7 +233,7 @@ def _serve(config: Config) -> int:
 
 
 def _worker(channel_fd: int) -> int:
-    from mta.workers import serve_worker
+    from mta.workers.child import serve_worker
 
     # Its configuration comes from the main process, which validated it.
     asyncio.run(serve_worker(channel_fd))

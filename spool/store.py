@@ -38,9 +38,10 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Container, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from spool.commit import Batch, Change, Committer
 from spool.errors import SpoolError, UnknownMessage
@@ -86,6 +87,9 @@ class Spool:
         # read them back; oldest first, bounded by RECENT_BYTES.
         self._recent: dict[str, bytes] = {}
         self._recent_bytes = 0
+        # Told how long each store, save and remove took until durable
+        # (operation, seconds), for the write-duration metric.
+        self.observe: Callable[[str, float], None] | None = None
 
     # -- ownership -------------------------------------------------------
 
@@ -257,22 +261,28 @@ class Spool:
             raise SpoolError("spool is not open")
         return self._reaper
 
+    async def _commit(self, operation: str, committer: Committer, change: Change) -> Any:
+        started = time.perf_counter()
+        try:
+            return await asyncio.wrap_future(committer.submit(change))
+        finally:
+            if self.observe is not None:
+                self.observe(operation, time.perf_counter() - started)
+
     async def store(self, data: bytes, record: Record) -> Record:
         """Make a new message durable; returns the stored record."""
-        future = self._committer_or_fail().submit(self._store_change(data, record))
-        stored: Record = await asyncio.wrap_future(future)
+        stored: Record = await self._commit("store", self._committer_or_fail(), self._store_change(data, record))
         self._remember(stored.id, data)
         return stored
 
     async def save(self, record: Record, state: str | None = None) -> Record:
         """Write a new revision of ``record``, moving it to ``state`` if given."""
-        future = self._committer_or_fail().submit(self._save_change(record, state))
-        return await asyncio.wrap_future(future)
+        saved: Record = await self._commit("save", self._committer_or_fail(), self._save_change(record, state))
+        return saved
 
     async def remove(self, record: Record) -> None:
         self._forget(record.id)
-        future = self._reaper_or_fail().submit(self._remove_change(record))
-        await asyncio.wrap_future(future)
+        await self._commit("remove", self._reaper_or_fail(), self._remove_change(record))
 
     # Blocking twins, for tools that run without an event loop.
     def store_blocking(self, data: bytes, record: Record) -> Record:

@@ -1,10 +1,10 @@
 """The disk guard: refuse new mail before the spool filesystem is full.
 
 Owns the free-space and free-inode reading of the spool filesystem
-(``statvfs``, at most once per ``disk.check_interval``) and three views of
-it: ``admission`` (run at MAIL FROM: raises ``Rejected`` with
-``452 4.3.1`` below a reserve), ``ready`` (a readiness check, so the pod
-leaves the Service and clients go to its peers) and ``metrics`` (gauges).
+(``statvfs``, at most once per ``disk.check_interval``) and two views of
+it: ``ready`` (a readiness check, so the pod leaves the Service and clients
+go to its peers; ``mta.policy.admission`` refuses new mail with ``452 4.3.1``
+on the same reading) and ``metrics`` (gauges).
 Delivery is untouched: it only frees space.
 
 Failure: a ``statvfs`` that fails counts as "below the reserve" (refuse
@@ -21,10 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mta import replies
 from mta.config import DiskConfig
 from mta.obs.log import event
-from mta.replies import Rejected
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +100,6 @@ class DiskGuard:
             inodes=st.f_files,
             reserve_inodes=reserve_amount(self.config.min_free_inodes, st.f_files),
         )
-
-    def admission(self) -> None:
-        """At MAIL FROM: refuse new mail while below the reserve."""
-        status = self.status()
-        if not status.ok:
-            raise Rejected(replies.INSUFFICIENT_STORAGE, status.detail)
 
     def ready(self) -> tuple[bool, str]:
         status = self.status()

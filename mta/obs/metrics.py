@@ -257,28 +257,14 @@ class Metrics:
 
     # -- spool timing ------------------------------------------------------
 
-    def instrument_spool(self, spool: Any) -> None:
-        """Time ``store``/``save``/``remove`` of a spool until their changes are durable."""
-        for operation in ("store", "save", "remove"):
-            original = getattr(spool, operation)
-            setattr(spool, operation, _timed(original, self.spool_write.labels(operation)))
+    def observe_spool_write(self, operation: str, seconds: float) -> None:
+        """A spool store, save or remove took ``seconds`` until durable (``Spool.observe``)."""
+        self.spool_write.labels(operation).observe(seconds)
 
     # -- exposition --------------------------------------------------------
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def _timed(original: Callable[..., Any], histogram: Any) -> Callable[..., Any]:
-    async def timed(*args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        try:
-            return await original(*args, **kwargs)
-        finally:
-            histogram.observe(time.perf_counter() - started)
-
-    timed.__wrapped__ = original  # type: ignore[attr-defined]
-    return timed
 
 
 def _number(value: Any) -> float | None:

@@ -49,7 +49,7 @@ class Observability:
         """Point the scrape-time gauges at their owners and subscribe to events.
 
         ``workers`` (``mta.workers.Workers``) adds the worker processes'
-        sessions, spool commits and store durations.
+        sessions, spool commits and spool write durations.
         """
         if self.metrics is not None:
             metrics = self.metrics
@@ -75,9 +75,9 @@ class Observability:
                 return ours[0] + theirs[0], ours[1] + theirs[1]
 
             metrics.sources.spool_commits = commits
-            metrics.instrument_spool(spool)
+            spool.observe = metrics.observe_spool_write
             if workers is not None:
-                workers.observe_store = metrics.spool_write.labels("store").observe
+                workers.observe_write = metrics.observe_spool_write
             self._subscribe(metrics.on_event)
         if self.webhooks.endpoints:
             self._subscribe(self.webhooks.on_event)

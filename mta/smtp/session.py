@@ -25,7 +25,7 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 from mta import message, receive, replies
 from mta.auth.credentials import Credentials
 from mta.auth.throttle import Throttle
-from mta.config import Config, ListenerConfig
+from mta.config import Config, LimitsConfig, ListenerConfig
 from mta.intake import Envelope as QueuedEnvelope
 from mta.intake import Intake
 from mta.obs.log import event
@@ -39,10 +39,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class AuthServices:
-    """Shared by every listener: one throttle and one rate counter per process."""
+    """Shared by every AUTH listener of a process: one throttle and one rate counter."""
 
     throttle: Throttle
     rates: account.RateLimits
+
+    @classmethod
+    def build(cls, limits: LimitsConfig) -> AuthServices:
+        return cls(Throttle(limits.max_auth_failures, limits.auth_failure_window), account.RateLimits())
 
 
 def client_address(session: Session) -> str:
@@ -67,10 +71,16 @@ class SessionHandler(DispatchNames):
         self.config = config
         self.intake = intake
         self.admission = list(admission)
+        if credentials is not None and services is None:
+            raise ValueError("a listener with AUTH needs the process's AuthServices")
         self.credentials = credentials
-        limits = config.limits
-        self.services = services or AuthServices(
-            Throttle(limits.max_auth_failures, limits.auth_failure_window), account.RateLimits())
+        self._services = services
+
+    @property
+    def services(self) -> AuthServices:
+        # Only authenticated sessions use them, and only AUTH listeners have those.
+        assert self._services is not None
+        return self._services
 
     # -- greeting and PROXY ----------------------------------------------------
 

@@ -15,6 +15,7 @@ from mta.obs import log as obs_log
 from mta.obs.disk import DiskGuard, reserve_amount
 from mta.obs.metrics import Metrics, reason_label
 from mta.obs.webhooks import sign, verify
+from mta.policy.admission import storage
 from mta.replies import Rejected
 
 
@@ -88,10 +89,10 @@ def test_reserves_in_bytes_or_percent(tmp_path) -> None:  # type: ignore[no-unty
     with pytest.raises(config.ConfigError, match=r"disk\.min_free"):
         config.load(None, {"MTA__DISK__MIN_FREE": "150%"})
     guard = DiskGuard(tmp_path, DiskConfig(min_free="0%", min_free_inodes=0))
-    assert guard.ready()[0] and guard.admission() is None
+    assert guard.ready()[0] and storage(guard.ready, "relay")() is None
     full = DiskGuard(tmp_path, DiskConfig(min_free="99.9%", min_free_inodes=0, check_interval=0))
     with pytest.raises(Rejected) as caught:
-        full.admission()
+        storage(full.ready, "relay")()
     assert caught.value.reply is replies.INSUFFICIENT_STORAGE
     missing = DiskGuard(tmp_path / "nope", DiskConfig())
     assert missing.ready() == (False, missing.status().detail) and "cannot read" in missing.status().detail

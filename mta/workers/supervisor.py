@@ -1,53 +1,34 @@
-"""Worker processes: more SMTP receivers on the same ports and the same spool.
+"""The main process's side of the worker processes: start, feed, watch, restart, stop.
 
-One Python process runs on one core.  With ``workers: N`` (N > 0), ``mta
-serve`` starts N worker processes.  Each one binds the listeners that offer
-no AUTH with ``SO_REUSEPORT``, so the kernel spreads new connections over
-them; receives mail with the same session code and policy; stores it
-durably in the main process's spool shard (queue ids are unique, and a
-worker only ever adds new messages, see ``Spool.attach``); and only then
-announces the stored record, and every mail event, to the main process over
-a socket pair, one JSON line each.
+``Workers`` starts each worker (``python -m mta.cli worker``) with one end
+of a socket pair, sends it the validated configuration, waits for
+``ready``, then reads what it announces (``mta.workers.channel``): stored
+records go to the scheduler, events to the logs, metrics and webhooks,
+spool write timings to the histogram, reports to the gauges.
 
-The main process does everything else for all mail: scheduling and delivery,
-the AUTH listeners (so that brute-force throttling and account limits count
-every attempt in one place), health and metrics (worker events feed the
-same counters and webhooks; their sessions, spool commits and store
-durations are added to the gauges, counters and histogram), the control socket, the drain and the identity checks.
-
-Failure: a worker that cannot start its listeners stops ``mta serve`` from
-starting (``WorkerError``).  A worker that exits while the server runs is logged
-(``worker_exited``) and started again after a second.  A message a worker
-stored but could not announce before it died is on disk all the same: the
-main process looks for such messages in ``incoming/`` after a worker exits
-and every ``RESCAN`` seconds.  When the main process goes away, the workers
-see the end of the channel and stop: they never run on their own.
+Failure: ``WorkerError`` when a worker cannot be started or does not get
+ready in ``START_TIMEOUT``.  A worker that exits while the server runs is
+logged (``worker_exited``) and started again after ``RESTART_DELAY``;
+mail it stored but had not announced is found in the spool (``rescan``)
+after it exits and every ``RESCAN`` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
 import signal
 import socket
 import sys
-import time
 from collections.abc import Callable
-from typing import Any
 
-from mta.config import Config, ListenerConfig
-from mta.intake import Intake
+from mta.config import Config
 from mta.obs import log as obs_log
 from mta.obs.log import event
-from mta.obs.stack import Observability
-from mta.policy.admission import storage
 from mta.scheduler.queue import Scheduler
-from mta.smtp.server import Listener
-from mta.smtp.session import SessionHandler
-from spool import Record, Spool
+from mta.workers import channel
+from spool import Spool
 from spool.record import RecordError, loads
 from spool.store import INCOMING
 
@@ -57,20 +38,6 @@ RESCAN = 30.0  # seconds between looks for stored but unannounced messages
 RESCAN_AGE = 10.0  # younger metadata files may still be on their way as announcements
 RESTART_DELAY = 1.0
 START_TIMEOUT = 30.0  # for a worker to load and bind its listeners
-REPORT_INTERVAL = 1.0  # how often a worker reports its open sessions and spool counters
-CHANNEL_LIMIT = 1 << 24  # longest line on the channel (the config, a record)
-
-
-def shared(config: Config) -> list[ListenerConfig]:
-    """The listeners every worker serves: those without AUTH."""
-    return [item for item in config.listeners if item.auth is None]
-
-
-def _line(kind: str, **fields: Any) -> bytes:
-    return json.dumps({"kind": kind, **fields}, default=str, separators=(",", ":")).encode() + b"\n"
-
-
-# -- the main process's side ---------------------------------------------------
 
 
 class WorkerError(Exception):
@@ -94,8 +61,8 @@ class Workers:
         self.config = config
         self.spool = spool
         self.scheduler = scheduler
-        # The spool write histogram, for workers' stores (set by mta.obs.stack).
-        self.observe_store: Callable[[float], None] | None = None
+        # The spool write histogram, for workers' spool writes (set by mta.obs.stack).
+        self.observe_write: Callable[[str, float], None] | None = None
         self.workers = [Worker(number) for number in range(1, config.workers + 1)]
         self.stopping = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -139,10 +106,10 @@ class Workers:
                     pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL)
             except OSError as exc:
                 raise WorkerError(f"worker {worker.number} cannot be started: {exc}") from None
-            reader, writer = await asyncio.open_connection(sock=ours.dup(), limit=CHANNEL_LIMIT)
+            reader, writer = await asyncio.open_connection(sock=ours.dup(), limit=channel.LIMIT)
         writer.write(self.config.model_dump_json().encode() + b"\n")
         try:
-            ready = json.loads(await asyncio.wait_for(reader.readline(), START_TIMEOUT) or b"{}")
+            ready = channel.decode(await asyncio.wait_for(reader.readline(), START_TIMEOUT))
         except (TimeoutError, ValueError, ConnectionError):
             ready = {}
         if ready.get("kind") != "ready":
@@ -187,16 +154,17 @@ class Workers:
 
     def _receive(self, worker: Worker, line: bytes) -> None:
         try:
-            message = json.loads(line)
+            message = channel.decode(line)
             kind = message["kind"]
             if kind == "record":
                 record = loads(message["record"].encode())
                 record.state = INCOMING
                 self.scheduler.accept(record)
-                if self.observe_store is not None and message.get("seconds") is not None:
-                    self.observe_store(float(message["seconds"]))
             elif kind == "event":
                 obs_log.publish(message["name"], message["fields"])
+            elif kind == "timing":
+                if self.observe_write is not None:
+                    self.observe_write(str(message["operation"]), float(message["seconds"]))
             elif kind == "report":
                 worker.sessions = {str(k): int(v) for k, v in message["sessions"].items()}
                 worker.commits = (int(message["commits"][0]), int(message["commits"][1]))
@@ -205,31 +173,12 @@ class Workers:
 
     def rescan(self, min_age: float = RESCAN_AGE) -> int:
         """Queue stored messages nobody announced; returns how many were found."""
-        found = 0
-        limit = time.time() - min_age
-        try:
-            entries = list(os.scandir(self.spool.root / INCOMING))
-        except OSError as exc:
-            log.error("cannot scan the spool for unannounced mail: %s", exc)
-            return 0
-        for entry in entries:
-            record_id = entry.name.removesuffix(".json")
-            if record_id in self.scheduler.records:
-                continue
-            try:
-                if entry.stat().st_mtime > limit:
-                    continue
-                record = self.spool.read_record(INCOMING, record_id)
-            except FileNotFoundError:
-                continue  # delivered and removed meanwhile
-            except (OSError, RecordError) as exc:
-                log.error("queue_id=%s unreadable in the spool: %s", record_id, exc)
-                continue
+        found = self.spool.unannounced(self.scheduler.records, min_age)
+        for record in found:
             self.scheduler.accept(record)
-            found += 1
         if found:
-            event("spool_rescanned", level=logging.WARNING, found=found)
-        return found
+            event("spool_rescanned", level=logging.WARNING, found=len(found))
+        return len(found)
 
     async def _rescan_every(self, interval: float) -> None:
         while True:
@@ -262,83 +211,3 @@ class Workers:
         self._tasks.clear()
         if self.workers:
             self.rescan(min_age=0.0)
-
-
-# -- a worker's side -------------------------------------------------------------
-
-
-class Announcer:
-    """A worker's end of the channel: its intake announces stored mail here, and its events go here."""
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
-        self._seconds: dict[str, float] = {}
-
-    def time_stores(self, spool: Spool) -> None:
-        """Measure each store until durable, for the main process's spool write histogram."""
-        original = spool.store
-
-        async def store(data: bytes, record: Record) -> Record:
-            started = time.perf_counter()
-            stored = await original(data, record)
-            self._seconds[stored.id] = time.perf_counter() - started
-            return stored
-
-        spool.store = store  # type: ignore[method-assign]
-
-    def accept(self, record: Record) -> None:
-        self.writer.write(_line("record", record=record.dumps().decode(), seconds=self._seconds.pop(record.id, None)))
-
-    def event(self, name: str, fields: dict[str, Any]) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(_line("event", name=name, fields=fields))
-
-    def report(self, listeners: list[Listener], spool: Spool) -> None:
-        self.writer.write(_line("report", sessions={item.config.name: len(item.sessions) for item in listeners},
-                                commits=list(spool.stats)))
-
-
-async def serve_worker(channel_fd: int) -> None:
-    """The body of ``mta worker``: receive on the shared listeners until told to stop."""
-    reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=channel_fd), limit=CHANNEL_LIMIT)
-    config = Config.model_validate_json(await reader.readline())
-    obs = Observability(config)
-    obs.setup_logging()
-    announcer = Announcer(writer)
-    obs_log.subscribe(announcer.event)
-    spool = Spool(config.spool_shard, config.spool.sync)
-    spool.attach()
-    announcer.time_stores(spool)
-    intake = Intake(spool, announcer.accept, config.queue.lifetime)
-    listeners: list[Listener] = []
-    try:
-        for item in shared(config):
-            handler = SessionHandler(item, config, intake, [storage(obs.disk.ready, item.name)])
-            listener = Listener(item, config, handler)
-            await listener.start(reuse_port=True)
-            listeners.append(listener)
-        writer.write(_line("ready", listeners=[item.config.name for item in listeners]))
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        # The main process says when to stop: Ctrl-C reaches the whole process
-        # group, and a worker that left first would look like a crash.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        waits = {asyncio.create_task(stop.wait()), asyncio.create_task(reader.read())}  # EOF: the main process is gone
-        while not stop.is_set():
-            done, _ = await asyncio.wait(waits, timeout=REPORT_INTERVAL, return_when=asyncio.FIRST_COMPLETED)
-            if done:
-                break
-            announcer.report(listeners, spool)
-        for task in waits:
-            task.cancel()
-        deadline = loop.time() + config.shutdown.timeout
-        for listener in listeners:
-            listener.stop_accepting()
-        await asyncio.gather(*(listener.drain(deadline) for listener in listeners))
-    finally:
-        spool.close()
-        obs_log.unsubscribe(announcer.event)
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-        writer.close()
