@@ -1,7 +1,9 @@
 """Returning mail to its sender: the DSN for failed recipients, queued like any mail.
 
 The scheduler decides that recipients failed; ``Bouncer.bounce`` writes the
-RFC 3464 report (``mta.bounce.dsn``) with the original header and puts it
+RFC 3464 report (``mta.bounce.dsn``) with the original header (the whole
+message when the client asked ``RET=FULL``), marks what its delivery needs
+(SMTPUTF8 for an internationalised report, 8-bit content) and puts it
 through the intake with the null sender, so it is stored, scheduled and
 delivered as any message is, and can never bounce in turn (RFC 5321
 §4.5.5): mail that already has the null sender is not bounced at all.
@@ -36,7 +38,8 @@ class Bouncer:
             event("bounce_suppressed", level=logging.WARNING, queue_id=record.id,
                   reason="null sender", recipients=len(failed))
             return
-        header, _ = split_header(await self.content(record.id))
+        original = await self.content(record.id)
+        header, _ = split_header(original)
         message = dsn.build(
             reporting_mta=self.reporting_mta,
             queue_id=record.id,
@@ -45,7 +48,11 @@ class Bouncer:
             arrival=datetime.fromtimestamp(record.created, UTC),
             failed=failed,
             now=datetime.fromtimestamp(now, UTC),
+            original=original if record.attrs.get("ret") == "FULL" else None,
         )
-        stored = await self.intake.put(
-            Envelope("", [record.sender], {"dsn_for": record.id}, lifetime=self.lifetime), message)
+        # What delivery needs to know, as receive records it for other mail: only
+        # an internationalised (RFC 6533) report has octets beyond ASCII.
+        international = not message.isascii()
+        attrs = {"dsn_for": record.id, "smtputf8": international, "8bit": international}
+        stored = await self.intake.put(Envelope("", [record.sender], attrs, lifetime=self.lifetime), message)
         event("queued", queue_id=stored.id, sender="<>", recipients=1, size=stored.size, dsn_for=record.id)

@@ -1,19 +1,32 @@
-"""Build an RFC 3464 delivery status notification for failed recipients.
+"""Build a delivery status notification (RFC 3464) for failed recipients.
 
-The DSN is a ``multipart/report; report-type=delivery-status`` message: a
-human-readable part, the machine-readable ``message/delivery-status`` part
-(one block per failed recipient with ``Status``, ``Remote-MTA`` and the
-remote server's reply as ``Diagnostic-Code``), and the original message's
-header as ``text/rfc822-headers``.  It is sent with the null sender, so it
-can never bounce in turn.  Failure: none; it only formats.
+The DSN is a ``multipart/report; report-type=delivery-status`` message
+built with the standard library's ``email`` package: a human-readable part,
+the machine-readable status part (one block per recipient with ``Action``,
+``Status``, ``Remote-MTA`` and a ``Diagnostic-Code``: ``smtp`` when it is a
+server's reply, ``X-Kubemta`` when the failure was ours), and the original
+message's header (or, with ``RET=FULL``, the whole message).  Mail whose
+sender, recipients or header are internationalised gets the RFC 6533 types
+(``message/global-delivery-status``, ``message/global-headers``) and UTF-8
+headers, and must be sent with SMTPUTF8 (``needs_smtputf8``).  No line is
+longer than 998 octets.  It is sent with the null sender, so it can never
+bounce in turn.
+
+Failure: none; it only formats.
 """
 
 from __future__ import annotations
 
-import secrets
+import email.policy
+import textwrap
 from dataclasses import dataclass
 from datetime import datetime
+from email.generator import BytesGenerator
+from email.message import EmailMessage, MIMEPart
 from email.utils import format_datetime, make_msgid
+from io import BytesIO
+
+MAX_FIELD = 900  # octets of one status field's text: well inside 998 once folded
 
 
 @dataclass(frozen=True)
@@ -26,8 +39,39 @@ class FailedRecipient:
     answered: bool = False  # the diagnostic is a server's reply (an "smtp" Diagnostic-Code)
 
 
-def _fold(text: str) -> str:
-    return " ".join(text.split())
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:MAX_FIELD]
+
+
+def _field(name: str, value: str) -> str:
+    """A status field, folded at spaces (RFC 3464 fields fold like header fields)."""
+    lines = textwrap.wrap(f"{name}: {_one_line(value)}", width=76, break_long_words=False,
+                          break_on_hyphens=False, subsequent_indent=" ")
+    return "\r\n".join(lines)
+
+
+def needs_smtputf8(original_sender: str, original_header: bytes, failed: list[FailedRecipient]) -> bool:
+    return not (original_sender.isascii() and original_header.isascii()
+                and all(item.address.isascii() for item in failed))
+
+
+def _raw(text: str) -> str:
+    # The generator carries octets it cannot encode as surrogates (as the parser reads them).
+    return text.encode("utf-8").decode("ascii", "surrogateescape")
+
+
+class _Generator(BytesGenerator):
+    """Writes the report's status and returned parts as the prepared lines they are.
+
+    The library's ``message/*`` writers expect parsed sub-messages (and ASCII);
+    ours are folded status blocks and original octets, which its text writer
+    emits line by line with CRLF, UTF-8 included.
+    """
+
+    _handle_message_delivery_status = BytesGenerator._handle_text
+    _handle_message_global_delivery_status = BytesGenerator._handle_text
+    _handle_message_global_headers = BytesGenerator._handle_text
+    _handle_message_global = BytesGenerator._handle_text
 
 
 def build(
@@ -39,57 +83,63 @@ def build(
     arrival: datetime,
     failed: list[FailedRecipient],
     now: datetime,
+    original: bytes | None = None,
 ) -> bytes:
-    """The complete DSN message, CRLF line endings."""
-    boundary = f"=_kubemta_{secrets.token_hex(12)}"
-    lines = [
-        f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
-        f"To: <{original_sender}>",
-        "Subject: Undelivered Mail Returned to Sender",
-        f"Date: {format_datetime(now)}",
-        f"Message-ID: {make_msgid(domain=reporting_mta)}",
-        "Auto-Submitted: auto-replied",
-        "MIME-Version: 1.0",
-        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
-        "",
-        "This is a MIME-encapsulated delivery status notification.",
-        "",
-        f"--{boundary}",
-        "Content-Type: text/plain; charset=utf-8",
-        "Content-Transfer-Encoding: 8bit",
-        "",
-        f"This is the mail system at host {reporting_mta}.",
-        "",
-        "Your message could not be delivered to one or more recipients.",
-        "",
-    ]
+    """The complete DSN message, CRLF line endings; ``original`` attaches the whole message (RET=FULL)."""
+    international = needs_smtputf8(original_sender, original_header, failed) or not (original or b"").isascii()
+    policy = email.policy.SMTPUTF8 if international else email.policy.SMTP
+
+    human = [f"This is the mail system at host {reporting_mta}.", "",
+             "Your message could not be delivered to one or more recipients.", ""]
     for item in failed:
         why = "the message stayed in the queue too long" if item.expired else "the message was refused"
-        host = f" by {item.remote}" if item.remote else ""
-        lines.append(f"<{item.address}>: {why}{host}: {_fold(item.diagnostic)}")
-    lines += [
-        "",
-        f"--{boundary}",
-        "Content-Type: message/delivery-status",
-        "",
-        f"Reporting-MTA: dns; {reporting_mta}",
-        f"X-Kubemta-Queue-ID: {queue_id}",
-        f"Arrival-Date: {format_datetime(arrival)}",
-    ]
+        if item.remote and item.answered:
+            why += f" by {item.remote}"
+        elif item.remote:
+            why = f"the message could not be sent to {item.remote}"
+        human.append(f"<{item.address}>: {why}: {_one_line(item.diagnostic)}")
+    text = MIMEPart(policy=policy)
+    text.set_content("\n".join(human) + "\n", charset="utf-8")
+
+    blocks = ["\r\n".join([_field("Reporting-MTA", f"dns; {reporting_mta}"),
+                           _field("X-Kubemta-Queue-ID", queue_id),
+                           _field("Arrival-Date", format_datetime(arrival))])]
     for item in failed:
-        # A failed action must carry a non-success status.
-        status = item.status if item.status[:1] in ("4", "5") else "5.0.0"
-        lines += ["", f"Final-Recipient: rfc822; {item.address}", "Action: failed", f"Status: {status}"]
+        address_type = "rfc822" if item.address.isascii() else "utf-8"
+        fields = [_field("Final-Recipient", f"{address_type}; {item.address}"), "Action: failed",
+                  # A failed action must carry a non-success status.
+                  f"Status: {item.status if item.status[:1] in ('4', '5') else '5.0.0'}"]
         if item.remote:
-            lines.append(f"Remote-MTA: dns; {item.remote.split('[', 1)[0]}")
-        diagnostic = _fold(item.diagnostic)
-        if item.answered and item.remote:
-            lines.append(f"Diagnostic-Code: smtp; {diagnostic}")
-        else:
-            lines.append(f"Diagnostic-Code: X-Kubemta; {diagnostic}")
-        lines.append(f"Last-Attempt-Date: {format_datetime(now)}")
-    lines += ["", f"--{boundary}", "Content-Type: text/rfc822-headers", "", ""]
-    head = "\r\n".join(lines).encode("utf-8")
-    header = original_header if original_header.endswith(b"\r\n") or not original_header else original_header + b"\r\n"
-    tail = f"\r\n--{boundary}--\r\n".encode("ascii")
-    return head + header + tail
+            fields.append(_field("Remote-MTA", f"dns; {item.remote.split('[', 1)[0] or item.remote}"))
+        kind = "smtp" if item.answered and item.remote else "X-Kubemta"
+        fields += [_field("Diagnostic-Code", f"{kind}; {item.diagnostic}"),
+                   _field("Last-Attempt-Date", format_datetime(now))]
+        blocks.append("\r\n".join(fields))
+    status = MIMEPart(policy=policy)
+    status["Content-Type"] = "message/global-delivery-status" if international else "message/delivery-status"
+    status.set_payload(_raw("\r\n\r\n".join(blocks) + "\r\n"))
+
+    returned = MIMEPart(policy=policy)
+    if original is not None:
+        returned["Content-Type"] = "message/global" if international else "message/rfc822"
+        returned.set_payload(original.decode("ascii", "surrogateescape"))
+    else:
+        header = original_header if original_header.endswith(b"\r\n") or not original_header \
+            else original_header + b"\r\n"
+        returned["Content-Type"] = "message/global-headers" if international else "text/rfc822-headers"
+        returned.set_payload(header.decode("ascii", "surrogateescape"))
+
+    report = EmailMessage(policy=policy)
+    report["From"] = f"Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"
+    report["To"] = f"<{original_sender}>"
+    report["Subject"] = "Undelivered Mail Returned to Sender"
+    report["Date"] = format_datetime(now)
+    report["Message-ID"] = make_msgid(domain=reporting_mta)
+    report["Auto-Submitted"] = "auto-replied"
+    report["MIME-Version"] = "1.0"
+    report["Content-Type"] = "multipart/report; report-type=delivery-status"
+    report.preamble = "This is a MIME-encapsulated delivery status notification."
+    report.set_payload([text, status, returned])
+    out = BytesIO()
+    _Generator(out, mangle_from_=False, policy=policy).flatten(report)
+    return out.getvalue()

@@ -111,6 +111,14 @@ class Connection:
         cipher = ssl_object.cipher()
         return Tls(ssl_object.version() or "", cipher[0] if cipher else None)
 
+    def supports(self, extension: str) -> bool:
+        return bool(self.smtp.supports_extension(extension))
+
+    def size_limit(self) -> int | None:
+        """The SIZE the server announced (RFC 1870), or None for none or 0 (no limit)."""
+        value = self.smtp.esmtp_extensions.get("size", "")
+        return int(value) if value.strip().isdigit() and int(value) > 0 else None
+
     def outcome(self, kind: Kind, code: int, enhanced: str, text: str) -> Outcome:
         """An outcome of our own wording about this server."""
         return Outcome(kind, replies.Reply(code, enhanced, text), self.mx_host, self.mx_ip, self.tls_info())
@@ -131,13 +139,19 @@ class Connection:
         encoding = "ascii"
         if smtputf8:
             if not smtp.supports_extension("smtputf8"):
-                outcome = self.outcome(Kind.PERMANENT, 553, "5.6.7", "remote server does not support SMTPUTF8")
+                outcome = self.outcome(Kind.PERMANENT, 553, "5.6.7",
+                                       f"the message needs SMTPUTF8, which {remote} does not offer")
                 return dict.fromkeys(recipients, outcome)
             options.append("SMTPUTF8")
             encoding = "utf-8"
         if eight_bit and smtp.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
         if smtp.supports_extension("size"):
+            limit = self.size_limit()
+            if limit and len(data) > limit:
+                outcome = self.outcome(Kind.PERMANENT, 552, "5.3.4",
+                                       f"the message has {len(data)} octets; {remote} accepts at most {limit}")
+                return dict.fromkeys(recipients, outcome)
             options.append(f"SIZE={len(data)}")
         self.transactions += 1
         try:
@@ -345,6 +359,9 @@ class Connector:
             if smtp.supports_extension("starttls"):
                 try:
                     await smtp.starttls(server_hostname=server_name, tls_context=context, validate_certs=verify)
+                    # STARTTLS discards what the server said before (RFC 3207 §4.2): ask
+                    # again, or MAIL would go out without SIZE, BODY and SMTPUTF8.
+                    await smtp.ehlo()
                 except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
                     smtp.close()
                     if tls == "opportunistic" and plaintext_retry:

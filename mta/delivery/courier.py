@@ -1,9 +1,10 @@
 """The courier: carries one message to one next hop and reports.
 
 ``Courier.deliver(hop, parcel)`` is the whole interface the scheduler sees
-(chasquid's ``Courier.Deliver``): it signs the message (DKIM), takes a kept-
-open connection to the hop or opens one, runs the transaction and returns a
-``Report`` — an ``Outcome`` per recipient, and whether the hop could be
+(chasquid's ``Courier.Deliver``): it takes a kept-open connection to the hop
+or opens one, makes the content legal for that server (7-bit conversion,
+long lines: ``mta.delivery.encoding``), signs it (DKIM), runs the
+transaction and returns a ``Report`` — an ``Outcome`` per recipient, and whether the hop could be
 reached at all.  Connections stay open between deliveries, at most
 ``per_connection`` transactions each; a kept-open connection the server has
 closed meanwhile is replaced once, since nothing was sent on it.  The
@@ -12,8 +13,11 @@ must not be used again (``discard``, after a throttle).
 
 Failure: ``deliver`` never raises for remote or local trouble, it reports
 it: a hop that cannot be reached gives ``reached=False`` with the reason for
-every recipient; a signing failure or any unexpected error is a temporary
-local failure.  It never sleeps, retries later or touches the spool.
+every recipient.  A local failure that would recur on every attempt with
+the same stored message — content this server cannot take, a message
+dkimpy cannot parse — is permanent at once (``5.6.x``), so the sender gets
+a DSN instead of five days of retries; any other local error is temporary.
+It never sleeps, retries later or touches the spool.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from mta.delivery import result
+from mta.delivery import encoding, result
 from mta.delivery.client import ConnectFailed, Connection, StaleConnection
-from mta.delivery.result import Outcome
+from mta.delivery.encoding import Unconvertible
+from mta.delivery.result import Kind, Outcome
 from mta.delivery.route import NextHop
 from mta.dkim.signer import Signer, SigningError
 from mta.obs.log import event
@@ -44,8 +49,8 @@ class Parcel:
     sender: str  # "" for the null sender
     recipients: list[str]
     size: int
-    smtputf8: bool = False
-    eight_bit: bool = False
+    smtputf8: bool = False  # the envelope or the header needs SMTPUTF8
+    eight_bit: bool = False  # the body has 8-bit octets
 
 
 @dataclass
@@ -53,6 +58,17 @@ class Report:
     outcomes: dict[str, Outcome]
     reached: bool = True  # False: the hop cannot be reached now, which holds for all its mail
     server: str | None = None  # the host that answered ("" for an address literal), when one did
+
+
+def _server(connection: Connection | None) -> str | None:
+    return None if connection is None else connection.mx_host or ""
+
+
+def connection_outcome(connection: Connection | None, code: int, enhanced: str, text: str) -> Outcome:
+    """A permanent failure of our own, naming the server when one was reached."""
+    if connection is None:
+        return result.permanent(code, enhanced, text)
+    return connection.outcome(Kind.PERMANENT, code, enhanced, text)
 
 
 class Courier:
@@ -65,23 +81,27 @@ class Courier:
     async def deliver(self, hop: NextHop, parcel: Parcel, per_connection: int) -> Report:
         connection: Connection | None = None
         try:
-            data = await self.content(parcel.queue_id)
-            if self.signer is not None:
-                try:
-                    data = self.signer.sign(data)
-                except SigningError as exc:
-                    # Never send unsigned what a key is configured for: try later.
-                    event("dkim_failed", level=logging.ERROR, queue_id=parcel.queue_id, reason=str(exc))
-                    return Report(dict.fromkeys(parcel.recipients, result.transient(451, "4.7.0", str(exc))))
+            stored = await self.content(parcel.queue_id)
             connection = await self._take(hop, per_connection)
             try:
-                outcomes = await self._send(connection, parcel, data)
+                outcomes = await self._send(connection, parcel, self._fit(stored, parcel, connection))
             except StaleConnection:
                 # Nothing was sent on the old session: once more on a fresh one.
                 await connection.close()
                 connection = None
                 connection = await self.opener(hop)
-                outcomes = await self._send(connection, parcel, data)
+                outcomes = await self._send(connection, parcel, self._fit(stored, parcel, connection))
+        except Unconvertible as exc:
+            event("local_error", level=logging.WARNING, queue_id=parcel.queue_id, reason="content", detail=str(exc))
+            return Report(dict.fromkeys(parcel.recipients, connection_outcome(connection, 554, "5.6.3", str(exc))),
+                          server=_server(connection))
+        except SigningError as exc:
+            # Never send unsigned what a key is configured for; the same
+            # message would fail the same way on every attempt.
+            event("dkim_failed", level=logging.ERROR, queue_id=parcel.queue_id, reason=str(exc))
+            event("local_error", level=logging.WARNING, queue_id=parcel.queue_id, reason="dkim", detail=str(exc))
+            return Report(dict.fromkeys(parcel.recipients, result.permanent(554, "5.6.0", str(exc))),
+                          server=_server(connection))
         except ConnectFailed as exc:
             event("connect_failed", level=logging.WARNING, queue_id=parcel.queue_id, destination=str(hop),
                   reply=str(exc.outcome.reply))
@@ -95,7 +115,13 @@ class Courier:
         finally:
             if connection is not None:
                 await self._put_back(hop, connection, per_connection)
-        return Report(outcomes, server=connection.mx_host or "")
+        return Report(outcomes, server=_server(connection))
+
+    def _fit(self, stored: bytes, parcel: Parcel, connection: Connection) -> bytes:
+        """The stored message as this server may take it, signed."""
+        seven_bit = parcel.eight_bit and not connection.supports("8bitmime")
+        data = encoding.prepare(stored, seven_bit=seven_bit)
+        return self.signer.sign(data) if self.signer is not None else data
 
     async def _take(self, hop: NextHop, per_connection: int) -> Connection:
         idle = self._idle.get(hop)

@@ -35,6 +35,7 @@ class Outcome:
     mx_host: str | None = None  # the server's name ("mx.example.com"; a relay's "host:port")
     mx_ip: str | None = None  # the address connected to, when known
     tls: Tls | None = None  # the session's TLS, when a session carried the transaction
+    answered: bool = False  # the reply is the server's own, not our wording about it
 
     @property
     def remote(self) -> str | None:
@@ -67,7 +68,7 @@ def permanent(code: int, enhanced: str, text: str) -> Outcome:
 
 
 def from_reply(reply: Reply, mx_host: str | None = None, mx_ip: str | None = None,
-               tls: Tls | None = None) -> Outcome:
+               tls: Tls | None = None, *, answered: bool = False) -> Outcome:
     """Classify a reply by its first digit."""
     if reply.positive:
         kind = Kind.DELIVERED
@@ -75,10 +76,10 @@ def from_reply(reply: Reply, mx_host: str | None = None, mx_ip: str | None = Non
         kind = Kind.PERMANENT
     else:
         kind = Kind.TRANSIENT
-    return Outcome(kind, reply, mx_host, mx_ip, tls)
+    return Outcome(kind, reply, mx_host, mx_ip, tls, answered)
 
 
 def from_server(code: int, message: str, mx_host: str | None = None, mx_ip: str | None = None,
                 tls: Tls | None = None) -> Outcome:
     """A server's reply as aiosmtplib reports it."""
-    return from_reply(replies.from_server(code, message), mx_host, mx_ip, tls)
+    return from_reply(replies.from_server(code, message), mx_host, mx_ip, tls, answered=True)

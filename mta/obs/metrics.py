@@ -41,6 +41,7 @@ QUEUE_STATES = ("incoming", "deferred", "hold")
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 86400,
                    5 * 86400)
 ATTEMPT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+LOCAL_ERROR_REASONS = ("content", "dkim")  # as the courier names them; known from the start at 0
 SPOOL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 _CATALOGUE = {str(value): name.lower() for name, value in vars(replies).items() if isinstance(value, replies.Reply)}
@@ -181,6 +182,10 @@ class Metrics:
                                       "(client address or user name)", ["scope"], registry=r)
         self.dkim_failures = Counter("kubemta_dkim_sign_failures", "Messages that could not be DKIM-signed",
                                      registry=r)
+        self.local_errors = Counter("kubemta_local_errors", "Deliveries that failed here, not at the receiver, "
+                                    "by cause (content, dkim)", ["reason"], registry=r)
+        for reason in LOCAL_ERROR_REASONS:
+            self.local_errors.labels(reason)
         self.selfcheck = Gauge("kubemta_selfcheck_ok", "Deliverability self-checks, 1 = passing", ["check"],
                                registry=r)
         self.events = Counter("kubemta_events", "Mail events logged, by name", ["event"], registry=r)
@@ -288,5 +293,6 @@ _HANDLERS: dict[str, Callable[[Metrics, dict[str, Any]], None]] = {
     "auth_failed": lambda m, f: m.auth_failures.labels(str(f.get("listener", "unknown"))).inc(),
     "auth_throttled": lambda m, f: m.auth_throttled.labels(str(f.get("scope", "unknown"))).inc(),
     "dkim_failed": lambda m, f: m.dkim_failures.inc(),
+    "local_error": lambda m, f: m.local_errors.labels(str(f.get("reason") or "other")).inc(),
     "self_check": Metrics._selfcheck,
 }

@@ -56,8 +56,11 @@ class Job:
 
     def parcel(self) -> Parcel:
         record = self.record
+        attrs = record.attrs
+        # What receive measured; a record from before it did has only what the client declared.
         return Parcel(record.id, record.sender, self.recipients, record.size,
-                      smtputf8=bool(record.attrs.get("smtputf8")), eight_bit=bool(record.attrs.get("8bitmime")))
+                      smtputf8=bool(attrs.get("smtputf8") or attrs.get("utf8_headers")),
+                      eight_bit=bool(attrs.get("8bit", attrs.get("8bitmime"))))
 
 
 @dataclass
@@ -330,7 +333,7 @@ class Scheduler:
                 elif outcome.kind is Kind.PERMANENT:
                     rcpt.state = FAILED
                     failed.append(FailedRecipient(rcpt.address, outcome.enhanced, str(outcome.reply),
-                                                  outcome.remote, answered=True))
+                                                  outcome.remote, answered=outcome.answered))
                     event("bounced", level=logging.WARNING, **fields)
                 else:
                     event("deferred", **fields)

@@ -4,6 +4,7 @@ fallbacks, retries, bounces and their DSNs."""
 from __future__ import annotations
 
 import email
+import email.policy
 import re
 import smtplib
 import time
@@ -20,7 +21,8 @@ def send(server: MtaServer, sender: str, recipients: list[str], subject: str = "
 
 
 def dsn_parts(data: bytes) -> tuple[email.message.Message, list[email.message.Message]]:
-    msg = email.message_from_bytes(data)
+    # The default policy unfolds fields, as a DSN reader must (RFC 3464 §2.1.1).
+    msg = email.message_from_bytes(data, policy=email.policy.default)
     assert msg.get_content_type() == "multipart/report"
     status = msg.get_payload()[1]
     assert status.get_content_type() == "message/delivery-status"

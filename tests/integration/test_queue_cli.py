@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import email.policy
 import json
 
 from tests.conftest import World
@@ -53,7 +54,7 @@ def test_hold_release_delete_bounce_while_running(world: World) -> None:
 
     assert server.queue("bounce", bounced).returncode == 0
     [notice] = sender.wait_for_messages(1, timeout=20)
-    report = email.message_from_bytes(notice.data).get_payload()[1].get_payload()[1]
+    report = email.message_from_bytes(notice.data, policy=email.policy.default).get_payload()[1].get_payload()[1]
     assert report["Final-Recipient"] == "rfc822; user2@down.test"
     assert "administrator" in report["Diagnostic-Code"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import email.policy
 import random
 from datetime import UTC, datetime
 
@@ -58,3 +59,34 @@ def test_dsn_is_a_valid_multipart_report() -> None:
     assert blocks[2]["Status"] == "4.4.7"
     assert b"Message-ID: <orig@example.com>" in raw
     assert b"\n" not in raw.replace(b"\r\n", b"")
+
+
+def test_dsn_for_internationalised_mail_uses_the_global_types() -> None:
+    when = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+    raw = dsn.build(
+        reporting_mta="mta.example.com", queue_id="Q2", original_sender="jürgen@example.com",
+        original_header="Subject: Grüße\r\n".encode(), arrival=when, now=when,
+        failed=[dsn.FailedRecipient("zoë@example.net", "5.6.7", "553 5.6.7 the message needs SMTPUTF8",
+                                    "mx.example.net[192.0.2.25]")],
+    )
+    msg = email.message_from_bytes(raw, policy=email.policy.SMTPUTF8)
+    assert "To: <jürgen@example.com>\r\n".encode() in raw
+    assert [p.get_content_type() for p in msg.get_payload()] == \
+        ["text/plain", "message/global-delivery-status", "message/global-headers"]
+    status = raw.split(b"Final-Recipient:", 1)[1].decode("utf-8")
+    assert status.startswith(" utf-8; zoë@example.net")
+    # Our own failure is not blamed on the server that was reached.
+    assert "Diagnostic-Code: X-Kubemta; 553 5.6.7" in status
+    assert "Grüße".encode() in raw and max(len(line) for line in raw.split(b"\r\n")) <= 998
+    assert dsn.needs_smtputf8("jürgen@example.com", b"", [])
+    assert not dsn.needs_smtputf8("a@example.com", b"Subject: hi\r\n", [])
+
+
+def test_dsn_lines_stay_short_whatever_the_reply() -> None:
+    when = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+    reply = "550 5.7.1 " + "x" * 3000
+    raw = dsn.build(reporting_mta="mta.example.com", queue_id="Q3", original_sender="a@example.com",
+                    original_header=b"Subject: t\r\n", arrival=when, now=when,
+                    failed=[dsn.FailedRecipient("b@example.net", "5.7.1", reply, "mx[192.0.2.1]", answered=True)])
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+    assert raw.isascii()

@@ -1,0 +1,215 @@
+"""Delivery to the receivers that exist: every extension set, the bytes that arrived.
+
+The courier (with its real connector and DKIM signer) delivers to receivers
+that offer full or reduced extension sets — no 8BITMIME, no SMTPUTF8, no
+PIPELINING, a small SIZE, STARTTLS with a certificate that does not verify
+— and to a real Postfix with SMTPUTF8.  Each case checks the bytes that
+arrived: the MAIL parameters, 7-bit content where 8BITMIME is missing, line
+lengths, the decoded text, and a DKIM signature that Perl's Mail::DKIM
+accepts, asking a real DNS server (unbound) for the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dns.asyncresolver
+import pytest
+import trustme
+
+from mta.delivery.client import ClientSettings, Connector
+from mta.delivery.courier import Courier, Parcel, Report
+from mta.delivery.mx import MxResolver
+from mta.delivery.result import Kind
+from mta.delivery.route import NextHop
+from mta.dkim import keys
+from mta.dkim.signer import Signer
+from tests.peers.dns import DnsServer
+from tests.peers.net import free_port
+from tests.peers.postfix import PostfixServer
+from tests.peers.recorder import Received, Recorder
+
+VERIFIER = Path(__file__).parent.parent / "tools" / "dkimverify.pl"
+HOP = NextHop("mx", "[127.0.0.1]")
+
+TEXT = "Grüße aus Köln — ½ € ✓\n" * 3
+EIGHT_BIT = (
+    "From: App <app@sender.test>\r\nTo: <user@dest.test>\r\nSubject: Umlauts\r\nMIME-Version: 1.0\r\n"
+    'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n--b1\r\n'
+    "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    + TEXT.replace("\n", "\r\n")
+    + "--b1\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+).encode("utf-8") + bytes(range(128, 256)) + b"\r\n--b1--\r\n"
+HTML_LINE = "<p>" + "legacy report cell " * 400 + "</p>"  # one line of about 7,600 octets
+LONG_LINE = (
+    "From: App <app@sender.test>\r\nTo: <user@dest.test>\r\nSubject: Report\r\nMIME-Version: 1.0\r\n"
+    "Content-Type: text/html; charset=us-ascii\r\n\r\n" + HTML_LINE + "\r\n"
+).encode("ascii")
+
+
+@dataclass
+class Signing:
+    signer: Signer
+    dns: DnsServer
+
+
+@pytest.fixture(scope="module")
+def signing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Signing]:
+    root = tmp_path_factory.mktemp("receivers")
+    key = keys.generate("rsa")
+    path = root / "key.pem"
+    keys.write_private_key(key, path)
+    value = keys.txt_record(key)
+    chunks = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
+    server = DnsServer([f"k1._domainkey.sender.test. IN TXT {chunks}"], ["sender.test"], root / "dns")
+    server.start()
+    try:
+        yield Signing(Signer([keys.SigningKey.load("sender.test", "k1", path)]), server)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def bad_cert_tls(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
+    """STARTTLS with a certificate from a CA nobody trusts, for another name."""
+    cert = trustme.CA().issue_cert("somewhere-else.example")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(context)
+    return context
+
+
+def deliver(signing: Signing, port: int, data: bytes, *, recipient: str = "user@dest.test",
+            eight_bit: bool = False, smtputf8: bool = False) -> Report:
+    settings = ClientSettings(helo_name="mta.sender.test", port=port, connect_timeout=5, command_timeout=15)
+    connector = Connector(settings, MxResolver(dns.asyncresolver.Resolver(configure=False)))
+
+    async def content(queue_id: str) -> bytes:
+        return data
+
+    async def main() -> Report:
+        courier = Courier(connector.open, content, signing.signer)
+        parcel = Parcel("Q0000000001", "app@sender.test", [recipient], len(data), smtputf8=smtputf8,
+                        eight_bit=eight_bit)
+        try:
+            return await courier.deliver(HOP, parcel, per_connection=10)
+        finally:
+            await courier.close()
+
+    return asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def verified(signing: Signing, data: bytes) -> str:
+    verdict = subprocess.run(["perl", str(VERIFIER), signing.dns.host, str(signing.dns.port)], input=data,
+                             capture_output=True, timeout=30, check=False)
+    return verdict.stdout.decode() + verdict.stderr.decode()
+
+
+def decoded_parts(data: bytes) -> list[bytes]:
+    message = email.message_from_bytes(data, policy=email.policy.default)
+    return [part.get_payload(decode=True) for part in message.walk() if not part.is_multipart()]
+
+
+def only(recorder: Recorder) -> Received:
+    [received] = recorder.wait_for(1)
+    return received
+
+
+def test_mail_parameters_are_sent_after_starttls(signing: Signing, bad_cert_tls: ssl.SSLContext) -> None:
+    with Recorder(tls=bad_cert_tls) as recorder:
+        report = deliver(signing, recorder.port, EIGHT_BIT, recipient="jürgen@dest.test", eight_bit=True,
+                         smtputf8=True)
+        received = only(recorder)
+    assert [o.kind for o in report.outcomes.values()] == [Kind.DELIVERED], report
+    assert received.tls, "opportunistic TLS with a certificate that does not verify still encrypts"
+    options = {o.split("=")[0]: o for o in received.mail_options}
+    assert "SMTPUTF8" in options and options.get("BODY") == "BODY=8BITMIME", received.mail_options
+    assert options["SIZE"] == f"SIZE={len(received.data)}" or options["SIZE"].startswith("SIZE=")
+    assert received.rcpt_tos == ["jürgen@dest.test"]
+    assert "rsa-sha256 pass sender.test k1" in verified(signing, received.data)
+
+
+def test_8bit_mail_to_a_7bit_receiver_is_converted_and_still_verifies(signing: Signing) -> None:
+    with Recorder(hide=["8BITMIME"]) as recorder:
+        report = deliver(signing, recorder.port, EIGHT_BIT, eight_bit=True)
+        received = only(recorder)
+    assert [o.kind for o in report.outcomes.values()] == [Kind.DELIVERED], report
+    assert not any(o.upper().startswith("BODY=") for o in received.mail_options)
+    assert received.data.isascii(), "a receiver without 8BITMIME must get 7-bit content"
+    assert decoded_parts(received.data) == decoded_parts(EIGHT_BIT)
+    # (the line end before a boundary belongs to the boundary, RFC 2046 §5.1.1)
+    assert decoded_parts(received.data)[0].decode("utf-8").replace("\r\n", "\n") == TEXT.rstrip("\n")
+    assert "rsa-sha256 pass sender.test k1" in verified(signing, received.data)
+
+
+def test_8bit_mail_to_an_8bitmime_receiver_goes_unchanged_and_declared(signing: Signing) -> None:
+    with Recorder(hide=["PIPELINING"]) as recorder:
+        deliver(signing, recorder.port, EIGHT_BIT, eight_bit=True)
+        received = only(recorder)
+    assert "BODY=8BITMIME" in received.mail_options
+    assert received.data.endswith(EIGHT_BIT), "only a signature is added"
+    assert "rsa-sha256 pass sender.test k1" in verified(signing, received.data)
+
+
+def test_long_lines_are_reencoded_before_signing(signing: Signing) -> None:
+    with Recorder() as recorder:
+        report = deliver(signing, recorder.port, LONG_LINE)
+        received = only(recorder)
+    assert [o.kind for o in report.outcomes.values()] == [Kind.DELIVERED], report
+    assert max(len(line) for line in received.data.split(b"\r\n")) <= 998
+    assert decoded_parts(received.data)[0].decode("ascii").rstrip("\r\n") == HTML_LINE
+    assert "rsa-sha256 pass sender.test k1" in verified(signing, received.data)
+
+
+def test_a_message_over_the_receivers_size_fails_at_once(signing: Signing) -> None:
+    with Recorder(size=2000) as recorder:
+        report = deliver(signing, recorder.port, LONG_LINE)
+    [outcome] = report.outcomes.values()
+    assert outcome.kind is Kind.PERMANENT and (outcome.reply.code, outcome.reply.enhanced) == (552, "5.3.4")
+    assert "at most 2000" in outcome.reply.text and not outcome.answered
+    assert recorder.messages == []
+
+
+def test_a_receiver_without_smtputf8_gets_no_mail_and_the_failure_is_ours(signing: Signing) -> None:
+    with Recorder(hide=["SMTPUTF8"]) as recorder:
+        report = deliver(signing, recorder.port, EIGHT_BIT, recipient="jürgen@dest.test", eight_bit=True,
+                         smtputf8=True)
+    [outcome] = report.outcomes.values()
+    assert outcome.kind is Kind.PERMANENT and outcome.reply.enhanced == "5.6.7"
+    assert not outcome.answered, "the receiver said nothing wrong; we could not send"
+    assert recorder.messages == []
+
+
+def test_8bit_headers_cannot_go_to_a_7bit_receiver(signing: Signing) -> None:
+    message = "Subject: Grüße\r\nFrom: <app@sender.test>\r\n\r\nä\r\n".encode()
+    with Recorder(hide=["8BITMIME", "SMTPUTF8"]) as recorder:
+        report = deliver(signing, recorder.port, message, eight_bit=True)
+    [outcome] = report.outcomes.values()
+    assert outcome.kind is Kind.PERMANENT and outcome.reply.enhanced == "5.6.3"
+    assert "header" in outcome.reply.text and recorder.messages == []
+
+
+def test_a_real_postfix_takes_internationalised_mail_over_starttls(signing: Signing, peer_dir: Path) -> None:
+    with PostfixServer("127.0.0.1", free_port(), ["dest.test"], peer_dir / "postfix",
+                       extra_main_cf={"smtputf8_enable": "yes"}) as postfix:
+        report = deliver(signing, postfix.port, EIGHT_BIT, recipient="jürgen@dest.test", eight_bit=True,
+                         smtputf8=True)
+        assert [o.kind for o in report.outcomes.values()] == [Kind.DELIVERED], (report, postfix.log_text()[-2000:])
+        new = postfix.mail_dir / "dest.test" / "new"
+        deadline = time.monotonic() + 20
+        while not (new.is_dir() and any(new.iterdir())) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        [path] = list(new.iterdir())
+        stored = path.read_bytes()
+        log = postfix.log_text()
+    assert "TLS connection established from" in log or "Anonymous TLS connection established" in log, log[-2000:]
+    assert "Delivered-To: jürgen@dest.test".encode() in stored
+    # The Maildir copy has LF line ends; the signature is over CRLF.
+    assert "rsa-sha256 pass sender.test k1" in verified(signing, stored.replace(b"\n", b"\r\n"))

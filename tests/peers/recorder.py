@@ -1,0 +1,103 @@
+"""A receiving SMTP server (aiosmtpd) that records exactly what arrived.
+
+Owns: one aiosmtpd ``Controller`` on 127.0.0.1 and a free port, in its own
+thread.  For each transaction it keeps the MAIL and RCPT parameters and the
+raw DATA octets as they came off the wire (after dot-unstuffing), so tests
+can check bytes, not a re-rendered copy.  The extensions it offers are
+chosen per test, to stand for receivers that exist: ``hide`` removes any of
+``8BITMIME``, ``SMTPUTF8``, ``SIZE``, ``PIPELINING``, ``STARTTLS`` from
+its EHLO reply; ``size`` announces a SIZE limit; ``tls`` offers STARTTLS with
+the given context (a certificate that may or may not verify).
+
+How it fails: ``start`` raises what aiosmtpd raises when the port is taken;
+``wait_for`` raises TimeoutError naming what it has.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from aiosmtpd.controller import Controller
+
+from tests.peers.net import free_port
+
+
+@dataclass
+class Received:
+    session: int
+    mail_from: str
+    mail_options: list[str]
+    rcpt_tos: list[str]
+    rcpt_options: list[str]
+    data: bytes
+    tls: bool
+
+
+@dataclass
+class _Handler:
+    hide: set[str]
+    messages: list[Received] = field(default_factory=list)
+    sessions: list[int] = field(default_factory=list)
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname  # a handler's EHLO hook does what aiosmtpd would
+        self.sessions.append(id(session))
+        return [line for line in responses if line[4:].split(" ", 1)[0].upper() not in self.hide]
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append(Received(
+            session=id(session), mail_from=envelope.mail_from, mail_options=list(envelope.mail_options),
+            rcpt_tos=list(envelope.rcpt_tos), rcpt_options=list(envelope.rcpt_options),
+            data=bytes(envelope.original_content or b""),
+            tls=server.transport.get_extra_info("sslcontext") is not None))
+        return "250 2.0.0 Ok: recorded"
+
+
+class Recorder:
+    def __init__(self, *, hide: Iterable[str] = (), size: int | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.port = free_port()
+        self.host = "127.0.0.1"
+        self.handler = _Handler({name.upper() for name in hide})
+        kwargs: dict[str, Any] = {"enable_SMTPUTF8": True, "decode_data": False}
+        if size is not None:
+            kwargs["data_size_limit"] = size
+        if tls is not None:
+            kwargs["tls_context"] = tls
+        self.controller = Controller(self.handler, hostname=self.host, port=self.port, **kwargs)
+
+    @property
+    def messages(self) -> list[Received]:
+        return self.handler.messages
+
+    @property
+    def sessions(self) -> list[int]:
+        return self.handler.sessions
+
+    def start(self) -> Recorder:
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+    def wait_for(self, n: int, timeout: float = 20.0) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"recorder on port {self.port} has {len(self.messages)} of {n} messages")
+            time.sleep(0.02)
+        return self.messages
+
+    def __enter__(self) -> Recorder:
+        return self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
