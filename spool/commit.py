@@ -25,6 +25,10 @@ busy filesystem, ``fsync`` keeps each round's cost to its own files.  Where
 Failure: if any step of a round fails, every change in that round fails with
 ``SpoolError`` and the files it wrote or renamed into place are removed, so
 nothing is half-kept.  The thread itself never dies of a failed round.
+
+Files outside the spool that need the same guarantee one at a time (or a
+few together) use ``spool.safeio``, whose ``fsync_dir`` and ``write_all``
+this module shares.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from spool.errors import SpoolError
+from spool.safeio import fsync_dir, write_all
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +76,6 @@ class Batch:
 
 
 Change = Callable[[Batch], Any]
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
@@ -202,9 +199,7 @@ class Committer:
                     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
                     done.append(path)
                     fds.append(fd)
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view):]
+                    write_all(fd, data)
                     new_dirs.add(path.parent)
             if self.sync == "syncfs" and fds:
                 # Files and their directory entries in one journal commit.

@@ -11,7 +11,11 @@ keeps the previous users in force and logs why.  Verification is
 constant-time, and an unknown user costs one scrypt computation like a
 known one, so timing does not tell which names exist.
 
-Failure: ``CredentialsError`` naming the file and line.
+``set_password`` rewrites the file atomically and durably
+(``spool.safeio``).
+
+Failure: ``CredentialsError`` naming the file and line; ``OSError`` when
+``set_password`` cannot write the file (the previous file stays whole).
 """
 
 from __future__ import annotations
@@ -20,17 +24,19 @@ import base64
 import hashlib
 import hmac
 import logging
-import os
 import re
 import secrets
 import threading
 from pathlib import Path
+
+from spool.safeio import write_file
 
 log = logging.getLogger(__name__)
 
 SCHEME = "scrypt"
 LOG_N, R, P = 15, 8, 1  # 32 MiB, ~50-100 ms: slow for a guesser, fine per login
 _NAME = re.compile(r"^[A-Za-z0-9._@+-]{1,128}$")
+FILE_MODE = 0o600  # password hashes: the owner only
 _HASH = re.compile(r"^\$scrypt\$ln=(\d+),r=(\d+),p=(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)$")
 
 
@@ -146,11 +152,5 @@ def set_password(path: Path, user: str, password: str, *, create: bool) -> None:
     users[user] = hash_password(password)
     lines = [line for line in text.splitlines() if line.strip().startswith("#")]
     lines += [f"{name}:{encoded}" for name, encoded in users.items()]
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, ("\n".join(lines) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    # Readers (every pod, on each refresh) see the old file or the new, never a part.
+    write_file(path, ("\n".join(lines) + "\n").encode(), FILE_MODE)

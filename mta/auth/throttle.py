@@ -1,16 +1,19 @@
 """Brute-force throttling of AUTH across connections.
 
-Failures are counted per client IP and per user name over a sliding window.
-Past ``max_failures`` in the window the source is locked out until its
-oldest failure leaves the window.  Memory is bounded: only the most recent
-``MAX_KEYS`` sources are remembered.  Failure: none; it only counts.
+Failures are counted per client IP and per user name over a sliding window
+(``mta.sliding_window``).  Past ``max_failures`` in the window the source
+is locked out until its oldest failure leaves the window.  Memory is
+bounded: only the most recent ``MAX_KEYS`` sources are remembered, each
+with at most ``max_failures`` failures.  Failure: none; it only counts.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
+
+from mta.sliding_window import SlidingWindow
 
 MAX_KEYS = 100_000
 
@@ -20,28 +23,27 @@ class Throttle:
         self.max_failures = max_failures
         self.window = window
         self.clock = clock
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._failures: OrderedDict[str, SlidingWindow] = OrderedDict()
 
-    def _recent(self, key: str) -> deque[float]:
-        stamps = self._failures.get(key)
-        if stamps is None:
-            return deque()
-        cutoff = self.clock() - self.window
-        while stamps and stamps[0] < cutoff:
-            stamps.popleft()
-        if not stamps:
+    def _recent(self, key: str) -> int:
+        failures = self._failures.get(key)
+        if failures is None:
+            return 0
+        count = failures.count(self.clock())
+        if not count:
             del self._failures[key]
-        return stamps
+        return count
 
     def blocked(self, key: str) -> bool:
-        return len(self._recent(key)) >= self.max_failures
+        return self._recent(key) >= self.max_failures
 
     def fail(self, key: str) -> None:
-        stamps = self._failures.setdefault(key, deque())
+        failures = self._failures.get(key)
+        if failures is None:
+            # More than max_failures tell nothing more: "blocked" asks for at least that many.
+            failures = self._failures[key] = SlidingWindow(self.window, max_events=self.max_failures)
         self._failures.move_to_end(key)
-        stamps.append(self.clock())
-        while len(stamps) > self.max_failures:
-            stamps.popleft()
+        failures.add(self.clock())
         while len(self._failures) > MAX_KEYS:
             self._failures.popitem(last=False)
 

@@ -2,7 +2,8 @@
 
 A next hop is either the domain's own MX hosts (direct delivery) or a smart
 host from ``routes``.  Exact domains win over ``*.parent`` wildcards, which
-win over the default ``*``; a domain no route names goes direct.
+win over the default ``*`` (``mta.domains``); a domain no route names goes
+direct.
 Failure: none; routes were validated with the config.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mta.config import RouteConfig
+from mta.domains import DomainMap, normalise
 
 
 @dataclass(frozen=True)
@@ -29,32 +31,12 @@ class NextHop:
 
 class Router:
     def __init__(self, routes: list[RouteConfig]) -> None:
-        self._exact: dict[str, RouteConfig] = {}
-        self._wild: dict[str, RouteConfig] = {}
-        self._default: RouteConfig | None = None
-        for route in routes:
-            for domain in route.domains:
-                if domain == "*":
-                    self._default = route
-                elif domain.startswith("*."):
-                    self._wild[domain[2:]] = route
-                else:
-                    self._exact[domain] = route
-
-    def _route_for(self, domain: str) -> RouteConfig | None:
-        domain = domain.lower().rstrip(".")
-        if domain in self._exact:
-            return self._exact[domain]
-        parts = domain.split(".")
-        for i in range(1, len(parts)):
-            parent = ".".join(parts[i:])
-            if parent in self._wild:
-                return self._wild[parent]
-        return self._default
+        self._routes: DomainMap[RouteConfig] = DomainMap(
+            (domain, route) for route in routes for domain in route.domains)
 
     def next_hop(self, domain: str) -> NextHop:
-        route = self._route_for(domain)
+        route = self._routes.lookup(domain)
         if route is None:
-            return NextHop("mx", domain.lower().rstrip("."))
+            return NextHop("mx", normalise(domain))
         host, port = route.relay_host_port
         return NextHop("relay", f"{host}:{port}", route)

@@ -2,28 +2,34 @@
 
 Keys are PEM, PKCS#1 (``BEGIN RSA PRIVATE KEY``, as ``opendkim-genkey``
 writes) or PKCS#8 (``BEGIN PRIVATE KEY``, as ``openssl genpkey`` writes);
-the type (RSA or Ed25519) is read from the key itself.  Also builds the
-DNS TXT record that publishes a key's public half.
+the type (RSA or Ed25519) is read from the key itself.  Also generates
+keys, writes new key files (atomically and durably, never over an existing
+file: ``spool.safeio``) and builds the DNS TXT record that publishes a
+key's public half.
 
-Failure: ``KeyError_`` naming the file and the reason.  At start that stops
-the server; later, a key file that stops loading keeps the previous key and
-logs why (a half-written Secret update must not break signing).
+Failure: ``DkimKeyError`` naming the file and the reason.  At start that
+stops the server; later, a key file that stops loading keeps the previous
+key and logs why (a half-written Secret update must not break signing).
+``write_private_key`` raises ``FileExistsError`` when the file exists and
+``OSError`` when it cannot write; either way no partial key file is left.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from spool.safeio import write_file
+
 log = logging.getLogger(__name__)
 
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+KEY_FILE_MODE = 0o600  # a private key: the owner only
 
 
 class DkimKeyError(Exception):
@@ -77,11 +83,8 @@ def generate(kind: str, bits: int = 2048) -> PrivateKey:
 def write_private_key(key: PrivateKey, path: Path) -> None:
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, pem)
-    finally:
-        os.close(fd)
+    # Exclusive: replacing a key whose public half is published would break every signature.
+    write_file(Path(path), pem, KEY_FILE_MODE, exclusive=True)
 
 
 @dataclass

@@ -4,8 +4,9 @@ dkimpy does the canonicalisation, header selection and folding; the
 signature itself is computed by OpenSSL (``cryptography``), which is about
 ten times faster than dkimpy's pure-Python RSA and gives byte-identical
 signatures (RSASSA-PKCS1-v1_5 is deterministic).  The signing domain is the
-``From:`` domain, or the nearest parent that has keys, else the configured
-fallback; every key of that domain signs (RSA and Ed25519: dual signing).
+``From:`` domain, or the nearest parent that has keys (``mta.domains``),
+else the configured fallback; every key of that domain signs (RSA and
+Ed25519: dual signing).
 
 Failure: ``SigningError``; the caller treats it as a transient failure, so a
 message is never sent unsigned when a key is configured for it.
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding
 from dkim.canonicalization import CanonicalizationPolicy, correct_empty_body, strip_trailing_lines
 
 from mta.dkim.keys import SigningKey
+from mta.domains import DomainMap
 
 # RFC 6376 §5.4.1's list, less what is often rewritten in transit.
 SIGNED_HEADERS = (b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"reply-to", b"in-reply-to",
@@ -138,15 +140,16 @@ class Signer:
         for key in keys:
             self.keys.setdefault(key.domain, []).append(key)
         self.fallback = fallback_domain.lower() if fallback_domain else None
+        # A domain's keys sign for it and every name below it; the nearest wins.
+        self._signing_domains: DomainMap[list[SigningKey]] = DomainMap()
+        for domain, domain_keys in self.keys.items():
+            self._signing_domains.add(domain, domain_keys)
+            self._signing_domains.add(f"*.{domain}", domain_keys)
+        if self.fallback:
+            self._signing_domains.add("*", self.keys.get(self.fallback, []))
 
     def keys_for(self, headers: Headers) -> list[SigningKey]:
-        domain = from_domain(headers) or ""
-        labels = domain.split(".")
-        for i in range(len(labels) - 1):
-            candidate = ".".join(labels[i:])
-            if candidate in self.keys:
-                return self.keys[candidate]
-        return self.keys.get(self.fallback, []) if self.fallback else []
+        return self._signing_domains.lookup(from_domain(headers) or "") or []
 
     def sign(self, message: bytes, now: int | None = None) -> bytes:
         """The message with its signatures prepended (unchanged if no key applies)."""

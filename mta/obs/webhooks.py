@@ -4,10 +4,10 @@ Owns the webhook outbox, ``<spool.path>/webhooks/<endpoint>/``: one file per
 event and endpoint, holding the exact JSON body to POST, named so that
 sorting the names gives the order of the events.  ``on_event`` (a
 ``mta.obs.log`` subscriber) only appends to a bounded in-memory list and
-wakes a writer task; the writer makes the files durable (write, fsync,
-rename, directory fsync, off the event loop, many events per round); one
-sender task per endpoint POSTs its files in order and removes each once the
-endpoint answered 2xx.
+wakes a writer task; the writer makes the files durable (``spool.safeio``:
+write, fsync, rename, directory fsync, off the event loop, many events per
+round); one sender task per endpoint POSTs its files in order and removes
+each once the endpoint answered 2xx.
 
 Each POST carries ``X-Kubemta-Timestamp`` (unix seconds, at sending) and
 ``X-Kubemta-Signature: sha256=HEX``, the HMAC-SHA256 with the endpoint's
@@ -16,12 +16,13 @@ secret over ``TIMESTAMP + "." + BODY``, plus ``X-Kubemta-Event`` and
 
 Failure: a POST that fails (no connection, timeout, any answer but 2xx) is
 counted and retried after a backoff (``retry_initial`` doubling to
-``retry_max``, with jitter) while later events of that endpoint wait, so the
-order holds.  Events older than ``max_age`` are dropped and counted, as are
-new ones while an endpoint's outbox holds ``max_outbox`` events or when the
-outbox cannot be written.  Delivery is at least once: an event whose POST
-succeeded just before a crash is sent again after the restart; an event not
-yet written to the outbox when the process dies is lost.
+``retry_max``, with jitter: the mail queue's ``retry_delay``) while later
+events of that endpoint wait, so the order holds.  Events older than
+``max_age`` are dropped and counted, as are new ones while an endpoint's
+outbox holds ``max_outbox`` events or when the outbox cannot be written.
+Delivery is at least once: an event whose POST succeeded just before a
+crash is sent again after the restart; an event not yet written to the
+outbox when the process dies is lost.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import random
 import threading
 import time
@@ -48,12 +48,16 @@ import aiohttp
 
 from mta.config import WEBHOOK_EVENTS, WebhookEndpoint, WebhooksConfig
 from mta.obs.metrics import Metrics
-from spool.commit import fsync_dir
+from mta.scheduler.backoff import retry_delay
+from spool.safeio import TEMPORARY_SUFFIX, write_files
 
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 100_000  # events waiting to be written to the outbox, all endpoints together
 RESCAN = 30.0  # an idle sender looks at its outbox at least this often
+OUTBOX_MODE = 0o640
+RETRY_JITTER = 0.2  # ±20 %, so endpoints that failed together do not retry in lockstep
+MIN_RETRY_DELAY = 0.05  # retry_initial may be far below the mail queue's 1 s floor
 
 
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:
@@ -130,7 +134,8 @@ class Webhooks:
     def _prepare(self) -> None:
         for endpoint in self.endpoints:
             endpoint.folder.mkdir(parents=True, exist_ok=True)
-            for leftover in endpoint.folder.glob("*.tmp"):
+            # Half-written events of a crash: never renamed, so never announced.
+            for leftover in endpoint.folder.glob(f"*{TEMPORARY_SUFFIX}"):
                 leftover.unlink()
             endpoint.waiting = len(self._files(endpoint))
             self._gauge(endpoint)
@@ -202,28 +207,8 @@ class Webhooks:
 
     @staticmethod
     def _persist(batch: list[tuple[_Endpoint, str, bytes]]) -> None:
-        written: list[tuple[Path, Path]] = []
-        try:
-            for endpoint, name, body in batch:
-                final = endpoint.folder / name
-                tmp = final.with_suffix(".tmp")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-                written.append((tmp, final))
-                try:
-                    os.write(fd, body)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            for tmp, final in written:
-                os.rename(tmp, final)
-            for folder in {final.parent for _, final in written}:
-                fsync_dir(folder)
-        except OSError:
-            for tmp, final in written:
-                for path in (tmp, final):
-                    with contextlib.suppress(OSError):
-                        path.unlink()
-            raise
+        # All or nothing: on failure no file of the batch is left for a sender.
+        write_files([(endpoint.folder / name, body) for endpoint, name, body in batch], OUTBOX_MODE)
 
     @staticmethod
     def _files(endpoint: _Endpoint) -> list[Path]:
@@ -247,8 +232,8 @@ class Webhooks:
                     await asyncio.wait_for(endpoint.wake.wait(), RESCAN)
 
     def _backoff(self, failures: int) -> float:
-        base = min(self.config.retry_max, self.config.retry_initial * 2 ** max(0, failures - 1))
-        return max(0.05, base + self.rng.uniform(-0.2 * base, 0.2 * base))
+        return retry_delay(failures, self.config.retry_initial, self.config.retry_max, RETRY_JITTER, self.rng,
+                           floor=MIN_RETRY_DELAY)
 
     async def _send_one(self, endpoint: _Endpoint, path: Path) -> bool:
         """POST one outbox file; True when it is done with (sent or dropped)."""

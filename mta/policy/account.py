@@ -2,21 +2,25 @@
 
 Patterns are an exact address, ``@domain`` (any address at that domain) or
 ``*``.  Rates are counted per user name in this process: messages in the
-last minute and recipients in the last 24 hours.  Failure: ``Rejected``
-with ``553 5.7.1`` for a forbidden sender or From:, ``552 5.3.4`` for size,
-``452 4.5.3`` for too many recipients, ``451 4.7.1`` past a rate.
+last minute and recipients in the last 24 hours (``mta.sliding_window``).
+Failure: ``Rejected`` with ``553 5.7.1`` for a forbidden sender or From:,
+``552 5.3.4`` for size, ``452 4.5.3`` for too many recipients,
+``451 4.7.1`` past a rate.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from email.utils import getaddresses
 
 from mta import replies
 from mta.config import AccountPolicy
 from mta.replies import Rejected
+from mta.sliding_window import SlidingWindow
+
+MESSAGE_WINDOW = 60.0  # messages_per_minute
+RECIPIENT_WINDOW = 86400.0  # recipients_per_day
 
 
 def allowed(address: str, patterns: Iterable[str]) -> bool:
@@ -58,31 +62,22 @@ class RateLimits:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self._messages: dict[str, deque[float]] = {}
-        self._recipients: dict[str, deque[tuple[float, int]]] = {}
-
-    def _trim(self, user: str) -> None:
-        now = self.clock()
-        messages = self._messages.get(user)
-        while messages and messages[0] < now - 60:
-            messages.popleft()
-        recipients = self._recipients.get(user)
-        while recipients and recipients[0][0] < now - 86400:
-            recipients.popleft()
+        self._messages: dict[str, SlidingWindow] = {}
+        self._recipients: dict[str, SlidingWindow] = {}  # weighted by recipients per message
 
     def check_message(self, policy: AccountPolicy, user: str) -> None:
-        self._trim(user)
-        if policy.messages_per_minute is not None and \
-                len(self._messages.get(user, ())) >= policy.messages_per_minute:
+        messages = self._messages.get(user)
+        sent = messages.count(self.clock()) if messages is not None else 0
+        if policy.messages_per_minute is not None and sent >= policy.messages_per_minute:
             raise Rejected(replies.RATE_MESSAGES, f"user {user}")
 
     def check_recipients(self, policy: AccountPolicy, user: str, adding: int) -> None:
-        self._trim(user)
-        used = sum(n for _, n in self._recipients.get(user, ()))
+        recipients = self._recipients.get(user)
+        used = recipients.total(self.clock()) if recipients is not None else 0
         if policy.recipients_per_day is not None and used + adding > policy.recipients_per_day:
             raise Rejected(replies.RATE_RECIPIENTS, f"user {user}")
 
     def record(self, user: str, recipients: int) -> None:
         now = self.clock()
-        self._messages.setdefault(user, deque()).append(now)
-        self._recipients.setdefault(user, deque()).append((now, recipients))
+        self._messages.setdefault(user, SlidingWindow(MESSAGE_WINDOW)).add(now)
+        self._recipients.setdefault(user, SlidingWindow(RECIPIENT_WINDOW)).add(now, recipients)

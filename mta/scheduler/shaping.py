@@ -3,11 +3,14 @@
 Rules match recipient domains (``gmail.com``, ``*.example.com``) or the
 MX hosts mail is handed to (``mx:*.google.com``: every domain hosted there
 then shares one budget, learnt at its first connection), and may cap
-connections, messages per connection and messages per minute.  Every
-destination also adapts: a throttle reply (``421``, or an enhanced code
-``4.7.x``) halves its connection allowance and sets a cool-down that
-doubles while throttling continues; each later success earns the allowance
-back one step at a time.  The per-egress-address daily cap counts delivered
+connections, messages per connection and messages per minute.  Where
+several patterns match, the most specific wins (``mta.domains``: exact,
+then the nearest ``*.parent``).  Every destination also adapts: a throttle
+reply (code ``421``, or a 4xx with an enhanced code ``4.7.x``) halves its
+connection allowance and sets a cool-down that doubles while throttling
+continues; each later success earns the allowance back one step at a
+time.  Replies arrive typed (``mta.replies.Reply``), so this reads their
+codes, not their text.  The per-egress-address daily cap counts delivered
 messages per UTC day, for warming up a new IP.
 
 Failure: none; it only counts and answers how long to wait.
@@ -15,26 +18,24 @@ Failure: none; it only counts and answers how long to wait.
 
 from __future__ import annotations
 
-import re
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mta.config import ShapingConfig, ShapingRule
+from mta.domains import DomainMap
+from mta.replies import Reply
+from mta.sliding_window import SlidingWindow
 
-_THROTTLE = re.compile(r"^(421\b|4\d\d[ -]4\.7\.\d+)")
 MIN_COOLDOWN, MAX_COOLDOWN = 30.0, 900.0
+RATE_WINDOW = 60.0  # messages_per_minute
+MX_PREFIX = "mx:"
 
 
-def is_throttle_reply(reply: str) -> bool:
-    return bool(_THROTTLE.match(reply))
-
-
-def _matches(pattern: str, domain: str) -> bool:
-    if pattern.startswith("*."):
-        return domain.endswith(pattern[1:])
-    return domain == pattern
+def is_throttle_reply(reply: Reply) -> bool:
+    """421 (the server closes the session), or a 4xx whose enhanced code is
+    4.7.x (RFC 3463's policy class, where providers put their rate limits)."""
+    return reply.code == 421 or (reply.code // 100 == 4 and reply.enhanced.startswith("4.7."))
 
 
 @dataclass
@@ -45,7 +46,7 @@ class DestinationState:
     allowance: int = 0
     cooldown: float = MIN_COOLDOWN
     blocked_until: float = 0.0
-    sent: deque[float] = field(default_factory=deque)
+    sent: SlidingWindow = field(default_factory=lambda: SlidingWindow(RATE_WINDOW))
 
     def __post_init__(self) -> None:
         self.allowance = self.max_connections
@@ -62,23 +63,26 @@ class Shaper:
         self._alias: dict[str, str] = {}  # destination -> "mx:<pattern>" whose budget it shares
         self._day = ""
         self._delivered_today = 0
+        # Where one pattern appears in two rules, the first rule keeps it.
+        self._domain_rules: DomainMap[ShapingRule] = DomainMap(
+            (pattern, rule) for rule in config.rules for pattern in rule.match if not pattern.startswith(MX_PREFIX))
+        self._mx_patterns: DomainMap[str] = DomainMap(
+            (pattern.removeprefix(MX_PREFIX), pattern) for rule in config.rules for pattern in rule.match
+            if pattern.startswith(MX_PREFIX))
 
     def _rule(self, name: str) -> ShapingRule | None:
-        if name.startswith("mx:"):
+        if name.startswith(MX_PREFIX):
+            # A budget shared through an MX pattern: the rule naming that very pattern.
             return next((r for r in self.config.rules if name in r.match), None)
-        return next((r for r in self.config.rules
-                     if any(not p.startswith("mx:") and _matches(p, name) for p in r.match)), None)
+        return self._domain_rules.lookup(name)
 
     def learn_mx(self, destination: str, mx_host: str) -> None:
         """``destination``'s mail went to ``mx_host``: share an MX rule's budget from now on."""
         if destination in self._alias or self._rule(destination) is not None:
             return  # a rule for the domain itself wins
-        host = mx_host.lower().rstrip(".")
-        for rule in self.config.rules:
-            for pattern in rule.match:
-                if pattern.startswith("mx:") and _matches(pattern[3:], host):
-                    self._alias[destination] = pattern
-                    return
+        pattern = self._mx_patterns.lookup(mx_host)
+        if pattern is not None:
+            self._alias[destination] = pattern
 
     def state(self, destination: str) -> DestinationState:
         key = self._alias.get(destination, destination)
@@ -107,17 +111,16 @@ class Shaper:
             return state.blocked_until - now
         if state.messages_per_minute is None:
             return 0.0
-        while state.sent and state.sent[0] <= now - 60:
-            state.sent.popleft()
-        if len(state.sent) < state.messages_per_minute:
+        if state.sent.count(now) < state.messages_per_minute:
             return 0.0
-        return state.sent[0] + 60 - now
+        return state.sent.oldest_leaves_in(now)
 
-    def sent(self, destination: str, reply: str, delivered: bool) -> bool:
-        """Record one transaction; True when the reply was a throttle."""
+    def sent(self, destination: str, reply: Reply, delivered: bool) -> bool:
+        """Record one transaction and the server's ``reply`` to it; True when
+        the reply was a throttle."""
         state = self.state(destination)
         now = self.clock()
-        state.sent.append(now)
+        state.sent.add(now)
         if delivered:
             self._count_delivery()
         if is_throttle_reply(reply):

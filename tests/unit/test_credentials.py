@@ -56,3 +56,12 @@ def test_a_broken_update_keeps_the_previous_users(tmp_path: Path) -> None:
     creds = Credentials(path)
     path.write_text("garbage\n")
     assert creds.verify("app", "a password")
+
+
+def test_the_file_is_rewritten_durably_with_nothing_left_beside_it(tmp_path: Path,
+                                                                   disk_journal: list[tuple[str, Path]]) -> None:
+    path = tmp_path / "users"
+    set_password(path, "app", "a password", create=True)
+    assert [kind for kind, _ in disk_journal] == ["fsync", "rename", "fsync"]
+    assert disk_journal[1:] == [("rename", path), ("fsync", tmp_path.resolve())]
+    assert [p.name for p in tmp_path.iterdir()] == ["users"]

@@ -122,3 +122,18 @@ def test_parse_and_body_canonicalisation_match_dkimpy() -> None:
             body), body
     for odd in (b"", b"\r\nbody only\r\n", b"From: a@b\r\n", b"From: a@b\nTo: c@d\n\nbare LF\n"):
         assert parse(odd) == tuple(dkim.rfc822_parse(odd)), odd
+
+
+def test_a_new_key_file_is_durable_private_and_never_overwritten(tmp_path: Path,
+                                                                 disk_journal: list[tuple[str, Path]]) -> None:
+    path = tmp_path / "sel.key"
+    key = keys.generate("ed25519")
+    keys.write_private_key(key, path)
+    assert keys.public_value(keys.load_private_key(path)) == keys.public_value(key)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert [kind for kind, _ in disk_journal] == ["fsync", "link", "fsync"]
+    assert disk_journal[-1] == ("fsync", tmp_path.resolve())
+    with pytest.raises(FileExistsError):
+        keys.write_private_key(keys.generate("ed25519"), path)
+    assert keys.public_value(keys.load_private_key(path)) == keys.public_value(key)
+    assert [p.name for p in tmp_path.iterdir()] == ["sel.key"]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from mta.config import ShapingConfig, ShapingRule
+from mta.replies import Reply
 from mta.scheduler.shaping import MIN_COOLDOWN, Shaper, is_throttle_reply
+
+OK = Reply(250, "", "ok")
 
 
 class Clock:
@@ -30,17 +33,19 @@ def test_rules_match_domains_and_cap_below_the_defaults() -> None:
 def test_throttle_replies_halve_and_cool_down_then_recover() -> None:
     clock = Clock()
     s = shaper(clock)
-    assert is_throttle_reply("421 4.7.0 Try again later") and is_throttle_reply("450 4.7.28 rate limited")
-    assert not is_throttle_reply("450 4.2.0 mailbox busy") and not is_throttle_reply("550 5.7.1 no")
-    assert s.sent("big.example", "421 4.7.0 slow down", delivered=False)
+    assert is_throttle_reply(Reply(421, "4.7.0", "Try again later")) and \
+        is_throttle_reply(Reply(450, "4.7.28", "rate limited"))
+    assert not is_throttle_reply(Reply(450, "4.2.0", "mailbox busy")) and \
+        not is_throttle_reply(Reply(550, "5.7.1", "no"))
+    assert s.sent("big.example", Reply(421, "4.7.0", "slow down"), delivered=False)
     assert s.connections("big.example") == 0 and s.wait("big.example") == MIN_COOLDOWN
     clock.now += MIN_COOLDOWN
     assert s.connections("big.example") == 5
-    s.sent("big.example", "421 too fast", delivered=False)
+    s.sent("big.example", Reply(421, "", "too fast"), delivered=False)
     assert s.wait("big.example") == 2 * MIN_COOLDOWN  # the cool-down doubles
     clock.now += 2 * MIN_COOLDOWN
     for _ in range(10):
-        s.sent("big.example", "250 2.0.0 ok", delivered=True)
+        s.sent("big.example", Reply(250, "2.0.0", "ok"), delivered=True)
     assert s.connections("big.example") == 10
 
 
@@ -49,7 +54,7 @@ def test_messages_per_minute() -> None:
     s = shaper(clock, rules=[ShapingRule(match=["slow.example"], messages_per_minute=2)])
     for _ in range(2):
         assert s.wait("slow.example") == 0
-        s.sent("slow.example", "250 ok", delivered=True)
+        s.sent("slow.example", OK, delivered=True)
     assert s.wait("slow.example") == 60
     clock.now += 30
     assert s.wait("slow.example") == 30
@@ -60,10 +65,10 @@ def test_messages_per_minute() -> None:
 def test_daily_cap_counts_deliveries_per_day() -> None:
     clock = Clock()
     s = shaper(clock, daily_cap=2)
-    s.sent("a.example", "250 ok", delivered=True)
+    s.sent("a.example", OK, delivered=True)
     assert not s.daily_cap_reached()
-    s.sent("a.example", "550 no", delivered=False)
-    s.sent("b.example", "250 ok", delivered=True)
+    s.sent("a.example", Reply(550, "", "no"), delivered=False)
+    s.sent("b.example", OK, delivered=True)
     assert s.daily_cap_reached()
     clock.now += 86400
     assert not s.daily_cap_reached()
@@ -78,6 +83,27 @@ def test_domains_on_one_mx_share_its_rule_once_learnt() -> None:
     s.learn_mx("c.example", "mx.elsewhere.test")
     assert s.connections("a.example") == 2 and s.connections("c.example") == 10
     for _ in range(2):
-        s.sent("a.example", "250 ok", delivered=True)
-    s.sent("b.example", "250 ok", delivered=True)
+        s.sent("a.example", OK, delivered=True)
+    s.sent("b.example", OK, delivered=True)
     assert s.wait("a.example") == 60 and s.wait("b.example") == 60  # one budget for both
+
+
+def test_throttle_is_read_from_the_code_not_the_text() -> None:
+    assert is_throttle_reply(Reply(421, "", "Service not available"))
+    assert not is_throttle_reply(Reply(451, "4.3.0", "local error, 4.7.0 mentioned in the text"))
+    assert not is_throttle_reply(Reply(250, "2.0.0", "4.7.1 ok"))
+
+
+def test_the_most_specific_pattern_wins_whatever_the_rule_order() -> None:
+    clock = Clock()
+    s = shaper(clock, rules=[ShapingRule(match=["*.example.com"], max_connections=2),
+                             ShapingRule(match=["*.eu.example.com"], max_connections=3),
+                             ShapingRule(match=["mail.eu.example.com", "mx:*.hoster.test"], max_connections=4),
+                             ShapingRule(match=["mx:*.big.hoster.test"], max_connections=5)])
+    assert s.connections("a.example.com") == 2
+    assert s.connections("a.eu.example.com") == 3
+    assert s.connections("Mail.EU.example.com.") == 4
+    assert s.connections("example.com") == 10  # "*.example.com" covers only names below it
+    s.learn_mx("x.example", "mx1.hoster.test")
+    s.learn_mx("y.example", "mx1.big.hoster.test.")
+    assert s.connections("x.example") == 4 and s.connections("y.example") == 5

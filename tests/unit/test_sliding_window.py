@@ -1,0 +1,88 @@
+"""The sliding-window counter, and the AUTH throttle and account rates built on it."""
+
+from __future__ import annotations
+
+import pytest
+
+from mta import replies
+from mta.auth.throttle import Throttle
+from mta.config import AccountPolicy
+from mta.policy.account import RateLimits
+from mta.replies import Rejected
+from mta.sliding_window import SlidingWindow
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_events_count_for_span_seconds_then_leave() -> None:
+    window = SlidingWindow(60)
+    window.add(1000)
+    window.add(1030)
+    assert window.count(1030) == 2 and window.oldest_leaves_in(1030) == 30
+    assert window.count(1060) == 2  # an event counts up to and including span seconds later
+    assert window.count(1060.5) == 1 and window.oldest_leaves_in(1060.5) == 29.5
+    assert window.count(1091) == 0 and window.oldest_leaves_in(1091) == 0
+
+
+def test_weights_add_up_and_leave_with_their_event() -> None:
+    window = SlidingWindow(10)
+    window.add(0)
+    window.add(5, weight=4)
+    window.add(6)
+    assert window.count(6) == 3 and window.total(6) == 6
+    assert window.total(10) == 6 and window.total(11) == 5
+    assert window.total(15.5) == 1 and window.total(16.5) == 0
+
+
+def test_max_events_keeps_only_the_newest() -> None:
+    window = SlidingWindow(100, max_events=3)
+    for t in range(10):
+        window.add(t, weight=2)
+    assert window.count(10) == 3 and window.total(10) == 6
+    assert window.oldest_leaves_in(10) == 97  # the oldest kept is the one at 7
+
+
+def test_throttle_locks_out_until_the_oldest_failure_leaves() -> None:
+    clock = Clock()
+    throttle = Throttle(max_failures=3, window=60, clock=clock)
+    for _ in range(3):
+        assert not throttle.blocked("ip:192.0.2.1")
+        throttle.fail("ip:192.0.2.1")
+        clock.now += 10
+    assert throttle.blocked("ip:192.0.2.1") and not throttle.blocked("user:app")
+    clock.now = 1060  # the first failure is exactly one window old: still counted
+    assert throttle.blocked("ip:192.0.2.1")
+    clock.now = 1060.1
+    assert not throttle.blocked("ip:192.0.2.1")
+    throttle.fail("ip:192.0.2.1")
+    assert throttle.blocked("ip:192.0.2.1")
+    throttle.succeed("ip:192.0.2.1")
+    assert not throttle.blocked("ip:192.0.2.1")
+
+
+def test_account_rates_count_messages_a_minute_and_recipients_a_day() -> None:
+    clock = Clock()
+    rates = RateLimits(clock)
+    policy = AccountPolicy(messages_per_minute=2, recipients_per_day=5)
+    for _ in range(2):
+        rates.check_message(policy, "app")
+        rates.check_recipients(policy, "app", 2)
+        rates.record("app", 2)
+    with pytest.raises(Rejected) as refused:
+        rates.check_message(policy, "app")
+    assert refused.value.reply == replies.RATE_MESSAGES
+    rates.check_message(policy, "other")
+    clock.now += 61
+    rates.check_message(policy, "app")
+    rates.check_recipients(policy, "app", 1)
+    with pytest.raises(Rejected) as refused:
+        rates.check_recipients(policy, "app", 2)
+    assert refused.value.reply == replies.RATE_RECIPIENTS
+    clock.now += 86400
+    rates.check_recipients(policy, "app", 5)
