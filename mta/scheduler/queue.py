@@ -289,7 +289,7 @@ class Scheduler:
             return False
         delivered = any(o.kind is Kind.DELIVERED for o in report.outcomes.values())
         name = destination.hop.name
-        if not self.shaper.sent(name, str(first.reply), delivered):
+        if not self.shaper.sent(name, first.reply, delivered):
             return False
         event("throttled", level=logging.WARNING, destination=str(destination.hop), reply=str(first.reply),
               cooldown=round(self.shaper.wait(name)))
