@@ -8,8 +8,9 @@ signatures (RSASSA-PKCS1-v1_5 is deterministic).  The signing domain is the
 else the configured fallback; every key of that domain signs (RSA and
 Ed25519: dual signing).
 
-Failure: ``SigningError``; the caller treats it as a transient failure, so a
-message is never sent unsigned when a key is configured for it.
+Failure: ``SigningError`` for a message it cannot sign (a header dkimpy
+cannot parse) or a key that fails; the courier bounces the message rather
+than send it unsigned when a key is configured for it.
 """
 
 from __future__ import annotations
@@ -155,7 +156,10 @@ class Signer:
         """The message with its signatures prepended (unchanged if no key applies)."""
         if not self.keys:
             return message  # nothing to sign with: do not even parse the header
-        parsed = parse(message)
+        try:
+            parsed = parse(message)
+        except Exception as exc:  # dkimpy raises several kinds for a header it cannot read
+            raise SigningError(f"DKIM signing failed: the header cannot be parsed: {exc}") from exc
         keys = self.keys_for(parsed[0])
         if not keys:
             return message

@@ -137,3 +137,16 @@ def test_a_new_key_file_is_durable_private_and_never_overwritten(tmp_path: Path,
         keys.write_private_key(keys.generate("ed25519"), path)
     assert keys.public_value(keys.load_private_key(path)) == keys.public_value(key)
     assert [p.name for p in tmp_path.iterdir()] == ["sel.key"]
+
+
+def test_a_header_dkimpy_cannot_parse_is_a_signing_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from mta.dkim import keys
+    from mta.dkim.signer import Signer, SigningError
+
+    path = tmp_path / "k.pem"
+    keys.write_private_key(keys.generate("ed25519"), path)
+    signer = Signer([keys.SigningKey.load("example.com", "s1", path)], "example.com")
+    # CPython's test corpus msg_35: no separator, a body line read as a header.
+    message = b"From: a@example.com\r\nSubject: x\r\ncounter to RFC 2822, no separating newline\r\n"
+    with pytest.raises(SigningError, match="cannot be parsed"):
+        signer.sign(message)
