@@ -1,7 +1,7 @@
 """Routing: which next hop takes mail for a recipient domain.
 
 A next hop is either the domain's own MX hosts (direct delivery) or a smart
-host from ``routes``.  Exact domains win over ``*.parent`` wildcards, which
+host from ``routes``, with the TLS settings and login of its route.  Exact domains win over ``*.parent`` wildcards, which
 win over the default ``*`` (``mta.domains``); a domain no route names goes
 direct.
 Failure: none; routes were validated with the config.
@@ -21,8 +21,10 @@ class NextHop:
 
     kind: str  # "mx" or "relay"
     name: str  # the recipient domain (mx) or "host:port" (relay)
-    # Not part of the key: a route holds lists (unhashable), and one relay
-    # address is one destination however many routes name it.
+    # Part of the key: routes naming one relay with other TLS settings or
+    # another login must never share a connection.
+    session: tuple[str, ...] = ()
+    # Not part of the key (a route holds lists, unhashable); ``session`` stands for it.
     route: RouteConfig | None = field(default=None, compare=False, hash=False)
 
     def __str__(self) -> str:
@@ -39,4 +41,5 @@ class Router:
         if route is None:
             return NextHop("mx", normalise(domain))
         host, port = route.relay_host_port
-        return NextHop("relay", f"{host}:{port}", route)
+        session = (route.tls, str(route.tls_verify), str(route.ca_file or ""), str(route.auth_file or ""))
+        return NextHop("relay", f"{host}:{port}", session, route)

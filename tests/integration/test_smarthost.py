@@ -86,3 +86,19 @@ def test_untrusted_certificate_is_refused(world: World) -> None:
     [item] = server.wait_for_queue(lambda q: q and q[0]["attempts"] >= 1, what="failed attempt")
     assert "4.7.5 TLS with" in item["recipients"][0]["last_reply"]
     assert host.received == []
+
+
+def test_routes_to_one_relay_keep_their_own_credentials(world: World) -> None:
+    host = SmartHost(HOSTS["relay"], free_port(HOSTS["relay"]), world.root, user="relayuser", password=PASSWORD,
+                     more_users={"billing": "other-secret"})
+    host.start()
+    world.others.append(host)
+    billing = world.root / "billing-credentials"
+    billing.write_text("billing:other-secret\n")
+    server = world.mta({"routes": [route(host, credentials(world), ["alpha.example"], "starttls"),
+                                   route(host, billing, ["beta.example"], "starttls")]})
+    send_mail(server.port, "app@sender.test", ["x@alpha.example", "y@beta.example"])
+    wait_relayed(host, 2, server)
+    # One relay address, two routes: each route's mail went with its own login.
+    users = {message.recipients[0]: message.user for message in host.received}
+    assert users == {"x@alpha.example": "relayuser", "y@beta.example": "billing"}

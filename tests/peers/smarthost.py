@@ -3,7 +3,7 @@
 Postfix's smtp-sink cannot do AUTH, so this is a real SMTP server built on
 aiosmtpd, run in its own thread: STARTTLS (or implicit TLS) with a
 certificate from a ``trustme`` test CA, AUTH PLAIN/LOGIN against one
-username and password, and every accepted message kept with the user that
+username and password (or a few), and every accepted message kept with the user that
 sent it.  Failure: ``start`` raises if the port does not answer.
 """
 
@@ -44,9 +44,10 @@ class _Handler:
 
 class SmartHost:
     def __init__(self, host: str, port: int, workdir: Path, *, user: str, password: str,
-                 implicit_tls: bool = False) -> None:
+                 implicit_tls: bool = False, more_users: dict[str, str] | None = None) -> None:
         self.host, self.port = host, port
         self.user, self.password = user, password
+        self.accounts = {user: password, **(more_users or {})}
         self.implicit_tls = implicit_tls
         self.received: list[RelayedMessage] = []
         self.failed_logins = 0
@@ -61,8 +62,8 @@ class SmartHost:
 
     def _authenticate(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str,
                       auth_data: Any) -> AuthResult:
-        ok = (isinstance(auth_data, LoginPassword) and auth_data.login.decode() == self.user
-              and auth_data.password.decode() == self.password)
+        ok = (isinstance(auth_data, LoginPassword)
+              and self.accounts.get(auth_data.login.decode()) == auth_data.password.decode())
         if not ok:
             with self.lock:
                 self.failed_logins += 1
