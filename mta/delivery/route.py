@@ -1,9 +1,9 @@
 """Routing: which next hop takes mail for a recipient domain.
 
 A next hop is either the domain's own MX hosts (direct delivery) or a smart
-host from ``routes``, with the TLS settings and login of its route.  Exact domains win over ``*.parent`` wildcards, which
-win over the default ``*`` (``mta.domains``); a domain no route names goes
-direct.
+host from ``routes``, with the TLS settings and login of its route.  Exact
+domains win over ``*.parent`` wildcards, which win over the default ``*``
+(``mta.domains``); a domain no route names goes direct.
 Failure: none; routes were validated with the config.
 """
 
