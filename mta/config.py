@@ -35,6 +35,7 @@ from pydantic import (
     model_validator,
 )
 
+from mta import domains
 from mta.hostport import parse_host_port
 from mta.identity.pod import with_pod_identity
 
@@ -88,10 +89,15 @@ class Section(BaseModel):
 
 
 def _domain_pattern(item: str, *, any_domain: bool = False, mx_hosts: bool = False) -> str:
-    """``example.com`` or ``*.example.com``; with the flags also ``*`` or ``mx:<pattern>``."""
-    name = item.strip().lower().rstrip(".")
+    """``example.com`` or ``*.example.com``; with the flags also ``*`` or ``mx:<pattern>``.
+
+    Kept in the form names are compared in (``mta.domains.normalise``: a
+    Unicode name in its ``xn--`` spelling)."""
+    name = item.strip()
     if any_domain and name == "*":
         return name
+    prefix = "mx:" if mx_hosts and name.lower().startswith("mx:") else ""
+    name = prefix + domains.normalise(name[len(prefix):])
     bare = name.removeprefix("mx:") if mx_hosts else name
     if not _HOSTNAME.match(bare.removeprefix("*.")):
         allowed = "a domain or '*.domain'" + (" or '*'" if any_domain else "") + \
@@ -286,9 +292,10 @@ class DkimKeyConfig(Section):
     @field_validator("domain")
     @classmethod
     def _domain(cls, value: str) -> str:
-        if not _HOSTNAME.match(value) or "." not in value:
+        name = domains.normalise(value)
+        if not _HOSTNAME.match(name) or "." not in name:
             raise ValueError(f"{value!r} is not a domain")
-        return value.lower().rstrip(".")
+        return name
 
 
 
@@ -298,7 +305,7 @@ class DkimConfig(Section):
 
     @model_validator(mode="after")
     def _fallback_has_keys(self) -> DkimConfig:
-        if self.fallback_domain and self.fallback_domain.lower() not in {k.domain for k in self.keys}:
+        if self.fallback_domain and domains.normalise(self.fallback_domain) not in {k.domain for k in self.keys}:
             raise ValueError(f"fallback_domain {self.fallback_domain!r} has no key in dkim.keys")
         pairs = [(k.domain, k.selector) for k in self.keys]
         if len(set(pairs)) != len(pairs):

@@ -4,8 +4,10 @@ A pattern is a domain (``example.com``), a wildcard for every name below
 a parent (``*.example.com``: ``a.example.com`` and ``b.a.example.com``, not
 ``example.com`` itself) or ``*`` for any name.  The most specific entry
 wins: the exact name, then the wildcard of the nearest parent, then ``*``.
-Names and patterns compare case-insensitively, and a trailing dot is
-ignored.  Routes, shaping rules and DKIM signing domains all choose by it.
+Names and patterns compare in one form (``normalise``): IDNA with UTS #46
+mapping, so that full-width letters, mixed case, a trailing dot (also an
+ideographic one) and the Unicode or ``xn--`` spelling of a name are all the
+same name.  Routes, shaping rules and DKIM signing domains all choose by it.
 
 A leaf: it imports nothing of the project.
 
@@ -19,12 +21,24 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Generic, TypeVar
 
+import idna
+
 Value = TypeVar("Value")
 
 
 def normalise(name: str) -> str:
-    """``Example.COM.`` -> ``example.com``: the form names are compared in."""
-    return name.lower().rstrip(".")
+    """The form names are compared in: ``Example.COM.`` -> ``example.com``,
+    ``Bücher.example`` in full-width letters -> ``xn--bcher-kva.example``;
+    ``*.`` patterns keep their star."""
+    if name.isascii():
+        return name.lower().rstrip(".")  # the common case, and address literals
+    if name.startswith("*."):
+        return "*." + normalise(name[2:])
+    mapped = idna.uts46_remap(name, std3_rules=False, transitional=False).rstrip(".")
+    try:
+        return idna.encode(mapped).decode("ascii")
+    except idna.IDNAError:
+        return mapped  # not a valid IDN: compared as mapped, and no DNS name will match it
 
 
 class DomainMap(Generic[Value]):

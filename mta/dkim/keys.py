@@ -24,6 +24,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from mta.domains import normalise
 from spool.safeio import write_file
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,8 @@ class SigningKey:
     def load(cls, domain: str, selector: str, path: Path) -> SigningKey:
         key = load_private_key(path)
         stat = Path(path).stat()
-        return cls(domain.lower(), selector, Path(path), key, (stat.st_mtime, stat.st_size))
+        # d= is the ASCII (xn--) spelling of the domain (RFC 6376 §3.5).
+        return cls(normalise(domain), selector, Path(path), key, (stat.st_mtime, stat.st_size))
 
     @property
     def kind(self) -> str:
