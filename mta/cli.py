@@ -24,6 +24,7 @@ from mta import control
 from mta.auth.credentials import CredentialsError, set_password
 from mta.config import Config, ConfigError
 from mta.hostport import parse_host_port
+from mta.terminal import escape, escape_block
 from spool import Spool, SpoolLocked
 
 QUEUE_ACTIONS = {
@@ -278,12 +279,14 @@ def _print_list(records: list[dict[str, Any]]) -> None:
     if not records:
         print("queue is empty")
         return
+    # Replies, addresses and headers come from remote peers and clients:
+    # escaped, so they cannot drive the operator's terminal.
     for item in records:
-        print(f"{item['id']}  {item['size']:>8}  {item['created']}  {item['state']:<8}  "
-              f"attempts={item['attempts']}  next={item['next_attempt']}  from=<{item['sender']}>")
+        print(escape(f"{item['id']}  {item['size']:>8}  {item['created']}  {item['state']:<8}  "
+                     f"attempts={item['attempts']}  next={item['next_attempt']}  from=<{item['sender']}>"))
         for rcpt in item["recipients"]:
             reply = f"  ({rcpt['last_reply']})" if rcpt["last_reply"] else ""
-            print(f"    {rcpt['state']:<9} <{rcpt['address']}>{reply}")
+            print(escape(f"    {rcpt['state']:<9} <{rcpt['address']}>{reply}"))
     print(f"{len(records)} message(s)")
 
 
@@ -308,13 +311,13 @@ def _queue(config: Config, args: argparse.Namespace) -> int:
             for info in result.values():
                 if info is not None:
                     _print_list([info])
-                    print(info.get("header") or "")
+                    print(escape_block(info.get("header") or ""))
         for i in missing:
             print(f"mta queue show: {i}: unknown id", file=sys.stderr)
         return 1 if missing else 0
     failed = False
     for record_id, outcome in result.items():
-        print(f"{record_id}: {outcome}")
+        print(escape(f"{record_id}: {outcome}"))
         failed = failed or (outcome not in ("ok",) and not outcome.startswith("will be done"))
     return 1 if failed else 0
 

@@ -6,7 +6,9 @@ history.  The default output is one JSON object per line on stdout
 (``ts``, ``level``, ``logger``, ``event``, ``queue_id``, then the event's
 fields, then ``message``: the same event as one ``event=NAME key=value``
 line; plain log lines carry only ``message``); ``text`` gives just that
-``event=NAME key=value`` form, for a terminal.
+``event=NAME key=value`` form, for a terminal.  Values come from remote
+peers and clients, so the text form shows control characters as escapes
+(``\\x1b``), never raw: a reply cannot drive the terminal reading the log.
 
 Events are also handed to subscribers (metrics, webhooks), whatever the log
 level, so this is the one place every mail event passes through.  A
@@ -19,10 +21,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
 from typing import Any, Literal, TextIO
+
+from mta.terminal import escape, escape_block
 
 _events = logging.getLogger("mta.event")
 _log = logging.getLogger(__name__)
@@ -61,6 +66,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, separators=(",", ":"), default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """``TIME LEVEL LOGGER: MESSAGE`` with every control character escaped."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if not isinstance(getattr(record, "fields", None), dict):
+            # An event's text is built by _value, which already escapes; any
+            # other message may interpolate a peer's words.
+            message = escape(message)
+        line = f"{self.formatTime(record)} {record.levelname} {record.name}: {message}"
+        if record.exc_info:
+            line += "\n" + escape_block(self.formatException(record.exc_info))
+        return line
+
+
 def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float | str):
         return value
@@ -72,7 +92,7 @@ def setup(level: str = "info", fmt: Format = "json", stream: TextIO | None = Non
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -90,10 +110,20 @@ def unsubscribe(subscriber: Subscriber) -> None:
         _subscribers.remove(subscriber)
 
 
+_NEEDS_QUOTES = re.compile(r'[ "=\\\x00-\x1f\x7f-\x9f]')
+_QUOTED = re.compile(r'["\\\x00-\x1f\x7f-\x9f]')
+_SHORT = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _quoted_char(match: re.Match[str]) -> str:
+    char = match.group()
+    return _SHORT.get(char) or f"\\x{ord(char):02x}"
+
+
 def _value(value: Any) -> str:
     text = str(value)
-    if not text or any(c in text for c in ' "=\n\r\t'):
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r") + '"'
+    if not text or _NEEDS_QUOTES.search(text):
+        return '"' + _QUOTED.sub(_quoted_char, text) + '"'
     return text
 
 
