@@ -1,7 +1,8 @@
 """One outbound SMTP connection (aiosmtplib) and the transactions on it.
 
 ``Connector.open`` finds a server for a next hop — MX hosts in order, each
-of their addresses, skipping hosts that do not answer — binds the configured
+of their addresses, skipping hosts that do not answer or resolve, within the
+per-attempt bounds of ``ClientSettings`` (``mta.delivery.mx``) — binds the configured
 source address, says EHLO with our host name and upgrades to TLS: always for
 smart hosts that ask for it (verified against the configured roots),
 opportunistically for MX hosts (unverified, and in plain text again if the
@@ -16,6 +17,7 @@ connection unusable when the session is broken.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import ssl
@@ -33,8 +35,6 @@ from mta.delivery.route import NextHop
 from mta.message import has_bare_line_endings
 
 log = logging.getLogger(__name__)
-
-MAX_ADDRESSES = 10  # servers tried per attempt before giving up for now
 
 
 class StaleConnection(Exception):
@@ -55,6 +55,11 @@ class ClientSettings:
     source_address: str | None = None
     connect_timeout: float = 30.0
     command_timeout: float = 120.0
+    # Per attempt, so a domain with hundreds of MX records or names that
+    # never resolve cannot hold a delivery slot for minutes.
+    max_mx_hosts: int = 10  # MX hosts looked up, best first
+    max_mx_addresses: int = 20  # addresses tried
+    dns_attempt_timeout: float = 30.0  # all the DNS lookups of one attempt together
 
 
 def _reply_text(exc: aiosmtplib.SMTPResponseException) -> str:
@@ -265,36 +270,25 @@ class Connector:
         return await self._open_mx(hop.name)
 
     async def _open_mx(self, domain: str) -> Connection:
-        try:
-            hosts = await self.mx.mx_hosts(domain)
-        except LookupFailed as exc:
-            raise ConnectFailed(Outcome(Kind.PERMANENT if exc.permanent else Kind.TRANSIENT,
-                                        exc.reply)) from None
-        tried = 0
+        """The first of the domain's servers that takes a session; a host or a
+        family whose lookup fails is skipped, only no address at all fails the lookup."""
+        settings = self.settings
         last: Outcome | None = None
-        lookup_permanent = True
-        for host in hosts:
-            try:
-                addresses = await self.mx.addresses(host.name, self._families())
-            except LookupFailed as exc:
-                lookup_permanent = lookup_permanent and exc.permanent
-                last = Outcome(Kind.TRANSIENT, exc.reply)
-                continue
-            for address in addresses:
-                if tried >= MAX_ADDRESSES:
-                    break
-                tried += 1
-                mx_host = None if host.name.startswith("[") else host.name
-                try:
-                    return await self._connect(address, self.settings.port, mx_host, address, tls="opportunistic",
-                                               server_name=host.name)
-                except ConnectFailed as exc:
-                    last = exc.outcome
-                    log.info("delivery to %s: %s", exc.outcome.remote, exc.outcome.reply)
-        if tried == 0 and lookup_permanent:
-            # Every mail exchanger name is dead in DNS (or the domain has no
-            # address at all): waiting will not help.
-            raise ConnectFailed(result.permanent(550, "5.1.2", f"no address found for the mail exchangers of {domain}"))
+        servers = self.mx.servers(domain, self._families(), max_hosts=settings.max_mx_hosts,
+                                  max_addresses=settings.max_mx_addresses, timeout=settings.dns_attempt_timeout)
+        try:
+            async with contextlib.aclosing(servers):
+                async for server in servers:
+                    name = server.host.name
+                    mx_host = None if name.startswith("[") else name
+                    try:
+                        return await self._connect(server.address, settings.port, mx_host, server.address,
+                                                   tls="opportunistic", server_name=name)
+                    except ConnectFailed as exc:
+                        last = exc.outcome
+                        log.info("delivery to %s: %s", exc.outcome.remote, exc.outcome.reply)
+        except LookupFailed as exc:
+            raise ConnectFailed(Outcome(Kind.PERMANENT if exc.permanent else Kind.TRANSIENT, exc.reply)) from None
         raise ConnectFailed(last or result.transient(451, "4.4.1", f"no mail exchanger of {domain} answered"))
 
     async def _open_relay(self, hop: NextHop) -> Connection:
