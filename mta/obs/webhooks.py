@@ -23,6 +23,12 @@ outbox holds ``max_outbox`` events or when the outbox cannot be written.
 Delivery is at least once: an event whose POST succeeded just before a
 crash is sent again after the restart; an event not yet written to the
 outbox when the process dies is lost.
+
+Stopping never waits on an endpoint: ``stop`` sets a stop event the senders
+check after every wait, cancels them, and waits for them a bounded time.
+No wait here uses ``asyncio.wait_for``, whose Python 3.11 version drops a
+cancellation that arrives as the awaited thing completes (a sender woken by
+the last events written at shutdown would then POST on, unstoppable).
 """
 
 from __future__ import annotations
@@ -98,7 +104,8 @@ class Webhooks:
         self._writer: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._seq = 0
-        self._stopping = False
+        self._stopping = False  # no new events are taken
+        self._stop = asyncio.Event()  # senders leave at their next wait
 
     # -- intake (any thread, never blocks) --------------------------------------
 
@@ -141,17 +148,23 @@ class Webhooks:
             self._gauge(endpoint)
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Write what is pending to the outbox, then stop sending."""
+        """Write what is pending to the outbox, then stop sending; returns within about ``2 * timeout``."""
         self._stopping = True
         if self._writer is not None:
             self._wake.set()
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(self._writer, timeout)
+            # asyncio.wait, not wait_for: it neither cancels the writer
+            # midway through a batch nor loses a cancellation of this call.
+            await asyncio.wait({self._writer}, timeout=timeout)
+            self._writer.cancel()
+        self._stop.set()
+        for endpoint in self.endpoints:
+            endpoint.wake.set()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            _, stuck = await asyncio.wait(self._tasks, timeout=timeout)
+            if stuck:
+                log.warning("webhooks: %d sender(s) did not stop within %.1fs; left behind", len(stuck), timeout)
         if self._session is not None:
             await self._session.close()
 
@@ -217,19 +230,22 @@ class Webhooks:
     # -- sending ---------------------------------------------------------------------
 
     async def _send_loop(self, endpoint: _Endpoint) -> None:
-        while True:
+        # Every wait is followed by a look at the stop event, so a sender
+        # leaves even if its cancellation was lost on the way.
+        while not self._stop.is_set():
             endpoint.wake.clear()
             files = await asyncio.to_thread(self._files, endpoint)
             endpoint.waiting = len(files)
             self._gauge(endpoint)
             for path in files:
-                while not await self._send_one(endpoint, path):
+                while not self._stop.is_set() and not await self._send_one(endpoint, path):
                     endpoint.failures += 1
-                    await asyncio.sleep(self._backoff(endpoint.failures))
+                    await _wait(self._stop, self._backoff(endpoint.failures))
+                if self._stop.is_set():
+                    return
                 endpoint.failures = 0
             if not files:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(endpoint.wake.wait(), RESCAN)
+                await _wait(endpoint.wake, RESCAN)
 
     def _backoff(self, failures: int) -> float:
         return retry_delay(failures, self.config.retry_initial, self.config.retry_max, RETRY_JITTER, self.rng,
@@ -302,6 +318,15 @@ class Webhooks:
     def _gauge(self, endpoint: _Endpoint) -> None:
         if self.metrics is not None:
             self.metrics.webhook_outbox.labels(endpoint.config.name).set(endpoint.waiting)
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    """Until ``event`` is set or ``timeout`` passed; a cancellation always propagates."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
 
 
 def _peek(body: bytes) -> tuple[str, str]:
