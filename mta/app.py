@@ -70,6 +70,9 @@ class App:
             source_address=str(config.delivery.source_address) if config.delivery.source_address else None,
             connect_timeout=config.delivery.connect_timeout,
             command_timeout=config.delivery.command_timeout,
+            max_mx_hosts=config.delivery.max_mx_hosts,
+            max_mx_addresses=config.delivery.max_mx_addresses,
+            dns_attempt_timeout=config.dns.attempt_timeout,
         )
         return Connector(settings, MxResolver(resolver))
 

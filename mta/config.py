@@ -171,7 +171,9 @@ class SpoolConfig(Section):
 
 class DnsConfig(Section):
     nameservers: list[str] = Field(default_factory=list)
-    timeout: Duration = 5.0
+    timeout: Duration = 5.0  # per query try; a query gives up after twice this
+    # Every lookup of one delivery attempt (MX, then the hosts' addresses) together.
+    attempt_timeout: Duration = Field(30.0, gt=0)
 
     @field_validator("nameservers")
     @classmethod
@@ -197,6 +199,8 @@ class DeliveryConfig(Section):
     max_concurrency: int = Field(100, ge=1)
     max_per_destination: int = Field(10, ge=1)
     max_messages_per_connection: int = Field(100, ge=1)
+    max_mx_hosts: int = Field(10, ge=1)  # MX hosts looked up per attempt, best first
+    max_mx_addresses: int = Field(20, ge=1)  # addresses tried per attempt
 
 
 class QueueConfig(Section):
