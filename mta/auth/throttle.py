@@ -34,6 +34,10 @@ class Throttle:
             del self._failures[key]
         return count
 
+    def failures(self, key: str) -> int:
+        """Failures of ``key`` in the window (at most ``max_failures`` are kept)."""
+        return self._recent(key)
+
     def blocked(self, key: str) -> bool:
         return self._recent(key) >= self.max_failures
 

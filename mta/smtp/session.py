@@ -24,6 +24,7 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
 from mta import message, receive, replies
 from mta.auth.credentials import Credentials
+from mta.auth.gate import AuthGate
 from mta.auth.throttle import Throttle
 from mta.config import Config, LimitsConfig, ListenerConfig
 from mta.intake import Envelope as QueuedEnvelope
@@ -39,14 +40,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class AuthServices:
-    """Shared by every AUTH listener of a process: one throttle and one rate counter."""
+    """Shared by every AUTH listener of a process: one gate (and its throttle) and one rate counter."""
 
-    throttle: Throttle
+    gate: AuthGate
     rates: account.RateLimits
 
     @classmethod
     def build(cls, limits: LimitsConfig) -> AuthServices:
-        return cls(Throttle(limits.max_auth_failures, limits.auth_failure_window), account.RateLimits())
+        throttle = Throttle(limits.max_auth_failures, limits.auth_failure_window)
+        return cls(AuthGate(throttle), account.RateLimits())
 
 
 def client_address(session: Session) -> str:
@@ -103,13 +105,14 @@ class SessionHandler(DispatchNames):
     # -- AUTH ------------------------------------------------------------------
 
     async def handle_AUTH(self, server: SMTP, session: Session, envelope: Envelope, args: list[str]) -> str | None:
-        """Both mechanisms, run here so that scrypt never blocks the event loop."""
+        """Both mechanisms, run here so that scrypt never blocks the event loop (``mta.auth.gate``)."""
         if self.credentials is None:
             return str(replies.AUTH_UNAVAILABLE)
         if envelope.mail_from:
             return str(replies.AUTH_IN_TRANSACTION)
         ip = client_address(session)
-        if self.services.throttle.blocked(f"ip:{ip}"):
+        gate = self.services.gate
+        if gate.client_locked(ip):
             event("auth_throttled", level=logging.WARNING, listener=self.listener.name, client=ip, scope="client")
             await server.push(str(replies.AUTH_CLIENT_LOCKED))
             if server.transport is not None:
@@ -117,28 +120,30 @@ class SessionHandler(DispatchNames):
             return None
         mechanism = args[0].upper()
         initial = args[1] if len(args) > 1 else None
-        try:
-            if mechanism == "PLAIN":
-                user, password = await self._plain(server, initial)
-            else:
-                user, password = await self._login(server, initial)
-        except Rejected as exc:
-            return str(exc.reply)
-        if self.services.throttle.blocked(f"user:{user}"):
-            event("auth_throttled", level=logging.WARNING, listener=self.listener.name, client=ip, user=user,
-                  scope="user")
-            return str(replies.AUTH_USER_LOCKED)
-        ok = await asyncio.to_thread(self.credentials.verify, user, password)
+        async with gate.attempt(ip):
+            try:
+                if mechanism == "PLAIN":
+                    user, password = await self._plain(server, initial)
+                else:
+                    user, password = await self._login(server, initial)
+            except Rejected as exc:
+                return str(exc.reply)
+            async with gate.checking(user):
+                if gate.user_locked(user, ip):
+                    event("auth_throttled", level=logging.WARNING, listener=self.listener.name, client=ip,
+                          user=user, scope="user")
+                    return str(replies.AUTH_USER_LOCKED)
+                ok = await gate.verify(self.credentials.verify, user, password)
+                if ok:
+                    gate.succeeded(user, ip)
+                else:
+                    gate.failed(user, ip)
         if not ok:
-            self.services.throttle.fail(f"ip:{ip}")
-            self.services.throttle.fail(f"user:{user}")
             event("auth_failed", level=logging.WARNING, listener=self.listener.name, client=ip, user=user,
                   mechanism=mechanism)
             # Slow the guesser down without holding anyone else up.
             await asyncio.sleep(self.config.limits.auth_failure_delay)
             return str(replies.AUTH_FAILED)
-        self.services.throttle.succeed(f"ip:{ip}")
-        self.services.throttle.succeed(f"user:{user}")
         session.authenticated = True
         session.auth_data = user
         event("auth_ok", listener=self.listener.name, client=ip, user=user, mechanism=mechanism)

@@ -107,14 +107,19 @@ def test_wrong_password_is_refused_then_the_client_is_locked_out(world: World) -
     assert "wrong password" not in secure.server.log()
 
 
-def test_a_user_guessed_at_from_many_addresses_is_locked(world: World) -> None:
+def test_a_user_guessed_at_from_many_addresses_is_locked_for_the_guessers(world: World) -> None:
     secure = make_secure(world, {"limits": {"max_auth_failures": 3}})
     for n in range(3):
         with secure.client(secure.submission, tls=True, source=f"127.0.1.{n + 1}") as client:
             assert client.docmd("AUTH PLAIN " + _plain("app", "guess"))[0] == 535
-    with secure.client(secure.submission, tls=True, source="127.0.1.9") as client:
+    # Locked for the addresses that guessed, even with the right password ...
+    with secure.client(secure.submission, tls=True, source="127.0.1.1") as client:
         code, text = client.docmd("AUTH PLAIN " + _plain("app", PASSWORD))
         assert (code, text[:5]) == (454, b"4.7.0")
+    # ... but not for a client that has not failed: guessing must not lock the real user out.
+    with secure.client(secure.submission, tls=True, source="127.0.1.9") as client:
+        code, _ = client.docmd("AUTH PLAIN " + _plain("app", PASSWORD))
+        assert code == 235
     # Another user from a fresh address is not affected.
     assert secure.add_user("other", "another password").returncode == 0
     with secure.client(secure.submission, tls=True, source="127.0.1.10") as client:

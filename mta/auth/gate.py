@@ -1,0 +1,84 @@
+"""The AUTH gate: who may try a password now, one check at a time per user.
+
+Brute force is counted by ``mta.auth.throttle`` (failures per client IP and
+per user name).  The gate makes those counts hold under parallel clients:
+
+- attempts **in flight** from one client count with its failures, so sixty
+  parallel guesses from one address get at most ``max_failures`` checks;
+- checks for one user name run **one at a time**, so each sees the failures
+  of the one before it;
+- scrypt runs in a **small pool of its own** (each check holds 32 MiB; the
+  event loop's default executor also serves spool reads);
+- a user locked out by failures is locked out **for the clients that
+  failed**: a client address with no failure in the window may still try,
+  so an attacker cannot lock the real user out of their own logins
+  (one check at a time per user and the failure delay bound its guesses).
+
+Failure: none; it answers yes or no.  ``verify`` propagates what the
+credentials' check raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from mta.auth.throttle import Throttle
+
+CHECK_THREADS = 2  # scrypt checks at once, in all: bounded memory whatever the load
+
+
+class AuthGate:
+    def __init__(self, throttle: Throttle, threads: int = CHECK_THREADS) -> None:
+        self.throttle = throttle
+        self._in_flight: Counter[str] = Counter()
+        self._user_locks: dict[str, asyncio.Lock] = {}
+        self._checks: Counter[str] = Counter()  # running or waiting, per user
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="auth-check")
+
+    def client_locked(self, ip: str) -> bool:
+        """Too many failures, counting the attempts still running, from this client."""
+        return self.throttle.failures(f"ip:{ip}") + self._in_flight[ip] >= self.throttle.max_failures
+
+    def user_locked(self, user: str, ip: str) -> bool:
+        return self.throttle.blocked(f"user:{user}") and self.throttle.failures(f"ip:{ip}") > 0
+
+    @contextlib.asynccontextmanager
+    async def attempt(self, ip: str) -> AsyncIterator[None]:
+        self._in_flight[ip] += 1
+        try:
+            yield
+        finally:
+            self._in_flight[ip] -= 1
+            if not self._in_flight[ip]:
+                del self._in_flight[ip]
+
+    @contextlib.asynccontextmanager
+    async def checking(self, user: str) -> AsyncIterator[None]:
+        lock = self._user_locks.setdefault(user, asyncio.Lock())
+        self._checks[user] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._checks[user] -= 1
+            if not self._checks[user]:  # keep locks only for users with checks running or waiting
+                del self._checks[user]
+                del self._user_locks[user]
+
+    async def verify(self, check: Callable[[str, str], bool], user: str, password: str) -> bool:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, check, user, password)
+
+    def failed(self, user: str, ip: str) -> None:
+        self.throttle.fail(f"ip:{ip}")
+        self.throttle.fail(f"user:{user}")
+
+    def succeeded(self, user: str, ip: str) -> None:
+        self.throttle.succeed(f"ip:{ip}")
+        self.throttle.succeed(f"user:{user}")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
