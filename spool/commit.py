@@ -22,9 +22,14 @@ busy filesystem, ``fsync`` keeps each round's cost to its own files.  Where
 ``syncfs`` cannot report write errors (before Linux 5.8) or is missing,
 ``fsync`` is used.
 
-Failure: if any step of a round fails, every change in that round fails with
-``SpoolError`` and the files it wrote or renamed into place are removed, so
-nothing is half-kept.  The thread itself never dies of a failed round.
+Failure: if a step of a round fails before its commit point (the renames and
+their directory fsyncs), the files the round wrote or renamed into place are
+removed, so nothing is half-kept, and each of its changes is then tried
+again in a round of its own: only the change that fails again (a colliding
+id, a full disk) gets ``SpoolError``; the others commit, with the same
+fsync-before-rename order.  A failure after the commit point (an unlink)
+fails the changes of that round, as nothing of them can be undone any more.
+The thread itself never dies of a failed round.
 
 Files outside the spool that need the same guarantee one at a time (or a
 few together) use ``spool.safeio``, whose ``fsync_dir`` and ``write_all``
@@ -52,6 +57,14 @@ log = logging.getLogger(__name__)
 
 MAX_ROUND = 512  # changes per round; bounds the memory one round pins
 SYNC_MODES = ("syncfs", "fsync")
+
+
+class _AfterCommit(Exception):
+    """A round failed after its renames were durable: nothing to undo, nothing to retry."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class Batch:
@@ -173,17 +186,38 @@ class Committer:
             batches.append((batch, value, future))
         if not batches:
             return
+        error = self._commit(batches)
+        if error is not None and len(batches) > 1 and not isinstance(error, _AfterCommit):
+            # One bad change (a colliding id, ENOSPC on one large message)
+            # must not cost every client of the round a 451: undone above,
+            # each change now gets a round of its own.
+            log.warning("spool commit round of %d changes failed (%s); committing them one by one",
+                        len(batches), error)
+            for one in batches:
+                self._finish([one], self._commit([one]))
+            return
+        self._finish(batches, error)
+
+    def _commit(self, batches: list[tuple[Batch, Any, Future[Any]]]) -> Exception | None:
+        """Apply ``batches`` as one round; on failure undo what it created and return the error."""
         done: list[Path] = []  # files that exist because of this round
         try:
             self._apply(batches, done)
+        except _AfterCommit as exc:
+            return exc
         except OSError as exc:
-            log.error("spool commit round of %d changes failed: %s", len(batches), exc)
             for path in done:
                 with contextlib.suppress(OSError):
                     path.unlink()
-            error = SpoolError(f"spool write failed: {exc}")
+            return exc
+        return None
+
+    def _finish(self, batches: list[tuple[Batch, Any, Future[Any]]], error: Exception | None) -> None:
+        if error is not None:
+            log.error("spool commit round of %d change(s) failed: %s", len(batches), error)
+            failure = SpoolError(f"spool write failed: {error}")
             for _, _, future in batches:
-                future.set_exception(error)
+                future.set_exception(failure)
             return
         self.rounds += 1
         self.changes += len(batches)
@@ -230,13 +264,16 @@ class Committer:
         # From here on the round is committed: an unlink that fails leaves a
         # stale file the loader resolves by revision, never a lost message.
         done.clear()
-        unlink_dirs: set[Path] = set()
-        for batch, _, _ in batches:
-            for path in batch.unlinks:
-                try:
-                    path.unlink()
-                    unlink_dirs.add(path.parent)
-                except FileNotFoundError:
-                    pass
-        for directory in unlink_dirs:
-            fsync_dir(directory)
+        try:
+            unlink_dirs: set[Path] = set()
+            for batch, _, _ in batches:
+                for path in batch.unlinks:
+                    try:
+                        path.unlink()
+                        unlink_dirs.add(path.parent)
+                    except FileNotFoundError:
+                        pass
+            for directory in unlink_dirs:
+                fsync_dir(directory)
+        except OSError as exc:
+            raise _AfterCommit(exc) from exc

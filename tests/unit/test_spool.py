@@ -282,3 +282,33 @@ def test_record_json_is_validated() -> None:
     record = make_record()
     assert loads(record.dumps()) == record
     assert record.state == INCOMING
+
+
+def test_one_failing_store_in_a_commit_round_fails_alone(spool: Spool) -> None:
+    import dataclasses
+    import threading
+
+    taken = spool.store_blocking(b"first\r\n", make_record())
+    committer = spool._committer
+    assert committer is not None
+    # Hold the commit thread so the 31 stores below queue up and form one round.
+    release = threading.Event()
+    blocker = committer.submit(lambda batch: release.wait(10))
+    records = [make_record() for _ in range(30)]
+    records.insert(17, dataclasses.replace(make_record(), id=taken.id))  # collides with a stored message
+    futures = [committer.submit(spool._store_change(f"m{i}\r\n".encode(), r)) for i, r in enumerate(records)]
+    rounds_before = spool.stats[0]
+    release.set()
+    blocker.result(timeout=10)
+    errors = [f.exception(timeout=30) for f in futures]
+    failed = [i for i, e in enumerate(errors) if e is not None]
+    assert failed == [17] and isinstance(errors[17], SpoolError)
+    assert spool.stats[0] > rounds_before
+    fresh, loaded = reopen(spool)
+    try:
+        ids = {r.id for r in loaded.records}
+        assert ids == {taken.id} | {r.id for i, r in enumerate(records) if i != 17}
+        assert fresh.read_message(taken.id) == b"first\r\n"  # the colliding store kept nothing of its own
+        assert fresh.read_message(records[0].id) == b"m0\r\n" and not loaded.corrupt
+    finally:
+        fresh.close()
