@@ -26,7 +26,11 @@ higher ``revision`` wins.
 
 Failures: writes raise ``SpoolError`` and keep nothing of the failed change;
 a file that fails to load is moved to ``corrupt/``, logged and counted, and
-loading goes on.  ``SpoolLocked`` when another process owns the directory.
+loading goes on; so is anything that is not a regular file (a FIFO, a
+device, a symbolic link), judged by ``lstat`` and never opened, as opening a
+FIFO would hang the start.  ``SpoolLocked`` when another process owns the directory.
+Directories are created with explicit modes (``DIR_MODE``), whatever the
+umask: mail is not for other local users to read.
 ``unannounced`` logs and skips a metadata file it cannot read: the owner
 quarantines it at its next open.
 """
@@ -37,6 +41,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
@@ -65,6 +70,15 @@ class LoadResult:
 
 
 RECENT_BYTES = 16 * 1024 * 1024  # message bodies kept in memory after a store
+ROOT_MODE = 0o750  # the shard directory: its group may look (e.g. a monitoring sidecar), not read mail
+DIR_MODE = 0o700  # tmp/, msg/, the states and corrupt/: the owner only
+
+
+def _make_dir(path: Path, mode: int) -> None:
+    # mkdir's mode is filtered by the umask (000 would give 0777), so the
+    # mode is set explicitly, also on a directory an older version created.
+    path.mkdir(mode=mode, exist_ok=True)
+    os.chmod(path, mode)
 
 
 class Spool:
@@ -95,11 +109,14 @@ class Spool:
 
     def open(self) -> LoadResult:
         """Take ownership, create the layout and load every message."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        for parent in reversed(self.root.parents):
+            if not parent.exists():
+                _make_dir(parent, ROOT_MODE)
+        _make_dir(self.root, ROOT_MODE)
         self.lock.acquire()
         try:
             for name in ("tmp", "msg", CORRUPT, *STATES):
-                (self.root / name).mkdir(exist_ok=True)
+                _make_dir(self.root / name, DIR_MODE)
             for leftover in (self.root / "tmp").iterdir():
                 leftover.unlink()
             result = self._load()
@@ -318,6 +335,8 @@ class Spool:
             try:
                 if path.suffix != ".json":
                     raise RecordError("not a metadata file")
+                if not stat.S_ISREG(path.lstat().st_mode):
+                    raise RecordError("not a regular file")
                 record = self.read_record(state, path.stem)
             except (RecordError, OSError) as exc:
                 bad_ids.add(path.name.removesuffix(".json"))
@@ -336,10 +355,15 @@ class Spool:
         for record_id, (record, path) in sorted(best.items()):
             msg = self.message_path(record_id)
             try:
-                size = msg.stat().st_size
+                info = msg.lstat()
             except FileNotFoundError:
                 self._quarantine(path, "message file missing", result)
                 continue
+            if not stat.S_ISREG(info.st_mode):
+                self._quarantine(path, "its message file is not a regular file", result)
+                self._quarantine(msg, "not a regular file", result)
+                continue
+            size = info.st_size
             if size != record.size:
                 self._quarantine(path, f"message file has {size} bytes, expected {record.size}", result)
                 self._quarantine(msg, "truncated or altered message file", result)

@@ -312,3 +312,36 @@ def test_one_failing_store_in_a_commit_round_fails_alone(spool: Spool) -> None:
         assert fresh.read_message(records[0].id) == b"m0\r\n" and not loaded.corrupt
     finally:
         fresh.close()
+
+
+def test_directories_get_explicit_modes_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        store = Spool(tmp_path / "spool" / "0")
+        store.open()
+        store.close()
+    finally:
+        os.umask(old)
+    root = tmp_path / "spool" / "0"
+    assert root.stat().st_mode & 0o777 == 0o750 and root.parent.stat().st_mode & 0o777 == 0o750
+    for name in ("tmp", "msg", "corrupt", INCOMING, DEFERRED, HOLD):
+        assert (root / name).stat().st_mode & 0o777 == 0o700, name
+
+
+def test_a_fifo_in_the_spool_is_quarantined_without_being_opened(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    store = Spool(root)
+    store.open()
+    kept = store.store_blocking(b"x\r\n", make_record())
+    store.close()
+    os.mkfifo(root / INCOMING / f"{new_id()}.json")
+    os.mkfifo(root / DEFERRED / "junk")
+    # Opening a FIFO blocks until a writer comes: run the load in a child with a deadline.
+    code = ("import sys; from spool import Spool; r = Spool(sys.argv[1]).open(); "
+            "print(len(r.records), len(r.corrupt))")
+    done = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "2"]
+    assert "not a regular file" in done.stderr
+    assert sorted(p.name.split("-")[0] for p in (root / "corrupt").iterdir()) == [DEFERRED, INCOMING]
+    assert (root / INCOMING / f"{kept.id}.json").exists()
