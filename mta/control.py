@@ -3,8 +3,11 @@
 ``mta queue ...`` must never race the server for the spool's files, so
 while a server owns the spool the CLI asks it to act: one JSON request line
 (``{"action": "hold", "ids": [...]}``) gets one JSON reply line.  The socket
-lives inside the spool directory, so only who may touch the spool may use
-it.  Failure: the client raises ``ControlError`` with a readable reason.
+lives in its own directory in the spool, ``control/``, created with mode
+0700 whatever the umask: the socket file exists (with the umask's mode)
+before ``chmod`` can reach it, so the directory is what keeps other local
+users out.  Failure: the client raises ``ControlError`` with a readable
+reason; ``start`` raises ``OSError`` when the directory or socket cannot be made.
 """
 
 from __future__ import annotations
@@ -29,8 +32,11 @@ class ControlError(Exception):
     pass
 
 
+SOCKET_DIR_MODE = 0o700
+
+
 def socket_path(spool_root: Path) -> Path:
-    return Path(spool_root) / "control.sock"
+    return Path(spool_root) / "control" / "control.sock"
 
 
 async def handle(operator: Operator, request: dict[str, Any]) -> dict[str, Any]:
@@ -53,6 +59,8 @@ class ControlServer:
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
+        self.path.parent.mkdir(mode=SOCKET_DIR_MODE, parents=True, exist_ok=True)
+        os.chmod(self.path.parent, SOCKET_DIR_MODE)  # mkdir's mode is filtered by the umask
         # A socket file left by a killed server; we own the spool lock, so it is stale.
         if self.path.exists() or self.path.is_symlink():
             self.path.unlink()
