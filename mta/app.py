@@ -73,6 +73,7 @@ class App:
             max_mx_hosts=config.delivery.max_mx_hosts,
             max_mx_addresses=config.delivery.max_mx_addresses,
             dns_attempt_timeout=config.dns.attempt_timeout,
+            allowed_networks=tuple(config.delivery.allowed_networks),
         )
         return Connector(settings, MxResolver(resolver))
 

@@ -201,6 +201,8 @@ class DeliveryConfig(Section):
     max_messages_per_connection: int = Field(100, ge=1)
     max_mx_hosts: int = Field(10, ge=1)  # MX hosts looked up per attempt, best first
     max_mx_addresses: int = Field(20, ge=1)  # addresses tried per attempt
+    # Non-global addresses (loopback, RFC 1918, link-local, ...) direct delivery may connect to.
+    allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
 
 
 class QueueConfig(Section):

@@ -49,7 +49,8 @@ class MtaServer:
             "listeners": [{"name": "relay", "address": f"{HOST}:{self.port}", "mode": "relay",
                            "trusted_networks": ["127.0.0.0/8"]}],
             "http": {"address": f"{HOST}:{self.http_port}"},
-            "delivery": {"connect_timeout": "5s", "command_timeout": "20s"},
+            # The peers live on loopback: direct delivery may go there (delivery.allowed_networks).
+            "delivery": {"connect_timeout": "5s", "command_timeout": "20s", "allowed_networks": ["127.0.0.0/8"]},
             "shutdown": {"timeout": "5s"},
             "log": {"level": "debug"},
         }

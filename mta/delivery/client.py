@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import logging
 import ssl
 from collections.abc import Sequence
@@ -60,6 +61,18 @@ class ClientSettings:
     max_mx_hosts: int = 10  # MX hosts looked up, best first
     max_mx_addresses: int = 20  # addresses tried
     dns_attempt_timeout: float = 30.0  # all the DNS lookups of one attempt together
+    # Direct delivery connects only to global addresses and these: an MX that
+    # points at loopback, a private range or a metadata address (169.254.169.254)
+    # must not make the MTA a way into the cluster.  Smart hosts are exempt.
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+def may_connect(address: str, allowed: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    """Whether direct delivery may connect to ``address``: a global one, or one ``allowed``."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
+    return (ip.is_global and not ip.is_multicast) or any(ip in network for network in allowed)
 
 
 def _reply_text(exc: aiosmtplib.SMTPResponseException) -> str:
@@ -274,6 +287,7 @@ class Connector:
         family whose lookup fails is skipped, only no address at all fails the lookup."""
         settings = self.settings
         last: Outcome | None = None
+        refused = connectable = 0
         servers = self.mx.servers(domain, self._families(), max_hosts=settings.max_mx_hosts,
                                   max_addresses=settings.max_mx_addresses, timeout=settings.dns_attempt_timeout)
         try:
@@ -281,6 +295,12 @@ class Connector:
                 async for server in servers:
                     name = server.host.name
                     mx_host = None if name.startswith("[") else name
+                    if not may_connect(server.address, settings.allowed_networks):
+                        refused += 1
+                        log.warning("delivery to %s: %s[%s] is not a public address and not in "
+                                    "delivery.allowed_networks; not connecting", domain, name, server.address)
+                        continue
+                    connectable += 1
                     try:
                         return await self._connect(server.address, settings.port, mx_host, server.address,
                                                    tls="opportunistic", server_name=name)
@@ -289,6 +309,10 @@ class Connector:
                         log.info("delivery to %s: %s", exc.outcome.remote, exc.outcome.reply)
         except LookupFailed as exc:
             raise ConnectFailed(Outcome(Kind.PERMANENT if exc.permanent else Kind.TRANSIENT, exc.reply)) from None
+        if refused and not connectable:
+            raise ConnectFailed(result.permanent(
+                554, "5.4.4", f"the mail exchangers of {domain} have only addresses that direct delivery may not "
+                f"use (loopback, private or link-local; see delivery.allowed_networks)"))
         raise ConnectFailed(last or result.transient(451, "4.4.1", f"no mail exchanger of {domain} answered"))
 
     async def _open_relay(self, hop: NextHop) -> Connection:

@@ -305,7 +305,8 @@ class World:
             "listeners": [{"name": "submission", "address": f"{pod_ip}:587", "mode": "submission", "tls": tls,
                            "auth": {"credentials_file": str(self.root / "credentials")}}],
             "dns": {"nameservers": [DNS_IP], "timeout": "2s"},
-            "delivery": {"connect_timeout": "5s", "command_timeout": "30s"},
+            # The mini internet uses documentation ranges, which are not global addresses.
+            "delivery": {"connect_timeout": "5s", "command_timeout": "30s", "allowed_networks": ["192.0.2.0/24"]},
             "queue": {"retry_initial": "2s", "retry_max": "4s", "retry_jitter": 0},
             "dkim": {"keys": [{"domain": SENDER_DOMAIN, "selector": SELECTOR,
                                "key_file": str(self.root / "dkim.pem")}]},

@@ -9,6 +9,7 @@ next hop is reported as such.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,8 @@ from mta.delivery.courier import Courier, Parcel
 from mta.delivery.mx import MxResolver
 from mta.delivery.result import Kind
 from mta.delivery.route import NextHop
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)  # the peers here; direct delivery must be let in
 
 HOP = NextHop("mx", "[127.0.0.1]")
 MESSAGE = b"Subject: courier\r\n\r\nbody\r\n"
@@ -51,7 +54,8 @@ def free_port() -> int:
 
 
 def courier_for(port: int) -> Courier:
-    settings = ClientSettings(helo_name="mta.example.com", port=port, connect_timeout=5, command_timeout=10)
+    settings = ClientSettings(helo_name="mta.example.com", port=port, connect_timeout=5, command_timeout=10,
+                              allowed_networks=LOOPBACK)
     connector = Connector(settings, MxResolver(dns.asyncresolver.Resolver(configure=False)))
 
     async def content(queue_id: str) -> bytes:

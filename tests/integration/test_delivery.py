@@ -222,3 +222,16 @@ def test_address_literal_is_delivered_to_that_address(world: World) -> None:
     send(server, "a@sender.test", [f"user@[{sink.host}]"])
     assert sink.wait_for_messages(1, timeout=20)[0].recipients == [f"user@[{sink.host}]"]
     server.wait_queue_empty()
+
+
+def test_direct_delivery_never_connects_to_addresses_it_may_not_use(world: World) -> None:
+    """An MX that points into loopback (or a private range, or 169.254.169.254) is refused
+    unless delivery.allowed_networks allows it; the tests' peers live on loopback."""
+    sink = world.sink("dest")
+    server = world.mta({"delivery": {"allowed_networks": ["10.255.255.0/24"]}})
+    queue_id = send(server, "a@sender.test", ["u@dest.test"])
+    [bounced] = wait_for_event(server, "bounced", queue_id=queue_id)
+    assert bounced["enhanced"] == "5.4.4" and "delivery.allowed_networks" in bounced["reply"]
+    assert "not a public address" in server.log()
+    time.sleep(0.5)
+    assert sink.messages() == [], "nothing may reach the loopback MX"

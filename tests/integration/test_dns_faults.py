@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import selectors
 import socket
 import threading
@@ -30,6 +31,8 @@ from mta.delivery.mx import LookupFailed, MxResolver, make_resolver
 from mta.delivery.result import Kind, Outcome
 from mta.delivery.route import NextHop
 from tests.peers.faultdns import ANY, Fault, FaultDns
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)  # the peers here; direct delivery must be let in
 
 DNS_HOST = "127.0.0.53"
 LIVE = ("127.0.0.21", "127.0.0.22")  # real receiving servers
@@ -133,7 +136,7 @@ def connector(net: Net, *, query_timeout: float = 0.5, attempt_timeout: float = 
               max_mx_addresses: int = 20) -> Connector:
     settings = ClientSettings(helo_name="mta.kubemta.test", port=net.port, connect_timeout=2, command_timeout=5,
                               max_mx_hosts=max_mx_hosts, max_mx_addresses=max_mx_addresses,
-                              dns_attempt_timeout=attempt_timeout)
+                              dns_attempt_timeout=attempt_timeout, allowed_networks=LOOPBACK)
     return Connector(settings, MxResolver(make_resolver([net.dns.address], query_timeout)))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import ipaddress
 import ssl
 import subprocess
 import time
@@ -36,6 +37,8 @@ from tests.peers.dns import DnsServer
 from tests.peers.net import free_port
 from tests.peers.postfix import PostfixServer
 from tests.peers.recorder import Received, Recorder
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)  # the peers here; direct delivery must be let in
 
 VERIFIER = Path(__file__).parent.parent / "tools" / "dkimverify.pl"
 HOP = NextHop("mx", "[127.0.0.1]")
@@ -88,7 +91,8 @@ def bad_cert_tls(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
 
 def deliver(signing: Signing, port: int, data: bytes, *, recipient: str = "user@dest.test",
             eight_bit: bool = False, smtputf8: bool = False) -> Report:
-    settings = ClientSettings(helo_name="mta.sender.test", port=port, connect_timeout=5, command_timeout=15)
+    settings = ClientSettings(helo_name="mta.sender.test", port=port, connect_timeout=5, command_timeout=15,
+                              allowed_networks=LOOPBACK)
     connector = Connector(settings, MxResolver(dns.asyncresolver.Resolver(configure=False)))
 
     async def content(queue_id: str) -> bytes:

@@ -90,3 +90,16 @@ def test_dsn_lines_stay_short_whatever_the_reply() -> None:
                     failed=[dsn.FailedRecipient("b@example.net", "5.7.1", reply, "mx[192.0.2.1]", answered=True)])
     assert max(len(line) for line in raw.split(b"\r\n")) <= 998
     assert raw.isascii()
+
+
+def test_direct_delivery_connects_only_to_global_or_allowed_addresses() -> None:
+    import ipaddress
+
+    from mta.delivery.client import may_connect
+
+    allowed = [ipaddress.ip_network("10.20.0.0/16")]
+    assert may_connect("8.8.8.8", []) and may_connect("2001:4860:4860::8888", [])
+    for address in ("127.0.0.1", "::1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254",
+                    "100.64.0.1", "fe80::1", "fd00::1", "::ffff:127.0.0.1", "0.0.0.0", "224.0.0.1"):
+        assert not may_connect(address, []), address
+    assert may_connect("10.20.3.4", allowed) and not may_connect("10.21.0.1", allowed)
