@@ -444,9 +444,18 @@ class WebhookEndpoint(Section):
     name: str  # also the name of its outbox folder
     url: str
     secret_file: ReadableFile  # the HMAC-SHA256 key: the file's first line
+    # Not "rejected" by default: any client can cause those (and they are rate-limited).
     events: list[Literal["delivered", "deferred", "bounced", "expired", "rejected"]] = Field(
-        default_factory=lambda: list(WEBHOOK_EVENTS), min_length=1)
+        default_factory=lambda: [name for name in WEBHOOK_EVENTS if name != "rejected"], min_length=1)
     timeout: Duration = 10.0
+
+    @field_validator("secret_file")
+    @classmethod
+    def _secret(cls, value: Path) -> Path:
+        lines = value.read_text(errors="replace").splitlines()
+        if not lines or not lines[0].strip():
+            raise ValueError(f"{value}: the first line, the HMAC key, is empty")
+        return value
 
     @field_validator("name")
     @classmethod

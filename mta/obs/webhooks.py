@@ -55,6 +55,7 @@ import aiohttp
 from mta.config import WEBHOOK_EVENTS, WebhookEndpoint, WebhooksConfig
 from mta.obs.metrics import Metrics
 from mta.scheduler.backoff import retry_delay
+from mta.sliding_window import SlidingWindow
 from spool.safeio import TEMPORARY_SUFFIX, write_files
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ MAX_PENDING = 100_000  # events waiting to be written to the outbox, all endpoin
 RESCAN = 30.0  # an idle sender looks at its outbox at least this often
 OUTBOX_MODE = 0o640
 RETRY_JITTER = 0.2  # ±20 %, so endpoints that failed together do not retry in lockstep
+REJECTED_PER_MINUTE = 60  # per endpoint; past it, rejected events are dropped and counted (reason "rate")
 MIN_RETRY_DELAY = 0.05  # retry_initial may be far below the mail queue's 1 s floor
 
 
@@ -84,6 +86,14 @@ class _Endpoint:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     waiting: int = 0  # files in the outbox
     failures: int = 0  # consecutive failed POSTs
+    rejected: SlidingWindow = field(default_factory=lambda: SlidingWindow(60.0, max_events=REJECTED_PER_MINUTE))
+
+    def take_rejected(self, now: float) -> bool:
+        """Whether one more ``rejected`` event fits this minute's budget (and counts it)."""
+        if self.rejected.count(now) >= REJECTED_PER_MINUTE:
+            return False
+        self.rejected.add(now)
+        return True
 
 
 class Webhooks:
@@ -181,6 +191,11 @@ class Webhooks:
                 body = self._body(name, fields)
                 for index, endpoint in enumerate(self.endpoints):
                     if name not in endpoint.config.events:
+                        continue
+                    if name == "rejected" and not endpoint.take_rejected(time.monotonic()):
+                        # Unauthenticated clients make these at will: they must not
+                        # crowd the delivery events out of the outbox.
+                        self._dropped(endpoint, "rate")
                         continue
                     if endpoint.waiting + added[index] >= self.config.max_outbox:
                         self._dropped(endpoint, "outbox_full")

@@ -51,3 +51,49 @@ def test_failed_posts_back_off_on_the_mail_queue_schedule(tmp_path: Path) -> Non
     expected = [retry_delay(n, 0.01, 1, RETRY_JITTER, rng, floor=MIN_RETRY_DELAY) for n in range(1, 9)]
     assert [hooks._backoff(n) for n in range(1, 9)] == expected
     assert expected[0] == MIN_RETRY_DELAY and 0.8 <= expected[-1] <= 1.2
+
+
+def test_rejected_events_are_opt_in_and_rate_limited(tmp_path: Path) -> None:
+    import asyncio
+
+    import pytest
+
+    from mta.config import ConfigError, load
+    from mta.obs.metrics import Metrics
+    from mta.obs.webhooks import REJECTED_PER_MINUTE
+
+    secret = tmp_path / "secret"
+    secret.write_text("k\n")
+    default = WebhookEndpoint(name="crm", url="https://hooks.example/x", secret_file=secret)
+    assert "rejected" not in default.events and "bounced" in default.events
+    flood = WebhookEndpoint(name="audit", url="https://hooks.example/y", secret_file=secret,
+                            events=["rejected", "bounced"])
+    metrics = Metrics()
+    hooks = Webhooks(WebhooksConfig(endpoints=[flood]), tmp_path / "webhooks", "mta.example", metrics)
+
+    async def main() -> None:
+        hooks._loop = asyncio.get_running_loop()
+        writer = asyncio.create_task(hooks._write_loop())
+        for n in range(REJECTED_PER_MINUTE + 40):
+            hooks.on_event("rejected", {"client": f"192.0.2.{n % 250}", "reply": "554 5.7.1 Relay access denied"})
+        hooks.on_event("bounced", {"queue_id": "Q1", "recipient": "a@example.net"})
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if not hooks._pending:
+                break
+        writer.cancel()
+
+    hooks.endpoints[0].folder.mkdir(parents=True)
+    asyncio.run(main())
+    stored = [p.read_text() for p in hooks.endpoints[0].folder.iterdir()]
+    assert sum('"event":"rejected"' in text or '"event": "rejected"' in text for text in stored) == \
+        REJECTED_PER_MINUTE
+    assert any("bounced" in text for text in stored), "the flood must not push a real event out"
+    assert b'kubemta_webhook_dropped_total{endpoint="audit",reason="rate"} 40.0' in metrics.render()
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    config_file = tmp_path / "mta.yaml"
+    config_file.write_text(f"webhooks:\n  endpoints:\n    - {{name: crm, url: 'https://hooks.example/x', "
+                           f"secret_file: '{empty}'}}\n")
+    with pytest.raises(ConfigError, match=r"webhooks\.endpoints\.0\.secret_file.*HMAC key, is empty"):
+        load(config_file)
