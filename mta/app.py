@@ -38,6 +38,7 @@ from mta.obs.stack import Observability
 from mta.policy.admission import storage
 from mta.scheduler.operator import Operator
 from mta.scheduler.queue import Scheduler, assemble
+from mta.secret_files import readable_by_others
 from mta.smtp.server import Listener
 from mta.smtp.session import AuthServices, SessionHandler
 from mta.smtp.tls import TlsError
@@ -104,6 +105,9 @@ class App:
     async def run(self) -> None:
         config = self.config
         self.obs.setup_logging()
+        for key, path, mode in readable_by_others(config):
+            event("secret_file_readable", level=logging.WARNING, key=key, path=str(path), mode=f"{mode:04o}",
+                  reason="group or others can read it; make it 0400 or 0600 (a Secret's defaultMode)")
         try:
             self.drain.setup()
         except DrainError as exc:

@@ -77,3 +77,11 @@ def test_unusable_key_stops_start_up_with_a_clear_message(world: World) -> None:
                                             "key_file": str(world.root / "absent.pem")}]}}, name="m", start=False)
     done = missing.cli("check-config")
     assert done.returncode == 2 and "dkim.keys.0.key_file" in done.stderr
+
+
+def test_a_key_others_can_read_draws_a_warning_at_start(world: World) -> None:
+    key_file, _ = keygen(world, "loose", "rsa")
+    key_file.chmod(0o644)
+    server = world.mta({"dkim": {"keys": [{"domain": "sender.test", "selector": "loose", "key_file": str(key_file)}]}})
+    [warning] = [line for line in server.log().splitlines() if '"event":"secret_file_readable"' in line]
+    assert '"key":"dkim.keys.0.key_file"' in warning and '"mode":"0644"' in warning
