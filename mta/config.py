@@ -31,6 +31,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -144,11 +145,29 @@ class ListenerConfig(Section):
     tls: TlsConfig | None = None
     auth: AuthConfig | None = None
     proxy_protocol: bool = False
+    # The load balancers allowed to send a PROXY header.  Anyone else could
+    # claim any client address with one, a trusted one included.
+    proxy_sources: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list,
+                                                                              validate_default=True)
 
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
         parse_host_port(value)
+        return value
+
+    @field_validator("proxy_sources")
+    @classmethod
+    def _proxy_sources(cls, value: list[Any], info: ValidationInfo) -> list[Any]:
+        proxy = info.data.get("proxy_protocol", False)
+        if proxy and not value:
+            raise ValueError("required when proxy_protocol is on: the load balancers' networks "
+                             "(anyone else could claim any client address in a PROXY header)")
+        if value and not proxy:
+            raise ValueError("set, but proxy_protocol is off")
+        if proxy and info.data.get("mode") == "submissions":
+            # The header would come before the TLS handshake, which starts at the first byte here.
+            raise ValueError("proxy_protocol is not supported with mode 'submissions' (implicit TLS)")
         return value
 
     @model_validator(mode="after")
@@ -255,12 +274,36 @@ class LimitsConfig(Section):
     data_timeout: Duration = 600.0  # the whole DATA phase: a floor on the transfer rate
     max_connections: int = Field(1000, ge=1)
     max_connections_per_ip: int = Field(50, ge=1)
+    # Of max_connections, slots only clients in a listener's trusted_networks
+    # may take; by default a tenth of max_connections, at most 50 (``reserved``).
+    reserved_connections: int | None = Field(None, ge=0)
     max_errors: int = Field(10, ge=1)  # bad commands per session before 421
     max_junk_commands: int = Field(50, ge=1)  # NOOP, RSET, VRFY, HELP, EXPN per session
     max_auth_failures: int = Field(5, ge=1)  # per client IP and per user name, in the window
     auth_failure_window: Duration = 900.0
     auth_failure_delay: Duration = 1.0  # answer each failed AUTH this late
     bare_line_endings: Literal["replace", "reject"] = "replace"
+    # Without MAIL, RCPT, DATA, AUTH or STARTTLS; NOOP, RSET and EHLO do not keep a session.
+    session_idle_timeout: Duration = Field(300.0, gt=0)
+    session_lifetime: Duration = Field(3600.0, gt=0)  # then 421 (a DATA transfer under way may finish)
+    tls_handshake_timeout: Duration = Field(10.0, gt=0)  # implicit TLS and STARTTLS
+    max_tls_handshakes: int = Field(100, ge=1)  # in progress at once, per listener (implicit TLS)
+    max_tls_handshakes_per_ip: int = Field(10, ge=1)
+
+    @field_validator("reserved_connections")
+    @classmethod
+    def _reserve_below_total(cls, value: int | None, info: ValidationInfo) -> int | None:
+        total = info.data.get("max_connections")
+        if value is not None and total is not None and value >= total:
+            raise ValueError(f"must be below max_connections ({total}): untrusted clients need slots too")
+        return value
+
+    @property
+    def reserved(self) -> int:
+        """The slots of each listener kept for its trusted networks."""
+        if self.reserved_connections is not None:
+            return self.reserved_connections
+        return min(50, self.max_connections // 10)
 
 
 class AccountPolicy(Section):

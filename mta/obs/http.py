@@ -6,6 +6,10 @@ readiness checks it is given (each a name and a function returning
 check fails.  Failure: a check that raises counts as failing, with the error
 as its detail.  ``/metrics`` serves the Prometheus text format when a
 ``Metrics`` is given (404 otherwise).
+
+A connection has ``REQUEST_TIMEOUT`` from its start, and again after each
+response, to send a whole request header; one that has not is closed, so
+half-sent requests cannot pile up open connections.
 """
 
 from __future__ import annotations
@@ -21,10 +25,15 @@ log = logging.getLogger(__name__)
 
 Check = Callable[[], tuple[bool, str]]
 
+# Probes and scrapers send their requests at once; anything slower is not one.
+REQUEST_TIMEOUT = 10.0
+
 
 class HealthServer:
-    def __init__(self, host: str, port: int, checks: dict[str, Check], metrics: Metrics | None = None) -> None:
+    def __init__(self, host: str, port: int, checks: dict[str, Check], metrics: Metrics | None = None, *,
+                 request_timeout: float = REQUEST_TIMEOUT) -> None:
         self.host, self.port = host, port
+        self.request_timeout = request_timeout
         self.checks = checks
         self.metrics = metrics
         self.runner: web.AppRunner | None = None
@@ -64,7 +73,10 @@ class HealthServer:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def start(self) -> None:
-        self.runner = web.AppRunner(self._app(), access_log=None)
+        # aiohttp's keep-alive timeout runs from the connection's start and
+        # from each response until a request header is complete: it is the
+        # header timeout.  The handlers read no body.
+        self.runner = web.AppRunner(self._app(), access_log=None, keepalive_timeout=self.request_timeout)
         await self.runner.setup()
         await web.TCPSite(self.runner, self.host, self.port, reuse_address=True).start()
         log.info("health endpoints on http://%s:%d/healthz and /readyz%s", self.host, self.port,
