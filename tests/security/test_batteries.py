@@ -344,7 +344,8 @@ def proxy_v2(src: str, dst: str = "127.0.0.1", sport: int = 40000, dport: int = 
 
 def test_proxy_protocol_client_address_decides_relay(world: World) -> None:
     server = world.mta({"listeners": [{"name": "lb", "address": "127.0.0.1:{port}", "mode": "relay",
-                                       "trusted_networks": ["198.51.100.0/24"], "proxy_protocol": True}]})
+                                       "trusted_networks": ["198.51.100.0/24"], "proxy_protocol": True,
+                                       "proxy_sources": ["127.0.0.0/8"]}]})
     inside = Raw(server.port, preamble=proxy_v2("198.51.100.7"))
     inside.cmd(b"EHLO app.kubemta.test")
     inside.cmd(b"MAIL FROM:<app@sender.test>")
