@@ -72,6 +72,7 @@ class Sources:
 
     queue: Callable[[], QueueSnapshot] | None = None
     sessions: Callable[[], dict[str, int]] | None = None  # listener -> open sessions
+    handshakes: Callable[[], dict[str, int]] | None = None  # listener -> implicit-TLS handshakes under way
     readiness: Callable[[], dict[str, bool]] | None = None  # check -> ok
     disk: Callable[[], dict[str, float]] | None = None  # see mta.obs.disk.DiskGuard.metrics
     spool_commits: Callable[[], tuple[int, int]] | None = None  # (rounds, changes)
@@ -111,7 +112,14 @@ class _Live(Collector):
         family = GaugeMetricFamily("kubemta_sessions_active", "Open SMTP sessions, by listener", labels=["listener"])
         for name, count in sorted((self.sources.sessions() if self.sources.sessions else {}).items()):
             family.add_metric([name], count)
-        return [family]
+        # Before its handshake ends a connection on an implicit-TLS listener
+        # is no session yet, but it holds a slot, a descriptor and memory.
+        handshakes = GaugeMetricFamily("kubemta_tls_handshakes_active",
+                                       "Connections in an implicit-TLS handshake (not yet sessions), by listener",
+                                       labels=["listener"])
+        for name, count in sorted((self.sources.handshakes() if self.sources.handshakes else {}).items()):
+            handshakes.add_metric([name], count)
+        return [family, handshakes]
 
     def _readiness(self) -> Iterable[Metric]:
         checks = self.sources.readiness() if self.sources.readiness else {}

@@ -49,7 +49,7 @@ class Observability:
         """Point the scrape-time gauges at their owners and subscribe to events.
 
         ``workers`` (``mta.workers.Workers``) adds the worker processes'
-        sessions, spool commits and spool write durations.
+        sessions, TLS handshakes, spool commits and spool write durations.
         """
         if self.metrics is not None:
             metrics = self.metrics
@@ -67,6 +67,14 @@ class Observability:
                 return counts
 
             metrics.sources.sessions = sessions
+
+            def handshakes() -> dict[str, int]:
+                counts = workers.handshakes if workers is not None else {}
+                for item in listeners():
+                    counts[item.config.name] = counts.get(item.config.name, 0) + item.front.slots.handshakes
+                return counts
+
+            metrics.sources.handshakes = handshakes
             metrics.sources.readiness = lambda: {name: ok for name, (ok, _) in health.run_checks().items()}
             metrics.sources.disk = self.disk.metrics
 

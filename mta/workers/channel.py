@@ -7,7 +7,7 @@ configuration (one line) and nothing else; a worker writes:
 - ``record``: a record it has stored (the spool's JSON form), to schedule;
 - ``event``: a mail event (``name``, ``fields``) for the logs, metrics and webhooks;
 - ``timing``: how long a spool ``operation`` took until durable (``seconds``);
-- ``report``: its open ``sessions`` by listener and spool ``commits`` (rounds, changes).
+- ``report``: its open ``sessions`` and implicit-TLS ``handshakes`` by listener and spool ``commits`` (rounds, changes).
 
 Failure: ``decode`` raises ``ChannelError`` for a line that is not one of
 these; the reader logs it and goes on.  A line longer than ``LIMIT``

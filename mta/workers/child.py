@@ -54,6 +54,7 @@ class Announcer:
 
     def report(self, listeners: list[Listener], spool: Spool) -> None:
         self._send("report", sessions={item.config.name: len(item.sessions) for item in listeners},
+                   handshakes={item.config.name: item.front.slots.handshakes for item in listeners},
                    commits=list(spool.stats))
 
 

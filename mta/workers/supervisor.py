@@ -50,6 +50,7 @@ class Worker:
         self.process: asyncio.subprocess.Process | None = None
         self.listening = False
         self.sessions: dict[str, int] = {}  # as last reported
+        self.handshakes: dict[str, int] = {}  # implicit-TLS handshakes under way, as last reported
         self.commits = (0, 0)  # spool (rounds, changes), as last reported
         self.commits_before = (0, 0)  # of its predecessors, so the counters never go back
 
@@ -73,6 +74,15 @@ class Workers:
         total: dict[str, int] = {}
         for worker in self.workers:
             for name, count in worker.sessions.items():
+                total[name] = total.get(name, 0) + count
+        return total
+
+    @property
+    def handshakes(self) -> dict[str, int]:
+        """Implicit-TLS handshakes under way in the workers, by listener (for the handshakes gauge)."""
+        total: dict[str, int] = {}
+        for worker in self.workers:
+            for name, count in worker.handshakes.items():
                 total[name] = total.get(name, 0) + count
         return total
 
@@ -136,6 +146,7 @@ class Workers:
         worker.listening = False
         status = await worker.process.wait()
         worker.sessions = {}
+        worker.handshakes = {}
         worker.commits_before = (worker.commits_before[0] + worker.commits[0],
                                  worker.commits_before[1] + worker.commits[1])
         worker.commits = (0, 0)
@@ -167,6 +178,7 @@ class Workers:
                     self.observe_write(str(message["operation"]), float(message["seconds"]))
             elif kind == "report":
                 worker.sessions = {str(k): int(v) for k, v in message["sessions"].items()}
+                worker.handshakes = {str(k): int(v) for k, v in message.get("handshakes", {}).items()}
                 worker.commits = (int(message["commits"][0]), int(message["commits"][1]))
         except (ValueError, KeyError, TypeError, RecordError) as exc:
             log.error("worker %d sent something unreadable (%s): %.200r", worker.number, exc, line)

@@ -34,6 +34,7 @@ from mta.intake import Intake
 from tests.conftest import World
 from tests.harness import HOST, MtaServer
 from tests.obs.logs import events
+from tests.obs.scrape import Scrape, scrape, wait_for_sample
 from tests.peers.net import free_port
 from tests.security.conftest import write_cert
 
@@ -220,12 +221,13 @@ def test_proxy_protocol_without_proxy_sources_is_a_configuration_error(tmp_path:
 
 # -- 2. TLS handshakes ---------------------------------------------------------------------------------------------
 
-def implicit_tls(world: World, limits: dict[str, Any]) -> tuple[MtaServer, ssl.SSLContext]:
+def implicit_tls(world: World, limits: dict[str, Any], **config: Any) -> tuple[MtaServer, ssl.SSLContext]:
     ca = trustme.CA()
     directory = world.root / "tls"
     directory.mkdir(exist_ok=True)
     cert, key = write_cert(ca, directory)
-    server = relay(world, {"mode": "submissions", "tls": {"cert_file": str(cert), "key_file": str(key)}}, limits)
+    server = relay(world, {"mode": "submissions", "tls": {"cert_file": str(cert), "key_file": str(key)}}, limits,
+                   **config)
     context = ssl.create_default_context()
     ca.configure_trust(context)
     return server, context
@@ -301,6 +303,32 @@ def test_tls_handshakes_in_progress_count_against_max_connections(world: World) 
     assert refused == b""
     assert banner.startswith(b"220")
     assert len(rejected(server, "max_connections")) == 24 - 12 + 1
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_tls_handshakes_in_progress_show_in_metrics(world: World, workers: int) -> None:
+    limits = {"max_tls_handshakes": 50, "max_tls_handshakes_per_ip": 10, "tls_handshake_timeout": "30s"}
+    server, _ = implicit_tls(world, limits, workers=workers)
+
+    async def attack() -> tuple[Scrape, Scrape]:
+        clients = await connect_all(server.port, ATTACKERS[:3], 5)  # never start their handshake
+        try:
+            # Workers report every second; the main process's own count is current.
+            during = await asyncio.to_thread(wait_for_sample, server, "kubemta_tls_handshakes_active", 15,
+                                             listener="relay")
+        finally:
+            close_all(clients)
+        deadline = time.monotonic() + 20
+        after = await asyncio.to_thread(scrape, server)
+        while after.get("kubemta_tls_handshakes_active", listener="relay") and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            after = await asyncio.to_thread(scrape, server)
+        return during, after
+
+    during, after = run(attack())
+    assert during.get("kubemta_tls_handshakes_active", listener="relay") == 15
+    assert during.get("kubemta_sessions_active", listener="relay") == 0  # no session before the handshake ends
+    assert after.get("kubemta_tls_handshakes_active", listener="relay") == 0
 
 
 # -- 3. slots, junk, idle and old sessions ------------------------------------------------------------------------
