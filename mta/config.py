@@ -230,6 +230,9 @@ class QueueConfig(Section):
     retry_jitter: float = Field(0.2, ge=0, lt=1)
     lifetime: Duration = 5 * 86400.0
     bounce_lifetime: Duration = 5 * 86400.0
+    # Recipients that asked NOTIFY=DELAY hear once that their mail is still
+    # queued after this long (Postfix's delay_warning_time); 0: never.
+    delay_warning: Duration = 4 * 3600.0
 
     @model_validator(mode="after")
     def _order(self) -> QueueConfig:

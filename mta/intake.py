@@ -17,7 +17,7 @@ worker's unannounced mail is found again by the rescan.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ class Envelope:
     recipients: Sequence[str]
     attrs: dict[str, Any] = field(default_factory=dict)
     lifetime: float | None = None  # seconds in the queue; None: queue.lifetime
+    recipient_attrs: Mapping[str, dict[str, Any]] = field(default_factory=dict)  # by address, where any
 
 
 class Intake:
@@ -51,7 +52,8 @@ class Intake:
         record = Record(
             id=queue_id or new_id(now),
             sender=envelope.sender,
-            recipients=[Recipient(address) for address in envelope.recipients],
+            recipients=[Recipient(address, attrs=dict(envelope.recipient_attrs.get(address, {})))
+                        for address in envelope.recipients],
             created=now,
             expires=now + lifetime,
             next_attempt=now,

@@ -109,6 +109,11 @@ INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, try aga
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 
 
+def dsn_parameter_invalid(text: str) -> Reply:
+    """A DSN parameter (RFC 3461) that breaks its grammar: the text names it and the rule."""
+    return Reply(501, "5.5.4", text)
+
+
 def queued(queue_id: str) -> Reply:
     return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 

@@ -35,15 +35,22 @@ class Recipient:
     last_reply: str | None = None
     remote: str | None = None
     updated: float | None = None
+    # Free-form facts of the layer above about this recipient (what the
+    # client asked of notifications...), like ``Record.attrs``.  Left out of
+    # the JSON when empty; records written before it existed load with {}.
+    attrs: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "address": self.address,
             "state": self.state,
             "last_reply": self.last_reply,
             "remote": self.remote,
             "updated": self.updated,
         }
+        if self.attrs:
+            out["attrs"] = self.attrs
+        return out
 
 
 @dataclass
@@ -121,6 +128,9 @@ def loads(data: bytes) -> Record:
         state = _require(raw, "state", str)
         if state not in RECIPIENT_STATES:
             raise RecordError(f"unknown recipient state {state!r}")
+        attrs = raw.get("attrs", {})
+        if not isinstance(attrs, dict):
+            raise RecordError("recipient attrs is not an object")
         recipients.append(
             Recipient(
                 address=raw["address"],
@@ -128,6 +138,7 @@ def loads(data: bytes) -> Record:
                 last_reply=raw.get("last_reply"),
                 remote=raw.get("remote"),
                 updated=raw.get("updated"),
+                attrs=attrs,
             )
         )
     if not recipients:

@@ -22,8 +22,8 @@ import functools
 import ipaddress
 import logging
 import ssl
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiosmtplib
@@ -33,6 +33,7 @@ from mta.delivery import result
 from mta.delivery.mx import LookupFailed, MxResolver
 from mta.delivery.result import Kind, Outcome, Tls
 from mta.delivery.route import NextHop
+from mta.dsnrequest import MailRequest, RecipientRequest
 from mta.message import has_bare_line_endings
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,8 @@ class Connection:
         return result.from_server(exc.code, exc.message, self.mx_host, self.mx_ip, self.tls_info())
 
     async def send(
-        self, sender: str, recipients: Sequence[str], data: bytes, *, smtputf8: bool = False, eight_bit: bool = False
+        self, sender: str, recipients: Sequence[str], data: bytes, *, smtputf8: bool = False, eight_bit: bool = False,
+        dsn: MailRequest | None = None, recipient_dsn: Mapping[str, RecipientRequest] | None = None,
     ) -> dict[str, Outcome]:
         smtp, remote = self.smtp, self.remote
         if not smtp.is_connected:
@@ -171,6 +173,10 @@ class Connection:
                                        f"the message has {len(data)} octets; {remote} accepts at most {limit}")
                 return dict.fromkeys(recipients, outcome)
             options.append(f"SIZE={len(data)}")
+        # A server without DSN gets none of it (RFC 3461 §5.2.2): we notify for it.
+        passes_dsn = smtp.supports_extension("dsn")
+        if passes_dsn and dsn is not None:
+            options += dsn.mail_options()
         self.transactions += 1
         try:
             try:
@@ -187,8 +193,9 @@ class Connection:
                 return dict.fromkeys(recipients, outcome)
             accepted = []
             for rcpt in recipients:
+                request = recipient_dsn.get(rcpt) if passes_dsn and recipient_dsn else None
                 try:
-                    await smtp.rcpt(rcpt, encoding=encoding)
+                    await smtp.rcpt(rcpt, options=request.rcpt_options() if request else None, encoding=encoding)
                     accepted.append(rcpt)
                 except aiosmtplib.SMTPResponseException as exc:
                     outcomes[rcpt] = self._answered(exc)
@@ -206,7 +213,7 @@ class Connection:
                 outcomes.update(dict.fromkeys(accepted, outcome))
                 return outcomes
             done = result.from_server(response.code, response.message, self.mx_host, self.mx_ip, tls)
-            outcomes.update(dict.fromkeys(accepted, done))
+            outcomes.update(dict.fromkeys(accepted, replace(done, dsn_passed=passes_dsn)))
             return outcomes
         except (aiosmtplib.SMTPException, OSError) as exc:
             # The session broke (disconnect, timeout, 421): everything not yet

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 
 from mta.delivery import encoding, result
 from mta.delivery.client import ConnectFailed, Connection, StaleConnection
@@ -33,6 +33,7 @@ from mta.delivery.encoding import Unconvertible
 from mta.delivery.result import Kind, Outcome
 from mta.delivery.route import NextHop
 from mta.dkim.signer import Signer, SigningError
+from mta.dsnrequest import MailRequest, RecipientRequest
 from mta.obs.log import event
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ class Parcel:
     size: int
     smtputf8: bool = False  # the envelope or the header needs SMTPUTF8
     eight_bit: bool = False  # the body has 8-bit octets
+    # What the client asked of notifications (RFC 3461), passed on where the server offers DSN.
+    dsn: MailRequest = field(default_factory=MailRequest)
+    recipient_dsn: Mapping[str, RecipientRequest] = field(default_factory=dict)
 
 
 @dataclass
@@ -147,7 +151,8 @@ class Courier:
               recipients=len(parcel.recipients), size=parcel.size, domain=domain)
         started = time.monotonic()
         outcomes = await connection.send(parcel.sender, parcel.recipients, data, smtputf8=parcel.smtputf8,
-                                         eight_bit=parcel.eight_bit)
+                                         eight_bit=parcel.eight_bit, dsn=parcel.dsn,
+                                         recipient_dsn=parcel.recipient_dsn)
         event("attempt_done", level=logging.DEBUG, queue_id=parcel.queue_id, remote=connection.remote,
               domain=domain, duration=round(time.monotonic() - started, 6), recipients=len(parcel.recipients))
         return outcomes

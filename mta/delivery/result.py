@@ -36,6 +36,9 @@ class Outcome:
     mx_ip: str | None = None  # the address connected to, when known
     tls: Tls | None = None  # the session's TLS, when a session carried the transaction
     answered: bool = False  # the reply is the server's own, not our wording about it
+    # Delivered to a server that offers DSN, with the client's DSN request
+    # (RFC 3461 §5.2.1): its success notice is that server's to send, not ours.
+    dsn_passed: bool = False
 
     @property
     def remote(self) -> str | None:

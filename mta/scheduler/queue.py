@@ -32,12 +32,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mta.bounce.bouncer import Bouncer
-from mta.bounce.dsn import FailedRecipient
+from mta.bounce.dsn import ReportedRecipient
 from mta.config import Config
 from mta.delivery import result
 from mta.delivery.courier import Courier, Parcel, Report
 from mta.delivery.result import Kind, Outcome
 from mta.delivery.route import NextHop, Router
+from mta.dsnrequest import MailRequest, RecipientRequest
 from mta.intake import Intake
 from mta.obs.log import event
 from mta.scheduler.backoff import retry_delay
@@ -57,10 +58,14 @@ class Job:
     def parcel(self) -> Parcel:
         record = self.record
         attrs = record.attrs
+        wanted = set(self.recipients)
         # What receive measured; a record from before it did has only what the client declared.
         return Parcel(record.id, record.sender, self.recipients, record.size,
                       smtputf8=bool(attrs.get("smtputf8") or attrs.get("utf8_headers")),
-                      eight_bit=bool(attrs.get("8bit", attrs.get("8bitmime"))))
+                      eight_bit=bool(attrs.get("8bit", attrs.get("8bitmime"))),
+                      dsn=MailRequest.from_attrs(attrs),
+                      recipient_dsn={r.address: RecipientRequest.from_attrs(r.attrs) for r in record.recipients
+                                     if r.attrs and r.address in wanted})
 
 
 @dataclass
@@ -318,7 +323,8 @@ class Scheduler:
             outcomes = self._outcomes.pop(record.id, {})
             now = self.clock()
             record.attempts += 1
-            failed: list[FailedRecipient] = []
+            failed: list[ReportedRecipient] = []
+            relayed: list[ReportedRecipient] = []  # delivered to a server that takes no DSN request
             for rcpt in record.recipients:
                 outcome = outcomes.get(rcpt.address)
                 if outcome is None or rcpt.state != PENDING:
@@ -330,9 +336,12 @@ class Scheduler:
                 if outcome.kind is Kind.DELIVERED:
                     rcpt.state = DELIVERED
                     event("delivered", **fields)
+                    if not outcome.dsn_passed:
+                        relayed.append(ReportedRecipient(rcpt.address, outcome.enhanced, str(outcome.reply),
+                                                         outcome.remote, answered=outcome.answered))
                 elif outcome.kind is Kind.PERMANENT:
                     rcpt.state = FAILED
-                    failed.append(FailedRecipient(rcpt.address, outcome.enhanced, str(outcome.reply),
+                    failed.append(ReportedRecipient(rcpt.address, outcome.enhanced, str(outcome.reply),
                                                   outcome.remote, answered=outcome.answered))
                     event("bounced", level=logging.WARNING, **fields)
                 else:
@@ -340,11 +349,11 @@ class Scheduler:
             action = self.after_round.pop(record.id, None)
             if record.pending() and (now >= record.expires or action == "bounce"):
                 failed += self.fail_pending(record, now, expired=action != "bounce")
-            await self.conclude(record, failed, action, now)
+            await self.conclude(record, failed, action, now, relayed)
         finally:
             self.active.discard(record.id)
 
-    def fail_pending(self, record: Record, now: float, *, expired: bool) -> list[FailedRecipient]:
+    def fail_pending(self, record: Record, now: float, *, expired: bool) -> list[ReportedRecipient]:
         """Every recipient still pending fails: the message expired, or an operator returned it."""
         failed = []
         for rcpt in record.pending():
@@ -355,19 +364,19 @@ class Scheduler:
                 status = "5.0.0"
                 reply = "5.0.0 message returned to sender by the administrator"
             rcpt.state, rcpt.last_reply, rcpt.updated = FAILED, reply, now
-            failed.append(FailedRecipient(rcpt.address, status, reply, rcpt.remote if expired else None, expired))
+            failed.append(ReportedRecipient(rcpt.address, status, reply, rcpt.remote if expired else None, expired))
             event("expired" if expired else "bounced", level=logging.WARNING, queue_id=record.id,
                   sender=record.sender or "<>", recipient=rcpt.address, reply=reply,
                   enhanced=status, delay=round(now - record.created, 3),
                   size=record.size, attempts=record.attempts)
         return failed
 
-    async def conclude(self, record: Record, failed: list[FailedRecipient], action: str | None,
-                       now: float) -> None:
-        """Persist what a round (or an operator) decided."""
+    async def conclude(self, record: Record, failed: list[ReportedRecipient], action: str | None,
+                       now: float, relayed: list[ReportedRecipient] | None = None) -> None:
+        """Persist what a round (or an operator) decided, after the notices it calls for."""
         try:
-            if failed and self.bouncer is not None:
-                await self.bouncer.bounce(record, failed, now)
+            if self.bouncer is not None:
+                await self.bouncer.report(record, failed, relayed or [], now)
             if action == "delete":
                 await self.forget(record, "deleted by the administrator")
             elif not record.pending():
@@ -398,5 +407,6 @@ def assemble(spool: Spool, config: Config, courier: Courier | None, *, clock: An
     """A scheduler and the intake that feeds it, bounces included, in one process."""
     scheduler = Scheduler(spool, config, courier, clock=clock, rng=rng)
     intake = Intake(spool, scheduler.accept, config.queue.lifetime, clock=clock)
-    scheduler.bouncer = Bouncer(intake, spool.message, config.hostname, config.queue.bounce_lifetime)
+    scheduler.bouncer = Bouncer(intake, spool.message, config.hostname, config.queue.bounce_lifetime,
+                                config.queue.delay_warning)
     return scheduler, intake

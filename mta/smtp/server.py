@@ -6,7 +6,8 @@ cannot parse is a ``501`` through the one error mapper; too many failed
 commands end the session, and so do too many junk commands (NOOP, RSET,
 VRFY, EXPN, HELP, and EHLO/HELO after the first few; the count starts
 again after each message accepted); the DATA phase has a deadline of its
-own and reads the content in blocks (``mta.smtp.data``); plain
+own and reads the content in blocks (``mta.smtp.data``); DSN parameters
+are read before aiosmtpd sees MAIL and RCPT (``mta.smtp.dsnparams``); plain
 ``<local@domain>`` paths skip aiosmtpd's general address parser.  Besides
 aiosmtpd's timeout per command, a session ends with ``421 4.4.2`` when it
 has gone ``session_idle_timeout`` without MAIL, RCPT, DATA, AUTH or
@@ -43,6 +44,7 @@ from mta.replies import Reply
 from mta.smtp.data import TOO_LONG, read_content
 from mta.smtp.dispatch import DispatchNames
 from mta.smtp.door import Front, Slot
+from mta.smtp.dsnparams import DsnParameters
 from mta.smtp.enhanced import add_enhanced_code
 from mta.smtp.session import SessionHandler, client_address
 from mta.smtp.tls import ServerTls
@@ -58,7 +60,7 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _SIMPLE_PATH = re.compile(rf"<(?P<local>{_ATOM}(?:\.{_ATOM})*)@(?P<domain>[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
 
 
-class KubemtaSMTP(DispatchNames, SMTP):
+class KubemtaSMTP(DispatchNames, DsnParameters, SMTP):
     """aiosmtpd's protocol with our reply conventions and limits."""
 
     def __init__(self, *args: Any, sessions: set[KubemtaSMTP], config: Config, listener: ListenerConfig,
@@ -328,11 +330,11 @@ class KubemtaSMTP(DispatchNames, SMTP):
             if not rest.startswith("("):
                 # What almost every client sends; aiosmtpd's general parser
                 # (which defines a class on each call) answers the same, slower.
-                return f"{simple['local']}@{simple['domain']}", rest
+                return f"{simple['local']}@{simple['domain']}", self.take_dsn_parameters(rest)
         address, rest = super()._getaddr(arg)
         if address is None:
             raise replies.Rejected(replies.BAD_ADDRESS_SYNTAX, f"unparseable address {arg!r}")
-        return address, rest
+        return address, self.take_dsn_parameters(rest)
 
     @property
     def in_transaction(self) -> bool:

@@ -34,6 +34,7 @@ from mta.policy import account, address, relay
 from mta.policy.admission import Admission
 from mta.replies import Rejected
 from mta.smtp.dispatch import DispatchNames
+from mta.smtp.dsnparams import queued_attrs
 from spool.ids import new_id
 
 log = logging.getLogger(__name__)
@@ -94,12 +95,12 @@ class SessionHandler(DispatchNames):
                           responses: list[str]) -> list[str]:
         session.host_name = hostname
         # aiosmtpd lists SIZE, 8BITMIME, SMTPUTF8, STARTTLS and AUTH; AUTH only
-        # where credentials are configured, and PIPELINING and
-        # ENHANCEDSTATUSCODES are ours to announce.
+        # where credentials are configured, and PIPELINING,
+        # ENHANCEDSTATUSCODES and DSN (``mta.smtp.dsnparams``) are ours to announce.
         last = responses.pop()  # "250 HELP"
         if self.credentials is None:
             responses = [r for r in responses if not r.startswith("250-AUTH")]
-        responses += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", last]
+        responses += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN", last]
         return responses
 
     # -- AUTH ------------------------------------------------------------------
@@ -267,6 +268,7 @@ class SessionHandler(DispatchNames):
             )
             prepared = receive.prepare(raw, arrival)
             options = {o.upper() for o in envelope.mail_options}
+            dsn, recipient_dsn = queued_attrs(envelope)
             queued = QueuedEnvelope(
                 sender="" if envelope.mail_from in (None, "", "<>") else envelope.mail_from,
                 recipients=envelope.rcpt_tos,
@@ -277,7 +279,9 @@ class SessionHandler(DispatchNames):
                     "user": user,
                     "smtputf8": bool(envelope.smtp_utf8),
                     "8bitmime": "BODY=8BITMIME" in options,
+                    **dsn,
                 },
+                recipient_attrs=recipient_dsn,
             )
             stored = await self.intake.put(queued, prepared, queue_id=queue_id)
         except Exception as exc:  # noqa: BLE001 - every failure must still get a reply

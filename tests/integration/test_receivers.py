@@ -3,7 +3,7 @@
 The courier (with its real connector and DKIM signer) delivers to receivers
 that offer full or reduced extension sets — no 8BITMIME, no SMTPUTF8, no
 PIPELINING, a small SIZE, STARTTLS with a certificate that does not verify
-— and to a real Postfix with SMTPUTF8.  Each case checks the bytes that
+— and to a real Postfix with SMTPUTF8 and DSN.  Each case checks the bytes that
 arrived: the MAIL parameters, 7-bit content where 8BITMIME is missing, line
 lengths, the decoded text, and a DKIM signature that Perl's Mail::DKIM
 accepts, asking a real DNS server (unbound) for the key.
@@ -33,6 +33,7 @@ from mta.delivery.result import Kind
 from mta.delivery.route import NextHop
 from mta.dkim import keys
 from mta.dkim.signer import Signer
+from mta.dsnrequest import MailRequest, RecipientRequest
 from tests.peers.dns import DnsServer
 from tests.peers.net import free_port
 from tests.peers.postfix import PostfixServer
@@ -90,7 +91,8 @@ def bad_cert_tls(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
 
 
 def deliver(signing: Signing, port: int, data: bytes, *, recipient: str = "user@dest.test",
-            eight_bit: bool = False, smtputf8: bool = False) -> Report:
+            eight_bit: bool = False, smtputf8: bool = False, sender: str = "app@sender.test",
+            dsn: MailRequest | None = None, recipient_dsn: RecipientRequest | None = None) -> Report:
     settings = ClientSettings(helo_name="mta.sender.test", port=port, connect_timeout=5, command_timeout=15,
                               allowed_networks=LOOPBACK)
     connector = Connector(settings, MxResolver(dns.asyncresolver.Resolver(configure=False)))
@@ -100,8 +102,9 @@ def deliver(signing: Signing, port: int, data: bytes, *, recipient: str = "user@
 
     async def main() -> Report:
         courier = Courier(connector.open, content, signing.signer)
-        parcel = Parcel("Q0000000001", "app@sender.test", [recipient], len(data), smtputf8=smtputf8,
-                        eight_bit=eight_bit)
+        parcel = Parcel("Q0000000001", sender, [recipient], len(data), smtputf8=smtputf8,
+                        eight_bit=eight_bit, dsn=dsn or MailRequest(),
+                        recipient_dsn={recipient: recipient_dsn} if recipient_dsn else {})
         try:
             return await courier.deliver(HOP, parcel, per_connection=10)
         finally:
@@ -217,3 +220,36 @@ def test_a_real_postfix_takes_internationalised_mail_over_starttls(signing: Sign
     assert "Delivered-To: jürgen@dest.test".encode() in stored
     # The Maildir copy has LF line ends; the signature is over CRLF.
     assert "rsa-sha256 pass sender.test k1" in verified(signing, stored.replace(b"\n", b"\r\n"))
+
+
+DSN_REQUEST = MailRequest("HDRS", "env+id 1")
+RCPT_REQUEST = RecipientRequest(frozenset({"SUCCESS", "FAILURE"}), "rfc822;Orig+Tag@Dest.test")
+
+
+def test_a_receiver_without_dsn_gets_no_dsn_parameters(signing: Signing) -> None:
+    # aiosmtpd offers no DSN and would answer 555 to any of its parameters.
+    with Recorder() as recorder:
+        report = deliver(signing, recorder.port, LONG_LINE, dsn=DSN_REQUEST, recipient_dsn=RCPT_REQUEST)
+        received = only(recorder)
+    [outcome] = report.outcomes.values()
+    assert outcome.kind is Kind.DELIVERED and not outcome.dsn_passed, outcome
+    assert not any(o.startswith(("RET=", "ENVID=")) for o in received.mail_options), received.mail_options
+    assert received.rcpt_options == []
+
+
+def test_a_real_postfix_takes_the_dsn_request_and_sends_the_delivered_notice(signing: Signing,
+                                                                              peer_dir: Path) -> None:
+    # The sender is in Postfix's own domain, so its success notice stays there to be read.
+    with PostfixServer("127.0.0.1", free_port(), ["dest.test"], peer_dir / "postfix") as postfix:
+        report = deliver(signing, postfix.port, LONG_LINE, sender="app@dest.test", dsn=DSN_REQUEST,
+                         recipient_dsn=RCPT_REQUEST)
+        [outcome] = report.outcomes.values()
+        assert outcome.kind is Kind.DELIVERED and outcome.dsn_passed, (outcome, postfix.log_text()[-2000:])
+        [raw] = postfix.wait_for_mail("app@dest.test", 1, timeout=30)
+    notice = email.message_from_bytes(raw, policy=email.policy.default)
+    assert notice.get_content_type() == "multipart/report", raw[:2000]
+    per_message, per_recipient = notice.get_payload()[1].get_payload()[:2]
+    assert per_message["Original-Envelope-Id"] == "env+id 1"
+    assert per_recipient["Action"] == "delivered"
+    assert per_recipient["Original-Recipient"].replace(" ", "") == "rfc822;Orig+Tag@Dest.test"
+    assert per_recipient["Final-Recipient"].replace(" ", "") == "rfc822;user@dest.test"

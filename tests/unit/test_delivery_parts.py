@@ -39,9 +39,9 @@ def test_dsn_is_a_valid_multipart_report() -> None:
     raw = dsn.build(
         reporting_mta="mta.example.com", queue_id="Q1", original_sender="sender@example.com",
         original_header=b"Subject: hello\r\nMessage-ID: <orig@example.com>\r\n", arrival=when,
-        failed=[dsn.FailedRecipient("nobody@example.net", "5.1.1", "550 5.1.1 <nobody@example.net>: User unknown",
+        recipients=[dsn.ReportedRecipient("nobody@example.net", "5.1.1", "550 5.1.1 <nobody@example.net>: User unknown",
                                     "mx.example.net[192.0.2.25]", answered=True),
-                dsn.FailedRecipient("late@example.org", "4.4.7", "4.4.7 message expired", None, expired=True)],
+                dsn.ReportedRecipient("late@example.org", "4.4.7", "4.4.7 message expired", None, expired=True)],
         now=when,
     )
     msg = email.message_from_bytes(raw)
@@ -66,7 +66,7 @@ def test_dsn_for_internationalised_mail_uses_the_global_types() -> None:
     raw = dsn.build(
         reporting_mta="mta.example.com", queue_id="Q2", original_sender="jürgen@example.com",
         original_header="Subject: Grüße\r\n".encode(), arrival=when, now=when,
-        failed=[dsn.FailedRecipient("zoë@example.net", "5.6.7", "553 5.6.7 the message needs SMTPUTF8",
+        recipients=[dsn.ReportedRecipient("zoë@example.net", "5.6.7", "553 5.6.7 the message needs SMTPUTF8",
                                     "mx.example.net[192.0.2.25]")],
     )
     msg = email.message_from_bytes(raw, policy=email.policy.SMTPUTF8)
@@ -87,7 +87,7 @@ def test_dsn_lines_stay_short_whatever_the_reply() -> None:
     reply = "550 5.7.1 " + "x" * 3000
     raw = dsn.build(reporting_mta="mta.example.com", queue_id="Q3", original_sender="a@example.com",
                     original_header=b"Subject: t\r\n", arrival=when, now=when,
-                    failed=[dsn.FailedRecipient("b@example.net", "5.7.1", reply, "mx[192.0.2.1]", answered=True)])
+                    recipients=[dsn.ReportedRecipient("b@example.net", "5.7.1", reply, "mx[192.0.2.1]", answered=True)])
     assert max(len(line) for line in raw.split(b"\r\n")) <= 998
     assert raw.isascii()
 

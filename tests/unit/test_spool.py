@@ -284,6 +284,26 @@ def test_record_json_is_validated() -> None:
     assert record.state == INCOMING
 
 
+def test_recipient_attrs_round_trip_and_records_without_them_still_load(spool: Spool) -> None:
+    record = make_record(("a@example.test", "b@example.test"))
+    record.recipients[0].attrs = {"notify": ["DELAY", "SUCCESS"], "orcpt": "rfc822;A@Example.test"}
+    stored = spool.store_blocking(b"x", record)
+    spool, loaded = reopen(spool)
+    [again] = loaded.records
+    assert [r.attrs for r in again.recipients] == [record.recipients[0].attrs, {}]
+    # Only recipients that have attrs carry the key: the JSON of other mail is as before.
+    assert "attrs" not in json.loads(stored.dumps())["recipients"][1]
+    spool.close()
+    # A record written before recipients had attrs (exactly the old format 1 JSON).
+    old = (b'{"format":1,"id":"0000000000000ABC","revision":0,"state":"deferred","sender":"s@example.test",'
+           b'"recipients":[{"address":"a@example.test","state":"pending","last_reply":"450 4.3.0 later",'
+           b'"remote":"mx[192.0.2.1]","updated":1.0}],"created":1.0,"expires":2.0,"next_attempt":1.5,'
+           b'"attempts":1,"size":1,"attrs":{}}')
+    assert loads(old).recipients[0].attrs == {}
+    with pytest.raises(RecordError):
+        loads(old.replace(b'"updated":1.0}', b'"updated":1.0,"attrs":[]}'))
+
+
 def test_one_failing_store_in_a_commit_round_fails_alone(spool: Spool) -> None:
     import dataclasses
     import threading
