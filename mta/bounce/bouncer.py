@@ -54,12 +54,13 @@ class Bouncer:
                      now: float) -> None:
         """The notices a round calls for: ``failed`` recipients, ``relayed`` ones (delivered to a server
         without DSN), and pending recipients that have waited long enough for a delay notice."""
-        requests = {r.address: RecipientRequest.from_attrs(r.attrs) for r in record.recipients}
         if not record.sender:
             if failed:
                 event("bounce_suppressed", level=logging.WARNING, queue_id=record.id,
                       reason="null sender", recipients=len(failed))
             return
+        # Only recipients that asked something have attrs; the others get the default.
+        requests = {r.address: RecipientRequest.from_attrs(r.attrs) for r in record.recipients if r.attrs}
 
         def asked(items: list[ReportedRecipient], keyword: str) -> list[ReportedRecipient]:
             found = []

@@ -183,7 +183,8 @@ class Metrics:
         self.spool_write = Histogram("kubemta_spool_write_duration_seconds",
                                      "Spool writes until durable (fsync included), by operation", ["operation"],
                                      buckets=SPOOL_BUCKETS, registry=r)
-        self.dsn = Counter("kubemta_dsn_queued", "Delivery status notifications (bounces) queued", registry=r)
+        self.dsn = Counter("kubemta_dsn_queued", "Delivery status notifications queued (failure, delay and relay)",
+                           registry=r)
         self.auth_failures = Counter("kubemta_auth_failures", "Failed AUTH attempts, by listener", ["listener"],
                                      registry=r)
         self.auth_throttled = Counter("kubemta_auth_throttled", "AUTH refused by brute-force throttling, by scope "
