@@ -14,6 +14,7 @@ import email.message
 import email.policy
 import smtplib
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from tests.conftest import World
@@ -25,7 +26,7 @@ ENVID = "Q+2B1/app-42"  # xtext: "Q+1/app-42"
 ORCPT = "rfc822;Original+2BTag@Example.test"  # xtext: "Original+Tag@Example.test"
 
 
-def submit(server: MtaServer, recipients: dict[str, list[str]], mail_options: list[str] = (),  # type: ignore[assignment]
+def submit(server: MtaServer, recipients: dict[str, list[str]], mail_options: Sequence[str] = (),
            body: str = "the body text\r\n", subject: str = "dsn test") -> str:
     """One message; ``recipients`` maps each address to its RCPT parameters."""
     header = f"From: app@sender.test\r\nTo: {', '.join(recipients)}\r\nSubject: {subject}\r\n"
