@@ -27,6 +27,8 @@ from mta.control import ControlServer, socket_path
 from mta.delivery.client import ClientSettings, Connector
 from mta.delivery.courier import Courier
 from mta.delivery.mx import MxResolver, make_resolver
+from mta.delivery.tlspolicy import TlsPolicy
+from mta.delivery.tlspolicy import build as build_tls_policy
 from mta.dkim.keys import DkimKeyError, SigningKey
 from mta.dkim.signer import Signer
 from mta.drain.service import DrainError, DrainService
@@ -61,6 +63,7 @@ class App:
         self.stopping = False
         self.obs = Observability(config)  # metrics, JSON logs, disk guard, webhooks
         self.drain = DrainService(config, self.spool)  # handoff endpoint and scale-down drain
+        self.tls_policy: TlsPolicy | None = None  # outbound TLS for direct delivery, built with the connector
 
     def _connector(self) -> Connector:
         config = self.config
@@ -76,7 +79,8 @@ class App:
             dns_attempt_timeout=config.dns.attempt_timeout,
             allowed_networks=tuple(config.delivery.allowed_networks),
         )
-        return Connector(settings, MxResolver(resolver))
+        self.tls_policy = build_tls_policy(config, resolver)
+        return Connector(settings, MxResolver(resolver), self.tls_policy, config.delivery.tls_ca_file)
 
     # -- readiness ---------------------------------------------------------
 
@@ -218,5 +222,7 @@ class App:
         await control.stop()
         await health.stop()
         await self.obs.stop()
+        if self.tls_policy is not None:
+            self.tls_policy.close()  # what the STARTTLS memory has not written yet
         self.spool.close()
         event("stopped")

@@ -193,6 +193,9 @@ class DnsConfig(Section):
     timeout: Duration = 5.0  # per query try; a query gives up after twice this
     # Every lookup of one delivery attempt (MX, then the hosts' addresses) together.
     attempt_timeout: Duration = Field(30.0, gt=0)
+    # The nameservers validate DNSSEC and the path to them is trusted (a
+    # node-local or in-pod resolver): their AD bit is believed, which DANE needs.
+    dnssec: bool = False
 
     @field_validator("nameservers")
     @classmethod
@@ -210,6 +213,11 @@ class DnsConfig(Section):
         return [parse_host_port(item, 53) for item in self.nameservers]
 
 
+# Outbound TLS levels, weakest last (Postfix's smtp_tls_security_level): dane needs TLSA records,
+# verify a certificate for the MX name from the roots, encrypt any TLS, may TLS when offered.
+TlsLevel = Literal["dane", "verify", "encrypt", "may", "none"]
+
+
 class DeliveryConfig(Section):
     port: int = Field(25, gt=0, lt=65536)
     source_address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
@@ -222,6 +230,26 @@ class DeliveryConfig(Section):
     max_mx_addresses: int = Field(20, ge=1)  # addresses tried per attempt
     # Non-global addresses (loopback, RFC 1918, link-local, ...) direct delivery may connect to.
     allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
+    # Outbound TLS for direct delivery (mta.delivery.tlspolicy); tls_policy rules override per domain.
+    tls_level: TlsLevel = "may"
+    # A domain whose MX offered STARTTLS is sent over TLS only, this long after it last did (0: never).
+    remember_starttls: Duration = 30 * 86400.0
+    mta_sts: bool = True  # look up and apply MTA-STS policies (RFC 8461)
+    dane: bool = True  # apply DANE TLSA records (RFC 7672); needs dns.dnssec
+    tls_ca_file: ReadableFile | None = None  # roots for level verify and MTA-STS; default: system roots
+    mta_sts_port: int = Field(443, gt=0, lt=65536)  # where mta-sts.<domain> serves its policy
+
+
+class TlsPolicyRule(Section):
+    """``tls_policy`` entries: recipient domains ("example.com", "*.bank.example") and their TLS level."""
+
+    match: list[str] = Field(min_length=1)
+    level: TlsLevel
+
+    @field_validator("match")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        return [_domain_pattern(item) for item in value]
 
 
 class QueueConfig(Section):
@@ -624,6 +652,7 @@ class Config(Section):
     webhooks: WebhooksConfig = WebhooksConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
     drain: DrainConfig = DrainConfig()
+    tls_policy: list[TlsPolicyRule] = Field(default_factory=list)
 
     @property
     def spool_shard(self) -> Path:
@@ -652,6 +681,18 @@ class Config(Section):
                 if domain in seen:
                     raise ValueError(f"domain {domain!r} appears in more than one route")
                 seen.add(domain)
+        levels = [("delivery.tls_level", self.delivery.tls_level)] + [
+            (f"tls_policy.{n}.level", rule.level) for n, rule in enumerate(self.tls_policy)]
+        for key, level in levels:
+            if level == "dane" and not (self.dns.dnssec and self.delivery.dane):
+                raise ValueError(f"{key}: level 'dane' needs dns.dnssec: true (a validating resolver) "
+                                 "and delivery.dane: true")
+        matched: set[str] = set()
+        for rule in self.tls_policy:
+            for pattern in rule.match:
+                if pattern in matched:
+                    raise ValueError(f"domain {pattern!r} appears in more than one tls_policy rule")
+                matched.add(pattern)
         return self
 
 

@@ -147,6 +147,8 @@ class Courier:
         tls = connection.tls_info()
         tls_fields = {"tls": False} if tls is None else {"tls": True, "tls_version": tls.version,
                                                           "tls_cipher": tls.cipher}
+        if connection.verdict is not None:
+            tls_fields.update(connection.verdict.fields())
         event("attempt", queue_id=parcel.queue_id, remote=connection.remote, **tls_fields,
               recipients=len(parcel.recipients), size=parcel.size, domain=domain)
         started = time.monotonic()

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
@@ -60,6 +61,8 @@ class _OutOfTime(LookupFailed):
 class MxHost:
     name: str
     preference: int
+    # The MX answer carried the AD bit (only believed with dns.dnssec): DANE may apply to this host.
+    secure: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,14 @@ class Server:
 
     host: MxHost
     address: str
+
+
+def may_connect(address: str, allowed: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    """Whether direct delivery may connect to ``address``: a global one, or one ``allowed``."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
+    return (ip.is_global and not ip.is_multicast) or any(ip in network for network in allowed)
 
 
 def make_resolver(nameservers: list[tuple[str, int]], timeout: float) -> dns.asyncresolver.Resolver:
@@ -79,6 +90,9 @@ def make_resolver(nameservers: list[tuple[str, int]], timeout: float) -> dns.asy
         resolver = dns.asyncresolver.Resolver()
     resolver.timeout = timeout
     resolver.lifetime = timeout * 2
+    # AD in the query asks a validating resolver to say whether the answer
+    # validated (RFC 6840 §5.7), without the RRSIGs that DO would bring.
+    resolver.flags = dns.flags.RD | dns.flags.AD
     return resolver
 
 
@@ -126,6 +140,7 @@ class MxResolver:
         if answer is None:
             return [MxHost(domain, 0)]  # implicit MX
         records = [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer]
+        secure = bool(answer.response.flags & dns.flags.AD)
         if any(name in ("", ".") for _, name in records):
             raise LookupFailed(True, 556, "5.1.10", f"domain {domain} accepts no mail (null MX)")
         by_pref: dict[int, list[str]] = {}
@@ -135,7 +150,7 @@ class MxResolver:
         for pref in sorted(by_pref):
             names = by_pref[pref]
             self.rng.shuffle(names)
-            hosts.extend(MxHost(name, pref) for name in names)
+            hosts.extend(MxHost(name, pref, secure) for name in names)
         return hosts
 
     async def _family(self, host: str, rdtype: str, deadline: float | None) -> list[str]:

@@ -4,7 +4,8 @@ An ``Outcome`` is what the courier reports and the scheduler decides on: a
 kind (delivered, try again later, never), the typed reply that says why —
 the remote server's, or our own wording when no server answered — and,
 when a server was reached, its MX host name, its address and the session's
-TLS.  Failure: none; these are values.
+TLS, and for direct delivery the outbound TLS policy that applied and how
+it went (``PolicyVerdict``).  Failure: none; these are values.
 """
 
 from __future__ import annotations
@@ -29,6 +30,25 @@ class Tls:
 
 
 @dataclass(frozen=True)
+class PolicyVerdict:
+    """The outbound TLS policy an attempt ran under (``mta.delivery.tlspolicy``) and its result."""
+
+    policy: str  # dane | mta-sts | verify | encrypt | may | none
+    mode: str | None = None  # the MTA-STS mode: enforce | testing
+    # "ok", or why not, in RFC 8460's words: starttls-not-supported, certificate-host-mismatch,
+    # certificate-expired, certificate-not-trusted, validation-failure, tlsa-invalid, dnssec-invalid,
+    # dane-required, sts-policy-fetch-error, sts-policy-invalid, sts-webpki-invalid
+    result: str = "ok"
+
+    def fields(self) -> dict[str, str]:
+        """As event fields."""
+        out = {"tls_policy": self.policy, "tls_policy_result": self.result}
+        if self.mode is not None:
+            out["tls_policy_mode"] = self.mode
+        return out
+
+
+@dataclass(frozen=True)
 class Outcome:
     kind: Kind
     reply: Reply
@@ -39,6 +59,7 @@ class Outcome:
     # Delivered to a server that offers DSN, with the client's DSN request
     # (RFC 3461 §5.2.1): its success notice is that server's to send, not ours.
     dsn_passed: bool = False
+    policy: PolicyVerdict | None = None  # direct delivery: the TLS policy and its result
 
     @property
     def remote(self) -> str | None:
@@ -71,7 +92,7 @@ def permanent(code: int, enhanced: str, text: str) -> Outcome:
 
 
 def from_reply(reply: Reply, mx_host: str | None = None, mx_ip: str | None = None,
-               tls: Tls | None = None, *, answered: bool = False) -> Outcome:
+               tls: Tls | None = None, *, answered: bool = False, policy: PolicyVerdict | None = None) -> Outcome:
     """Classify a reply by its first digit."""
     if reply.positive:
         kind = Kind.DELIVERED
@@ -79,10 +100,10 @@ def from_reply(reply: Reply, mx_host: str | None = None, mx_ip: str | None = Non
         kind = Kind.PERMANENT
     else:
         kind = Kind.TRANSIENT
-    return Outcome(kind, reply, mx_host, mx_ip, tls, answered)
+    return Outcome(kind, reply, mx_host, mx_ip, tls, answered, policy=policy)
 
 
 def from_server(code: int, message: str, mx_host: str | None = None, mx_ip: str | None = None,
-                tls: Tls | None = None) -> Outcome:
+                tls: Tls | None = None, policy: PolicyVerdict | None = None) -> Outcome:
     """A server's reply as aiosmtplib reports it."""
-    return from_reply(replies.from_server(code, message), mx_host, mx_ip, tls, answered=True)
+    return from_reply(replies.from_server(code, message), mx_host, mx_ip, tls, answered=True, policy=policy)

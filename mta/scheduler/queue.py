@@ -90,6 +90,8 @@ def _outcome_fields(outcome: Outcome) -> dict[str, Any]:
         fields.update(tls=True, tls_version=outcome.tls.version, tls_cipher=outcome.tls.cipher)
     elif outcome.mx_host is not None or outcome.mx_ip is not None:
         fields["tls"] = False
+    if outcome.policy is not None:
+        fields.update(outcome.policy.fields())
     fields.update(reply=str(outcome.reply), code=outcome.reply.code, enhanced=outcome.enhanced)
     return fields
 

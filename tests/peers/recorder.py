@@ -61,8 +61,8 @@ class _Handler:
 
 class Recorder:
     def __init__(self, *, hide: Iterable[str] = (), size: int | None = None,
-                 tls: ssl.SSLContext | None = None) -> None:
-        self.port = free_port()
+                 tls: ssl.SSLContext | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.host = "127.0.0.1"
         self.handler = _Handler({name.upper() for name in hide})
         kwargs: dict[str, Any] = {"enable_SMTPUTF8": True, "decode_data": False}
