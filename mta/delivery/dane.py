@@ -33,9 +33,11 @@ import dns.flags
 import dns.resolver
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 DANE_TA, DANE_EE = 2, 3
+# Names are checked against subjectAltName, so it must be there; critical or not, as CAs issue it.
+_LEAF_POLICY = ExtensionPolicy.permit_all().require_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,11 @@ def matches(records: Sequence[Tlsa], chain_der: Sequence[bytes], names: Sequence
     problems = []
     for name in names:
         try:
+            # The leaf's extensions are not held to the Web PKI's profile: DANE-TA is
+            # for private CAs, and RFC 7672 asks for the chain and the names only.
             verifier = (PolicyBuilder().store(Store(anchors)).time(moment)
+                        .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(),
+                                            ee_policy=_LEAF_POLICY)
                         .build_server_verifier(x509.DNSName(name.rstrip("."))))
             verifier.verify(leaf, chain[1:])
             return None

@@ -8,7 +8,10 @@ serial, asks ``knotc zone-reload`` and waits until the new serial is served,
 so a test that changes DNS knows the change is visible when it returns.
 
 It is started inside a host's namespace by the caller (the process keeps the
-namespace of whoever started it) and listens on ``address``:53.
+namespace of whoever started it) and listens on ``address``:53 (or ``port``).
+Zones named in ``signed`` are DNSSEC-signed by Knot itself (automatic
+signing, one ECDSA P-256 key per zone); ``dnskeys`` gives their keys, to be
+used as a validating resolver's trust anchors.
 
 How it fails: ``start()`` raises RuntimeError with knotd's log when it exits
 or does not answer within ``start_timeout``; ``publish()`` raises
@@ -38,9 +41,11 @@ def _fqdn(name: str) -> str:
 
 
 class KnotServer:
-    def __init__(self, address: str, workdir: Path, zones: Sequence[str], *, start_timeout: float = 15.0) -> None:
+    def __init__(self, address: str, workdir: Path, zones: Sequence[str], *, start_timeout: float = 15.0,
+                 port: int = 53, signed: Sequence[str] = ()) -> None:
         self.address = address
-        self.port = 53
+        self.port = port
+        self.signed = {_fqdn(z).lower() for z in signed}
         self.workdir = workdir
         self.zones = [_fqdn(z).lower() for z in zones]
         self.start_timeout = start_timeout
@@ -57,7 +62,8 @@ class KnotServer:
         return self.workdir / "knot.sock"
 
     def _config(self) -> str:
-        zones = "".join(f"  - domain: {zone}\n" for zone in self.zones)
+        zones = "".join(f"  - domain: {zone}\n" + ("    dnssec-signing: on\n    dnssec-policy: tests\n"
+                                                    if zone in self.signed else "") for zone in self.zones)
         return (
             "server:\n"
             f"    listen: {self.address}@{self.port}\n"
@@ -77,6 +83,10 @@ class KnotServer:
             "    zonefile-load: whole\n"
             "    journal-content: none\n"
             "    semantic-checks: off\n"
+            "policy:\n"
+            "  - id: tests\n"
+            "    algorithm: ecdsap256sha256\n"
+            "    single-type-signing: on\n"
             "zone:\n" + zones
         )
 
@@ -128,7 +138,8 @@ class KnotServer:
         while True:
             if self._proc is not None and self._proc.poll() is not None:
                 raise RuntimeError(f"knotd exited with {self._proc.returncode}:\n{self.log_text()}")
-            if all(self._zone_serial(zone) == serial for zone in self.zones):
+            # Signing may raise a zone's serial past the file's.
+            if all((self._zone_serial(zone) or 0) >= serial for zone in self.zones):
                 return
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"knotd does not serve serial {serial} after {timeout}s:\n{self.log_text()}")
@@ -156,6 +167,13 @@ class KnotServer:
         if done.returncode != 0:
             raise RuntimeError(f"knotc zone-reload failed: {done.stdout}{done.stderr}\n{self.log_text()}")
         self._wait_serial(self.serial, timeout)
+
+    def dnskeys(self, zone: str) -> list[str]:
+        """The zone's DNSKEY records as served, in zone-file form."""
+        query = dns.message.make_query(_fqdn(zone), dns.rdatatype.DNSKEY)
+        answer = dns.query.tcp(query, self.address, port=self.port, timeout=5)
+        return [f"{rrset.name} {rrset.ttl} IN DNSKEY {rdata}" for rrset in answer.answer for rdata in rrset
+                if rrset.rdtype == dns.rdatatype.DNSKEY]
 
     def stop(self) -> None:
         stop_process(self._proc)
