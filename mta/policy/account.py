@@ -3,6 +3,12 @@
 Patterns are an exact address, ``@domain`` (any address at that domain) or
 ``*``.  Rates are counted per user name in this process: messages in the
 last minute and recipients in the last 24 hours (``mta.sliding_window``).
+A transaction reserves its share at MAIL (one message) and RCPT (its
+recipients so far), so transactions running in parallel see each other's
+reservations; the reservation becomes a count at ``250`` (``commit``) and is
+given back when the transaction ends any other way (``release``: RSET,
+HELO/EHLO, a refused DATA, a disconnect).  Memory: one reservation per
+open transaction.
 Failure: ``Rejected`` with ``553 5.7.1`` for a forbidden sender or From:,
 ``552 5.3.4`` for size, ``452 4.5.3`` for too many recipients,
 ``451 4.7.1`` past a rate.
@@ -10,8 +16,10 @@ Failure: ``Rejected`` with ``553 5.7.1`` for a forbidden sender or From:,
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from email.utils import getaddresses
 
 from mta import replies
@@ -58,26 +66,76 @@ def check_recipient_count(policy: AccountPolicy, count: int) -> None:
 
 
 class RateLimits:
-    """Sliding-window counters per user name."""
+    """Sliding-window counters per user name, and the reservations of transactions under way.
+
+    A reservation is keyed by its ``holder`` (the SMTP session): a session
+    has at most one transaction, so a new MAIL replaces what it held."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._messages: dict[str, SlidingWindow] = {}
         self._recipients: dict[str, SlidingWindow] = {}  # weighted by recipients per message
+        self._holds: dict[object, _Hold] = {}
+        self._held_messages: collections.Counter[str] = collections.Counter()
+        self._held_recipients: collections.Counter[str] = collections.Counter()
 
-    def check_message(self, policy: AccountPolicy, user: str) -> None:
-        messages = self._messages.get(user)
-        sent = messages.count(self.clock()) if messages is not None else 0
-        if policy.messages_per_minute is not None and sent >= policy.messages_per_minute:
-            raise Rejected(replies.RATE_MESSAGES, f"user {user}")
+    def hold_message(self, policy: AccountPolicy, user: str, holder: object) -> None:
+        """At MAIL: reserve one message of ``user``'s rate, or raise ``Rejected`` (451 4.7.1)."""
+        self.release(holder)
+        if policy.messages_per_minute is not None:
+            messages = self._messages.get(user)
+            sent = messages.count(self.clock()) if messages is not None else 0
+            if sent + self._held_messages[user] >= policy.messages_per_minute:
+                raise Rejected(replies.RATE_MESSAGES, f"user {user}")
+        self._holds[holder] = _Hold(user)
+        self._held_messages[user] += 1
 
-    def check_recipients(self, policy: AccountPolicy, user: str, adding: int) -> None:
-        recipients = self._recipients.get(user)
-        used = recipients.total(self.clock()) if recipients is not None else 0
-        if policy.recipients_per_day is not None and used + adding > policy.recipients_per_day:
-            raise Rejected(replies.RATE_RECIPIENTS, f"user {user}")
+    def hold_recipients(self, policy: AccountPolicy, user: str, holder: object, count: int) -> None:
+        """At RCPT: reserve ``count`` recipients in all for this transaction, or raise ``Rejected``."""
+        hold = self._holds.get(holder)
+        if hold is None or hold.user != user:  # no MAIL of this user held: nothing to add to
+            hold = _Hold(user)
+            self._holds[holder] = hold
+            self._held_messages[user] += 1
+        if policy.recipients_per_day is not None:
+            recipients = self._recipients.get(user)
+            used = recipients.total(self.clock()) if recipients is not None else 0
+            others = self._held_recipients[user] - hold.recipients
+            if used + others + count > policy.recipients_per_day:
+                raise Rejected(replies.RATE_RECIPIENTS, f"user {user}")
+        self._held_recipients[user] += count - hold.recipients
+        hold.recipients = count
 
-    def record(self, user: str, recipients: int) -> None:
+    def commit(self, holder: object, recipients: int) -> None:
+        """At ``250``: the held message counts now, with the recipients it was queued for."""
+        hold = self._holds.get(holder)
+        if hold is None:
+            return
+        self.release(holder)
         now = self.clock()
-        self._messages.setdefault(user, SlidingWindow(MESSAGE_WINDOW)).add(now)
-        self._recipients.setdefault(user, SlidingWindow(RECIPIENT_WINDOW)).add(now, recipients)
+        self._messages.setdefault(hold.user, SlidingWindow(MESSAGE_WINDOW)).add(now)
+        self._recipients.setdefault(hold.user, SlidingWindow(RECIPIENT_WINDOW)).add(now, recipients)
+
+    def release(self, holder: object) -> None:
+        """The transaction ended without ``250``: give its reservation back (nothing held: no-op)."""
+        hold = self._holds.pop(holder, None)
+        if hold is None:
+            return
+        _decrement(self._held_messages, hold.user, 1)
+        _decrement(self._held_recipients, hold.user, hold.recipients)
+
+    def held(self, user: str) -> tuple[int, int]:
+        """Messages and recipients reserved by ``user``'s transactions under way."""
+        return self._held_messages[user], self._held_recipients[user]
+
+
+@dataclass
+class _Hold:
+    user: str
+    recipients: int = 0
+
+
+def _decrement(counter: collections.Counter[str], key: str, amount: int) -> None:
+    counter[key] -= amount
+    if counter[key] <= 0:
+        del counter[key]  # users seen once must not pile up

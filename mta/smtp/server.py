@@ -105,10 +105,18 @@ class KubemtaSMTP(DispatchNames, DsnParameters, SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         if self._slot is not None:
             self._slot.release()
+        if self.session is not None:
+            self.event_handler.transaction_over(self.session)  # account rates held by an unfinished transaction
         self._sessions.discard(self)
         for timer in self._timers:
             timer.cancel()
         super().connection_lost(error)
+
+    def _set_post_data_state(self) -> None:
+        # Every end of a transaction passes here (after DATA, RSET, HELO/EHLO).
+        if self.session is not None:
+            self.event_handler.transaction_over(self.session)
+        super()._set_post_data_state()
 
     def _check_idle(self) -> None:
         limit = self._mta.limits.session_idle_timeout

@@ -3,7 +3,9 @@
 The aiosmtpd handler for one listener.  AUTH (PLAIN, LOGIN) checks the
 credentials file off the event loop, with brute-force throttling per client
 address and per user name.  MAIL and RCPT check address syntax, the
-account's policy and relay permission (a trusted network, or AUTH); DATA
+account's policy and relay permission (a trusted network, or AUTH), and
+reserve the account's rates (``mta.policy.account``: committed at ``250``,
+given back by ``transaction_over`` when a transaction ends otherwise); DATA
 prepares the message (``mta.receive``), puts it through the intake
 (``mta.intake``: durable in the spool, then announced) and only then answers
 ``250 ... queued as ID``.  Every error, expected or not, becomes a reply
@@ -195,7 +197,7 @@ class SessionHandler(DispatchNames):
             policy = self.config.accounts.policy(user)
             try:
                 account.check_sender(policy, address_text)
-                self.services.rates.check_message(policy, user)
+                self.services.rates.hold_message(policy, user, session)
             except Rejected as exc:
                 self._rejected(session, exc, sender=address_text, user=user)
                 raise
@@ -214,7 +216,7 @@ class SessionHandler(DispatchNames):
             else:
                 policy = self.config.accounts.policy(user)
                 account.check_recipient_count(policy, len(envelope.rcpt_tos))
-                self.services.rates.check_recipients(policy, user, len(envelope.rcpt_tos) + 1)
+                self.services.rates.hold_recipients(policy, user, session, len(envelope.rcpt_tos) + 1)
         except Rejected as exc:
             self._rejected(session, exc, recipient=address_text, user=user)
             raise
@@ -224,6 +226,11 @@ class SessionHandler(DispatchNames):
             envelope.rcpt_tos.append(address_text)
             envelope.rcpt_options.extend(rcpt_options)
         return str(replies.RECIPIENT_OK)
+
+    def transaction_over(self, session: Session) -> None:
+        """The transaction ended (DATA, RSET, HELO/EHLO, disconnect): its uncommitted reservations go back."""
+        if self._services is not None:
+            self._services.rates.release(session)
 
     def _rejected(self, session: Session, exc: Rejected, **fields: Any) -> None:
         event("rejected", level=logging.WARNING, listener=self.listener.name, client=client_address(session),
@@ -292,7 +299,7 @@ class SessionHandler(DispatchNames):
                   client=client, user=user, reply=str(reply), reason=str(exc) or type(exc).__name__)
             return str(reply)
         if user is not None:
-            self.services.rates.record(user, len(stored.recipients))
+            self.services.rates.commit(session, len(stored.recipients))
         event("received", queue_id=queue_id, listener=self.listener.name, client=client,
               helo=session.host_name, user=user, tls=is_tls(server), sender=stored.sender or "<>",
               recipients=len(stored.recipients), size=stored.size)

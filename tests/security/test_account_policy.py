@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import smtplib
+import threading
+import time
+from typing import Any
 
 import pytest
 
 from tests.conftest import World
+from tests.obs.logs import events
 from tests.security.conftest import PASSWORD, Secure, make_secure
 
 POLICY = {
@@ -103,3 +107,108 @@ def test_daily_recipient_limit_answers_451(world: World) -> None:
         assert client.rcpt("c@dest.test")[0] == 250
         code, text = client.rcpt("d@dest.test")
         assert (code, text[:5]) == (451, b"4.7.1")
+
+
+def transaction(secure: Secure, user: str, start: threading.Barrier, finish: threading.Barrier,
+                results: dict[int, tuple[Any, ...]], index: int) -> None:
+    """MAIL and RCPT, then wait for every other client to have got as far, then DATA."""
+    replies: tuple[Any, ...] = ()
+    try:
+        # From addresses of their own: logins in flight from one address count against it (AUTH throttle).
+        with secure.client(secure.submission, tls=True, source=f"127.0.2.{index + 1}") as client:
+            client.login(user, PASSWORD)
+            start.wait(30)  # every client logged in: the MAILs come at once
+            mail = client.docmd(f"MAIL FROM:<{user}@sender.test>")
+            replies = (mail,)
+            if mail[0] == 250:
+                replies += (client.docmd(f"RCPT TO:<n{index}@dest.test>"),)
+            finish.wait(30)  # nobody's DATA before every MAIL has been answered
+            if mail[0] == 250:
+                replies += (client.data(message(f"{user}@sender.test", body=f"message {index}")),)
+    finally:
+        results[index] = replies
+
+
+def test_parallel_clients_of_one_account_get_exactly_its_message_rate(world: World) -> None:
+    parallel, limit = 12, 4
+    secure = make_secure(world, {"accounts": {"users": {"burst": {"messages_per_minute": limit}}},
+                                 "queue": {"retry_initial": "1h", "retry_max": "2h"}}, users={"burst": PASSWORD})
+    sink = world.sink("dest", ["-r", "RCPT"])  # 450: the accepted mail stays in the spool to be counted
+    start, finish = threading.Barrier(parallel), threading.Barrier(parallel)
+    results: dict[int, tuple[Any, ...]] = {}
+    threads = [threading.Thread(target=transaction, args=(secure, "burst", start, finish, results, i))
+               for i in range(parallel)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(results) == parallel and not any(thread.is_alive() for thread in threads)
+
+    accepted = [r for r in results.values() if len(r) == 3 and r[2][0] == 250]
+    refused = [r for r in results.values() if len(r) == 1]
+    assert len(accepted) == limit, results
+    assert len(refused) == parallel - limit, results
+    assert all(r[0][0] == 451 and r[0][1].startswith(b"4.7.1 Message rate limit") for r in refused)
+    queued = secure.server.wait_for_queue(lambda q: len(q) == limit and all(i["attempts"] >= 1 for i in q),
+                                          what="the accepted messages tried once")
+    assert len(queued) == limit
+    assert len(events(secure.server, "received")) == limit
+
+    sink.restart([])
+    assert secure.server.queue("flush").returncode == 0
+    secure.server.wait_queue_empty(timeout=30)
+    assert len(sink.wait_for_messages(limit, timeout=10)) == limit
+    assert len(sink.messages()) == limit
+
+
+def test_transactions_without_data_give_their_reservation_back(world: World) -> None:
+    limit = 2
+    secure = make_secure(world, {"accounts": {"users": {"burst": {"messages_per_minute": limit,
+                                                                  "recipients_per_day": 2}}}},
+                         users={"burst": PASSWORD})
+    sink = world.sink("dest")
+
+    def logged_in() -> smtplib.SMTP:
+        client = secure.client(secure.submission, tls=True)
+        client.login("burst", PASSWORD)
+        return client
+
+    # Two open transactions hold the whole rate: a third MAIL, in parallel, is refused.
+    holders = [logged_in() for _ in range(limit)]
+    for number, client in enumerate(holders):
+        assert client.docmd("MAIL FROM:<burst@sender.test>")[0] == 250
+        assert client.docmd(f"RCPT TO:<h{number}@dest.test>")[0] == 250
+    other = logged_in()
+    code, text = other.docmd("MAIL FROM:<burst@sender.test>")
+    assert (code, text[:5]) == (451, b"4.7.1")
+    code, text = holders[1].docmd("RCPT TO:<h9@dest.test>")  # two held of two a day: one more is too many
+    assert (code, text[:5]) == (451, b"4.7.1")
+
+    # RSET, QUIT and a dropped connection each give theirs back.
+    assert holders[0].docmd("RSET")[0] == 250
+    assert other.docmd("MAIL FROM:<burst@sender.test>")[0] == 250
+    assert other.docmd("RSET")[0] == 250
+    holders[1].quit()
+    again = logged_in()
+    assert again.docmd("MAIL FROM:<burst@sender.test>")[0] == 250
+    assert again.docmd("RCPT TO:<x@dest.test>")[0] == 250
+    again.close()  # gone without QUIT
+    holders[0].quit()
+
+    # The whole rate is free again: two transactions may be held at once (the
+    # server notices the dropped connection as soon as it reads from it).
+    first, second = logged_in(), logged_in()
+    deadline = time.monotonic() + 10
+    assert first.docmd("MAIL FROM:<burst@sender.test>")[0] == 250
+    while (code := second.docmd("MAIL FROM:<burst@sender.test>")[0]) != 250 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert code == 250
+    first.quit()
+    second.rset()
+    for number in range(limit):
+        second.sendmail("burst@sender.test", [f"s{number}@dest.test"], message("burst@sender.test"))
+    code, text = second.docmd("MAIL FROM:<burst@sender.test>")
+    assert (code, text[:5]) == (451, b"4.7.1")
+    second.quit()
+    sink.wait_for_messages(limit, timeout=20)
+    other.close()
