@@ -1,4 +1,4 @@
-"""The ``mta`` command: serve, check-config, user, dkim, doctor, queue.
+"""The ``mta`` command: serve, check-config, user, dkim, doctor, tls, queue.
 
 Every subcommand takes ``-c FILE`` (or ``$MTA_CONFIG``) and the same
 ``MTA__...`` environment overrides as the server.  ``mta queue`` talks to
@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_dkim_parser(sub, common)
     doctor = sub.add_parser("doctor", parents=[common], help="run the deliverability self-checks once")
     doctor.add_argument("--json", action="store_true", help="one JSON array of {name, status, reason}")
+    tls = sub.add_parser("tls", parents=[common], help="outbound TLS policy")
+    tsub = tls.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check = tsub.add_parser("check", parents=[common], help="print the TLS policy that would apply to a domain, "
+                            "and why")
+    check.add_argument("domain")
+    check.add_argument("--json", action="store_true", help="one JSON object")
     queue = sub.add_parser("queue", parents=[common], help="inspect and manage the queue")
     qsub = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in QUEUE_ACTIONS.items():
@@ -322,6 +328,18 @@ def _queue(config: Config, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _tls_check(config: Config, domain: str, as_json: bool) -> int:
+    from mta.delivery import tlscheck, tlspolicy
+    from mta.delivery.mx import MxResolver, make_resolver
+
+    resolver = make_resolver(config.dns.servers, config.dns.timeout)
+    policy = tlspolicy.build(config, resolver)
+    report = asyncio.run(tlscheck.explain(policy, MxResolver(resolver), domain, config.delivery.max_mx_hosts))
+    policy.close()
+    print(json.dumps(report, indent=2) if as_json else escape_block(tlscheck.render(report)))
+    return 1 if report.get("error") else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "worker":
@@ -345,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         return _dkim(args)
     if args.command == "doctor":
         return _doctor(config, args.json)
+    if args.command == "tls":
+        return _tls_check(config, args.domain, args.json)
     return _queue(config, args)
 
 

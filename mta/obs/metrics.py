@@ -175,6 +175,11 @@ class Metrics:
                                         "Next hops that could not be reached", registry=r)
         self.outcomes = Counter("kubemta_delivery_outcomes", "Recipients by delivery outcome and destination",
                                 ["domain", "outcome"], registry=r)
+        # Bounded labels: six policies, RFC 8460's dozen result types, four outcomes.
+        self.tls_policy = Counter("kubemta_delivery_tls_policy", "Recipients by outbound TLS policy, its result "
+                                  "and the delivery outcome", ["policy", "result", "outcome"], registry=r)
+        self.tls_reports = Counter("kubemta_tls_policy_reports", "Failures MTA-STS testing reported and let "
+                                   "through, by result", ["result"], registry=r)
         self.latency = Histogram("kubemta_delivery_latency_seconds", "From accepted to delivered, per recipient",
                                  ["domain"], buckets=LATENCY_BUCKETS, registry=r)
         self.attempt_duration = Histogram("kubemta_delivery_attempt_duration_seconds",
@@ -253,6 +258,8 @@ class Metrics:
     def _outcome(self, name: str, fields: dict[str, Any]) -> None:
         domain = self.domain_label(fields.get("recipient"))
         self.outcomes.labels(domain, name).inc()
+        if fields.get("tls_policy"):
+            self.tls_policy.labels(str(fields["tls_policy"]), str(fields.get("tls_policy_result", "ok")), name).inc()
         delay = _number(fields.get("delay"))
         if name == "delivered" and delay is not None:
             self.latency.labels(domain).observe(delay)
@@ -304,4 +311,5 @@ _HANDLERS: dict[str, Callable[[Metrics, dict[str, Any]], None]] = {
     "dkim_failed": lambda m, f: m.dkim_failures.inc(),
     "local_error": lambda m, f: m.local_errors.labels(str(f.get("reason") or "other")).inc(),
     "self_check": Metrics._selfcheck,
+    "tls_policy_report": lambda m, f: m.tls_reports.labels(str(f.get("tls_policy_result") or "other")).inc(),
 }

@@ -197,3 +197,16 @@ def test_dane_wins_over_mta_sts(world: World, tmp_path: Path) -> None:
     with Recorder(tls=world.good, port=world.port) as receiver:
         delivered(world, world.deliver(world.policy(tmp_path), "both.dane.test"), receiver, "dane")
     assert "mta-sts.both.dane.test" in world.web.requests, "the policy was there, and fetched"
+
+
+def test_tls_check_explains_dane_and_the_unsigned_host(world: World, tmp_path: Path) -> None:
+    from mta.delivery import tlscheck
+
+    resolver = MxResolver(make_resolver([(world.resolver.host, world.resolver.port)], 2.0))
+    report = asyncio.run(tlscheck.explain(world.policy(tmp_path), resolver, "ee.dane.test"))
+    [host] = report["hosts"]
+    assert host["dnssec"] and host["tls_policy"] == "dane" and len(host["tlsa"]) == 1 and host["tls_required"]
+    assert "certificate must match TLSA 3 1 1" in tlscheck.render(report)
+    report = asyncio.run(tlscheck.explain(world.policy(tmp_path), resolver, "unsigned.dane.test"))
+    [host] = report["hosts"]
+    assert host["host"] == "mx.plain.test" and host["tls_policy"] == "may" and host["tlsa"] == [], host

@@ -235,7 +235,10 @@ def test_policy_cached_across_a_restart_while_https_is_down(world: World, tmp_pa
 
 
 def test_mta_serve_events_name_the_policy_and_its_result(world: World, tmp_path: Path) -> None:
-    """The real server: an enforced policy defers a stripped receiver, the events say why."""
+    """The real server: an enforced policy defers a stripped receiver; events, metrics and mta tls check say why."""
+    import json
+    import urllib.request
+
     from tests.harness import MtaServer, send_mail
 
     with Recorder(hide={"STARTTLS"}) as stripped:
@@ -249,6 +252,21 @@ def test_mta_serve_events_name_the_policy_and_its_result(world: World, tmp_path:
             queue_id = send_mail(server.port, "app@sender.test", [f"user@enforce.{ZONE}"])
             log = server.wait_for_log('"event":"deferred"')
             assert stripped.messages == []
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics", timeout=10) as response:
+                metrics = response.read().decode()
+            assert 'kubemta_delivery_tls_policy_total{outcome="deferred",policy="mta-sts",' \
+                   'result="starttls-not-supported"} 1.0' in metrics, metrics
+            check = server.cli("tls", "check", f"enforce.{ZONE}", "--json")
+            assert check.returncode == 0, check.stderr
+            report = json.loads(check.stdout)
+            assert report["mta_sts"]["mode"] == "enforce" and report["mta_sts"]["mx"] == [f"mx.enforce.{ZONE}"]
+            [host] = report["hosts"]
+            assert host["host"] == f"mx.enforce.{ZONE}" and host["used"] and host["tls_required"], host
+            assert host["verify_certificate"] and host["tls_policy"] == "mta-sts", host
+            check = server.cli("tls", "check", f"other.{ZONE}")
+            assert check.returncode == 0, check.stderr
+            assert f"mx mx.other.{ZONE} (preference 10, insecure): not used: 454 4.7.5" in check.stdout, check.stdout
+            assert "MTA-STS: mode enforce" in check.stdout
         finally:
             server.stop()
     line = next(item for item in log.splitlines() if '"event":"deferred"' in item and queue_id in item)
