@@ -112,14 +112,19 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tlsa = f"_{port}._tcp"
     records = ["mta-sts.both.dane.test. IN A 127.0.0.1", '_mta-sts.both.dane.test. IN TXT "v=STSv1; id=1"',
                "unsigned.dane.test. IN MX 10 mx.plain.test.", "mx.plain.test. IN A 127.0.0.1",
-               f"{tlsa}.mx.plain.test. IN TLSA 3 1 1 {unrelated}"]
+               f"{tlsa}.mx.plain.test. IN TLSA 3 1 1 {unrelated}",
+               # The TLSA answer leads into broken.test, whose signatures do not validate.
+               "bogus.dane.test. IN MX 10 mx.bogus.dane.test.", "mx.bogus.dane.test. IN A 127.0.0.1",
+               f"{tlsa}.mx.bogus.dane.test. IN CNAME tlsa.broken.test.",
+               f"tlsa.broken.test. IN TLSA 3 1 1 {spki}"]
     for name, record in (("ee", f"3 1 1 {spki}"), ("full", f"3 0 1 {whole}"), ("ta", f"2 0 1 {ta}"),
                          ("bad", f"3 1 1 {unrelated}"), ("notlsa", None), ("both", f"3 1 1 {spki}")):
         records += [f"{name}.dane.test. IN MX 10 mx.{name}.dane.test.", f"mx.{name}.dane.test. IN A 127.0.0.1"]
         if record:
             records.append(f"{tlsa}.mx.{name}.dane.test. IN TLSA {record}")
     knot_port = free_port(udp=True)
-    knot = KnotServer("127.0.0.1", root / "knot", ["dane.test", "plain.test"], port=knot_port, signed=["dane.test"])
+    knot = KnotServer("127.0.0.1", root / "knot", ["dane.test", "plain.test", "broken.test"], port=knot_port,
+                      signed=["dane.test", "broken.test"])
     knot.start(records)
     web = StsWebServer(server_context(ca.issue_cert("mta-sts.both.dane.test")), {
         # Would refuse the MX: DANE must win (RFC 8461 §2).
@@ -127,8 +132,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     try:
         anchors = [key for key in knot.dnskeys("dane.test") if " DNSKEY 257 " in key]
         assert anchors, knot.log_text()
-        resolver = ValidatingResolver(root / "unbound", ("127.0.0.1", knot_port), ["dane.test", "plain.test"],
-                                      anchors).start()
+        # broken.test is signed with its own key but anchored to dane.test's: every answer is bogus.
+        wrong = [key.replace("dane.test.", "broken.test.", 1) for key in anchors]
+        resolver = ValidatingResolver(root / "unbound", ("127.0.0.1", knot_port),
+                                      ["dane.test", "plain.test", "broken.test"], anchors + wrong).start()
         web.start()
         try:
             yield World(port, resolver, server_context(good), server_context(intermediate.issue_cert(
@@ -174,6 +181,15 @@ def test_dane_ta_verifies_the_chain_and_the_name(world: World, tmp_path: Path) -
             outcome = world.deliver(world.policy(tmp_path), "ta.dane.test")
             assert receiver.messages == []
         assert outcome.kind is Kind.TRANSIENT and outcome.reply.enhanced == "4.7.5", outcome
+
+
+def test_a_tlsa_answer_that_fails_validation_rules_the_host_out(world: World, tmp_path: Path) -> None:
+    with Recorder(tls=world.good, port=world.port) as receiver:
+        outcome = world.deliver(world.policy(tmp_path), "bogus.dane.test")
+        assert receiver.messages == [] and receiver.sessions == [], "no session with a host DNSSEC cannot vouch for"
+    assert outcome.kind is Kind.TRANSIENT and outcome.reply.enhanced == "4.7.5", outcome
+    assert outcome.policy is not None and outcome.policy.result == "dnssec-invalid"
+    assert "SERVFAIL" in outcome.reply.text or "failed" in outcome.reply.text, outcome.reply
 
 
 def test_tlsa_from_an_unsigned_zone_is_ignored(world: World, tmp_path: Path) -> None:
