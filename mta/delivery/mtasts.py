@@ -46,6 +46,14 @@ MAX_AGE_LIMIT = 31_557_600  # RFC 8461 §3.2: at most a year
 _ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
 _MX_PATTERN = re.compile(r"^(\*\.)?([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+$")
 _TXT_RECHECK = 60.0  # seconds a TXT answer is trusted in memory, so a busy domain costs no lookup per message
+_MEMORY = 10_000  # domains whose policy and TXT answer are kept in memory
+
+
+def _keep(table: dict[str, object], key: str, value: object) -> None:
+    table.pop(key, None)
+    table[key] = value
+    while len(table) > _MEMORY:
+        del table[next(iter(table))]
 
 
 class PolicyInvalid(ValueError):
@@ -162,9 +170,10 @@ class MtaSts:
         self.timeout = timeout
         self.max_size = max_size
         self.clock = clock
+        # Both bounded (``_MEMORY`` domains, oldest out): the disk cache holds the rest.
         self._memory: dict[str, StsPolicy] = {}
         self._txt: dict[str, tuple[float, str | None]] = {}  # domain -> (monotonic time, id)
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._inflight: dict[str, asyncio.Task[StsLookup]] = {}
 
     # -- cache ---------------------------------------------------------------
 
@@ -184,11 +193,11 @@ class MtaSts:
         except (OSError, ValueError, TypeError, KeyError) as exc:
             log.warning("MTA-STS cache %s unreadable (%s); ignored", self._path(domain), exc)
             return None
-        self._memory[domain] = policy
+        _keep(self._memory, domain, policy)  # type: ignore[arg-type]
         return policy
 
     def _store(self, domain: str, policy: StsPolicy) -> None:
-        self._memory[domain] = policy
+        _keep(self._memory, domain, policy)  # type: ignore[arg-type]
         try:
             self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             safeio.write_file(self._path(domain), json.dumps(asdict(policy)).encode(), 0o600)
@@ -211,7 +220,7 @@ class MtaSts:
         except dns.exception.DNSException as exc:
             log.info("MTA-STS TXT lookup for %s failed: %s", domain, exc)
             return False, None
-        self._txt[domain] = (time.monotonic(), ident)
+        _keep(self._txt, domain, (time.monotonic(), ident))  # type: ignore[arg-type]
         return True, ident
 
     async def fetch(self, domain: str, ident: str) -> StsPolicy:
@@ -249,9 +258,14 @@ class MtaSts:
     async def lookup(self, domain: str) -> StsLookup:
         if not _MX_PATTERN.match(domain) or domain.startswith("*"):
             return StsLookup(None)  # an address literal, or nothing a file may be named after
-        lock = self._locks.setdefault(domain, asyncio.Lock())
-        async with lock:  # one TXT lookup and fetch per domain at a time, however many deliveries wait
-            return await self._lookup(domain)
+        # One TXT lookup and fetch per domain at a time, however many deliveries wait for it;
+        # shielded, so a delivery given up on does not cancel the others' lookup.
+        task = self._inflight.get(domain)
+        if task is None:
+            task = asyncio.ensure_future(self._lookup(domain))
+            self._inflight[domain] = task
+            task.add_done_callback(lambda _: self._inflight.pop(domain, None))
+        return await asyncio.shield(task)
 
     async def _lookup(self, domain: str) -> StsLookup:
         cached = self.cached(domain)

@@ -36,7 +36,7 @@ from tests.peers.stsweb import StsWebServer
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
 ZONE = "sts.test"
-DOMAINS = ("enforce", "other", "testing", "plain", "cached")
+DOMAINS = ("enforce", "other", "testing", "plain", "cached", "redirect", "huge", "html")
 MESSAGE = b"From: <app@sender.test>\r\nTo: <user@dest.test>\r\nSubject: policy\r\n\r\nhello\r\n"
 
 
@@ -83,7 +83,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         f"mta-sts.other.{ZONE}": policy_text("enforce", f"mx.elsewhere.{ZONE}"),
         f"mta-sts.testing.{ZONE}": policy_text("testing", f"*.testing.{ZONE}"),
         f"mta-sts.cached.{ZONE}": policy_text("enforce", f"mx.cached.{ZONE}"),
+        f"mta-sts.huge.{ZONE}": policy_text("enforce", *(f"mx{n}.huge.{ZONE}" for n in range(3000))),
+        f"mta-sts.redirect.{ZONE}": policy_text("enforce", f"mx.redirect.{ZONE}"),
     })
+    web.redirect.add(f"mta-sts.redirect.{ZONE}")
     dns_server = DnsServer(records, [ZONE], root / "dns")
     dns_server.start()
     web.start()
@@ -273,3 +276,33 @@ def test_mta_serve_events_name_the_policy_and_its_result(world: World, tmp_path:
     assert '"tls_policy":"mta-sts"' in line and '"tls_policy_mode":"enforce"' in line, line
     assert '"tls_policy_result":"starttls-not-supported"' in line and '"enhanced":"4.7.4"' in line, line
     assert (Path(server.config["spool"]["path"]) / "tls" / "mta-sts" / f"enforce.{ZONE}.json").exists()
+
+
+def test_concurrent_deliveries_fetch_a_policy_once(world: World, tmp_path: Path) -> None:
+    host = f"mta-sts.enforce.{ZONE}"
+    before = world.web.requests.count(host)
+    sts = world.sts(tmp_path / "cache")
+
+    async def main() -> list[object]:
+        return await asyncio.gather(*(sts.lookup(f"enforce.{ZONE}") for _ in range(50)))
+
+    results = asyncio.run(asyncio.wait_for(main(), 30))
+    assert all(item.policy is not None and item.policy.mode == "enforce" for item in results)  # type: ignore[attr-defined]
+    assert world.web.requests.count(host) - before == 1, "one fetch for fifty deliveries"
+
+
+@pytest.mark.parametrize(("name", "problem"), [("redirect", "sts-policy-fetch-error"),
+                                               ("huge", "sts-policy-invalid"),
+                                               ("html", "sts-policy-fetch-error")])
+def test_a_policy_fetch_is_bounded_and_follows_no_redirect(world: World, tmp_path: Path, name: str,
+                                                           problem: str) -> None:
+    """A redirect, a body over 64 KiB and a missing policy (404) all leave the domain without a policy."""
+    async def main() -> object:
+        return await world.sts(tmp_path / "cache").lookup(f"{name}.{ZONE}")
+
+    found = asyncio.run(main())
+    assert found.policy is None and found.problem == problem, found  # type: ignore[attr-defined]
+    assert not (tmp_path / "cache" / f"{name}.{ZONE}.json").exists()
+    with Recorder(hide={"STARTTLS"}) as plain:
+        outcome = single(deliver(world, sts_policy(world, tmp_path), plain.port, f"{name}.{ZONE}"))
+        assert outcome.kind is Kind.DELIVERED, "no policy: delivered as before"
