@@ -68,13 +68,16 @@ class MtaServer:
     def spool_dir(self) -> Path:
         return Path(self.config["spool"]["path"]) / "0"
 
-    def start(self, wait: bool = True) -> None:
+    def start(self, wait: bool = True, entry_point: bool = False) -> None:
+        """``entry_point``: run the installed ``mta`` script, as an operator does, not ``python -P -m``."""
         self.starts += 1
         with self.log_path.open("ab") as log:
             log.write(f"---- start {self.starts} ----\n".encode())
             log.flush()
+            command = [str(Path(sys.executable).parent / "mta")] if entry_point else \
+                [sys.executable, "-P", "-m", "mta.cli"]
             self.proc = subprocess.Popen(
-                [sys.executable, "-P", "-m", "mta.cli", "serve", "-c", str(self.config_path)],
+                [*command, "serve", "-c", str(self.config_path)],
                 cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, env=self._env())
         if wait:
             self.wait_ready()

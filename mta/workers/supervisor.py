@@ -1,6 +1,7 @@
 """The main process's side of the worker processes: start, feed, watch, restart, stop.
 
-``Workers`` starts each worker (``python -m mta.cli worker``) with one end
+``Workers`` starts each worker (``python -P -m mta.cli worker``, so the working
+directory is never on its path) with one end
 of a socket pair, sends it the validated configuration, waits for
 ``ready``, then reads what it announces (``mta.workers.channel``): stored
 records go to the scheduler, events to the logs, metrics and webhooks,
@@ -109,10 +110,11 @@ class Workers:
     async def _spawn(self, worker: Worker) -> None:
         ours, theirs = socket.socketpair()
         with ours, theirs:
-            python = [sys.executable, "-P"] if sys.flags.safe_path else [sys.executable]
             try:
+                # -P: the working directory stays off the worker's sys.path, or a data
+                # directory named spool/ there would shadow the spool package.
                 worker.process = await asyncio.create_subprocess_exec(
-                    *python, "-m", "mta.cli", "worker", "--channel-fd", str(theirs.fileno()),
+                    sys.executable, "-P", "-m", "mta.cli", "worker", "--channel-fd", str(theirs.fileno()),
                     pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL)
             except OSError as exc:
                 raise WorkerError(f"worker {worker.number} cannot be started: {exc}") from None

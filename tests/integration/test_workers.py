@@ -122,3 +122,15 @@ def gone(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def test_workers_start_from_a_directory_holding_a_spool_directory(world: World) -> None:
+    """The installed ``mta`` run where a data directory ``spool/`` sits: workers import the real spool package."""
+    sink = world.sink("dest")
+    server = world.mta({"workers": 1}, start=False)
+    server.spool_dir.parent.mkdir(parents=True)  # the server's cwd now holds spool/
+    server.start(entry_point=True)
+    worker_pids(server, count=1)
+    send_mail(server.port, "a@sender.test", ["user@dest.test"])
+    sink.wait_for_messages(1, timeout=30)
+    assert "ImportError" not in server.log()
