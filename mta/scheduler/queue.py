@@ -252,11 +252,13 @@ class Scheduler:
                 while not self._stopping:
                     if not destination.jobs:
                         destination.arrived.clear()
-                        try:
+                        with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(destination.arrived.wait(), IDLE_CONNECTION)
-                        except TimeoutError:
-                            break
-                        continue
+                        # The job list decides, not how the wait ended: a job queued while
+                        # the timeout cancelled the wait counted on this lane to take it.
+                        if destination.jobs:
+                            continue
+                        break
                     pause = self.shaper.wait(name)
                     if pause > 60:
                         self._defer_all(destination, result.transient(451, "4.7.0", f"{hop} asked to slow down"))
@@ -280,8 +282,9 @@ class Scheduler:
             destination.lanes -= 1
             if self.courier is not None:
                 await self.courier.release(hop, keep=destination.lanes)
-            if not destination.jobs and destination.lanes == 0:
-                self._destinations.pop(hop, None)
+            # While release() awaited, the hop may have been queued for anew under a new record.
+            if not destination.jobs and destination.lanes == 0 and self._destinations.get(hop) is destination:
+                del self._destinations[hop]
 
     async def _deliver(self, hop: NextHop, job: Job, per_connection: int) -> Report:
         if self.courier is None:

@@ -44,6 +44,7 @@ class TestCourier:
     gate: asyncio.Event | None = None
     delivered: list[Parcel] = field(default_factory=list)
     started: asyncio.Event = field(default_factory=asyncio.Event)
+    finished_at: list[float] = field(default_factory=list)  # the loop's time as each delivery returned
 
     __test__ = False  # not a test class, whatever its name
 
@@ -52,6 +53,7 @@ class TestCourier:
         if self.gate is not None:
             await self.gate.wait()
         self.delivered.append(parcel)
+        self.finished_at.append(asyncio.get_running_loop().time())
         return Report(dict.fromkeys(parcel.recipients, self.outcome), reached=self.reached,
                       server="mx.example.net" if self.reached else None)
 
@@ -192,7 +194,9 @@ def test_hold_during_a_round_holds_after_it(tmp_path: Path) -> None:
         assert (await operator.act("flush", [record_id]))[record_id] == "being delivered now"
         await operator.act("hold", [record_id])
         queue.courier.gate.set()
-        await queue.until(lambda: on_disk(queue.spool, HOLD, record_id))
+        # The file is renamed into hold/ a moment before the save returns to the scheduler.
+        await queue.until(lambda: on_disk(queue.spool, HOLD, record_id)
+                          and queue.scheduler.records[record_id].state == HOLD)
         assert queue.scheduler.records[record_id].state == HOLD
         assert (await operator.act("release", [record_id]))[record_id] == "ok"
         assert on_disk(queue.spool, DEFERRED, record_id)
