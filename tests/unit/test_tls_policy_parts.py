@@ -80,3 +80,33 @@ def test_config_names_the_key_of_a_bad_tls_policy() -> None:
                                               "level: may}]"})
     assert config.load(None, {"MTA__DNS__DNSSEC": "true", "MTA__DELIVERY__TLS_LEVEL": "dane"}).delivery.tls_level \
         == "dane"
+
+
+def test_dane_matching_of_ee_and_ta_records() -> None:
+    import hashlib
+
+    import trustme
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from mta.delivery.dane import Tlsa, matches
+
+    root = trustme.CA()
+    intermediate = root.create_child_ca()
+    leaf_pem, *rest = intermediate.issue_cert("mx.example.net").cert_chain_pems
+    chain = [x509.load_pem_x509_certificate(leaf_pem.bytes())] + [
+        x509.load_pem_x509_certificate(item.bytes()) for item in rest]
+    der = [cert.public_bytes(Encoding.DER) for cert in chain]
+    spki = chain[0].public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    assert matches([Tlsa(3, 1, 1, hashlib.sha256(spki).digest())], der, ["mx.example.net"]) is None
+    assert matches([Tlsa(3, 0, 2, hashlib.sha512(der[0]).digest())], der, ["any.name"]) is None, "EE: no names"
+    assert matches([Tlsa(3, 0, 0, der[0])], der, []) is None
+    assert matches([Tlsa(3, 1, 1, b"\0" * 32)], der, ["mx.example.net"]) is not None
+    anchor = Tlsa(2, 0, 1, hashlib.sha256(der[1]).digest())
+    assert matches([anchor], der, ["mx.example.net"]) is None
+    assert "does not verify" in (matches([anchor], der, ["other.example.net"]) or ""), "TA: the name counts"
+    assert matches([Tlsa(2, 0, 1, hashlib.sha256(der[0]).digest())], der, ["mx.example.net"]) is not None, \
+        "the leaf itself is no trust anchor"
+    assert matches([Tlsa(1, 0, 1, hashlib.sha256(der[0]).digest())], der, ["mx.example.net"]) is not None, \
+        "PKIX usages are not used for SMTP"
+    assert matches([Tlsa(3, 1, 1, hashlib.sha256(spki).digest())], [], ["mx.example.net"]) is not None
