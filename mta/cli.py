@@ -6,8 +6,9 @@ the running server through its control socket when a server owns the
 spool, and works on the spool files itself (holding the spool lock) when
 none does, so it never races a server.
 
-Exit codes: 0 done, 1 the action failed (unknown id, server unreachable),
-2 bad configuration or usage.
+Exit codes: 0 done, 1 the action failed (unknown id, server unreachable;
+``doctor``: a check failed, or with ``--strict`` warned), 2 bad
+configuration or usage.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_dkim_parser(sub, common)
     doctor = sub.add_parser("doctor", parents=[common], help="run the deliverability self-checks once")
     doctor.add_argument("--json", action="store_true", help="one JSON array of {name, status, reason}")
+    doctor.add_argument("--strict", action="store_true", help="exit 1 on a warning too, not only on a failure")
     tls = sub.add_parser("tls", parents=[common], help="outbound TLS policy")
     tsub = tls.add_subparsers(dest="action", required=True, metavar="ACTION")
     check = tsub.add_parser("check", parents=[common], help="print the TLS policy that would apply to a domain, "
@@ -98,10 +100,21 @@ def _add_dkim_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _dkim(args: argparse.Namespace) -> int:
+    import re
     from pathlib import Path
 
+    from mta.config import DKIM_SELECTOR, dkim_domain
     from mta.dkim import keys
 
+    try:
+        domain = dkim_domain(args.domain)
+    except ValueError as exc:
+        print(f"mta dkim: --domain: {exc}", file=sys.stderr)
+        return 2
+    if not re.match(DKIM_SELECTOR, args.selector):
+        print(f"mta dkim: --selector: {args.selector!r} is not a selector (letters, digits, . _ -; "
+              f"at most 63 characters)", file=sys.stderr)
+        return 2
     try:
         if args.type == "rsa" and args.bits < 2048:
             raise keys.DkimKeyError("use at least 2048 bits for new RSA keys")
@@ -116,11 +129,11 @@ def _dkim(args: argparse.Namespace) -> int:
     value = keys.txt_record(key)
     # TXT strings hold at most 255 octets each; resolvers join them.
     chunks = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
-    print(f"{args.selector}._domainkey.{args.domain.rstrip('.')}. IN TXT {chunks}")
+    print(f"{args.selector}._domainkey.{domain}. IN TXT {chunks}")
     return 0
 
 
-def _doctor(config: Config, as_json: bool) -> int:
+def _doctor(config: Config, as_json: bool, strict: bool) -> int:
     from mta.dkim.keys import DkimKeyError, SigningKey
     from mta.identity.checks import SelfChecks
 
@@ -135,7 +148,8 @@ def _doctor(config: Config, as_json: bool) -> int:
     else:
         for result in results:
             print(f"{result.status.upper():<5} {result.name}: {result.reason}")
-    return 1 if any(r.status == "fail" for r in results) else 0
+    bad = ("fail", "warn") if strict else ("fail",)
+    return 1 if any(r.status in bad for r in results) else 0
 
 
 def _read_password() -> str:
@@ -362,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "dkim":
         return _dkim(args)
     if args.command == "doctor":
-        return _doctor(config, args.json)
+        return _doctor(config, args.json, args.strict)
     if args.command == "tls":
         return _tls_check(config, args.domain, args.json)
     return _queue(config, args)

@@ -364,18 +364,26 @@ class AccountsConfig(Section):
         return self.users.get(user, self.default)
 
 
+DKIM_SELECTOR = r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62})$"
+
+
+def dkim_domain(value: str) -> str:
+    """A signing domain (``d=``) in its compared form; ``ValueError`` when it is not a domain name."""
+    name = domains.normalise(value)
+    if not _HOSTNAME.match(name) or "." not in name:
+        raise ValueError(f"{value!r} is not a domain")
+    return name
+
+
 class DkimKeyConfig(Section):
     domain: str
-    selector: str = Field(pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62})$")
+    selector: str = Field(pattern=DKIM_SELECTOR)
     key_file: ReadableFile
 
     @field_validator("domain")
     @classmethod
     def _domain(cls, value: str) -> str:
-        name = domains.normalise(value)
-        if not _HOSTNAME.match(name) or "." not in name:
-            raise ValueError(f"{value!r} is not a domain")
-        return name
+        return dkim_domain(value)
 
 
 

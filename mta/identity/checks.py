@@ -174,6 +174,17 @@ class SelfChecks:
         writer.close()
         return CheckResult("port25", PASS, f"{host}:{port} reachable from {self.ip or 'this pod'}")
 
+    def configured(self) -> list[CheckResult]:
+        """Warnings for what is missing from the configuration itself, before any DNS."""
+        found = []
+        if not self.keys:
+            found.append(CheckResult("dkim", WARN, "no DKIM key configured (dkim.keys): mail leaves unsigned, "
+                                                   "and receivers that require DKIM will refuse or junk it"))
+        if not self.domains():
+            found.append(CheckResult("domains", WARN, "no sending domain configured (identity.sending_domains or "
+                                                      "dkim.keys): SPF and DMARC are not checked"))
+        return found
+
     async def run(self) -> list[CheckResult]:
         checks = [self.fcrdns()]
         checks += [self.spf(d) for d in self.domains()]
@@ -181,7 +192,7 @@ class SelfChecks:
         checks += [self.dmarc(d) for d in self.domains()]
         checks += [self.dnsbl(z) for z in self.config.identity.dnsbl_zones]
         checks.append(self.port25())
-        return list(await asyncio.gather(*checks))
+        return self.configured() + list(await asyncio.gather(*checks))
 
 
 def failing(results: list[CheckResult]) -> list[CheckResult]:

@@ -153,3 +153,39 @@ def test_failing_self_checks_are_reported_as_pod_events(world: World) -> None:
             time.sleep(0.2)
         assert [e["reason"] for e in kube.events_for("mail", "mta-0")] == ["SelfCheckFailed", "SelfCheckPassed"]
         server.stop()
+
+
+def test_doctor_warns_without_dkim_key_or_sending_domain_and_strict_fails_on_warnings(world: World) -> None:
+    server = world.mta({}, start=False)
+    done = server.cli("doctor", "--json")
+    results = {item["name"]: item for item in json.loads(done.stdout)}
+    assert results["dkim"]["status"] == "warn" and "dkim.keys" in results["dkim"]["reason"]
+    assert results["domains"]["status"] == "warn" and "sending_domains" in results["domains"]["reason"]
+    assert not [r for r in results.values() if r["status"] == "fail"]
+    assert done.returncode == 0  # warnings alone pass ...
+    strict = server.cli("doctor", "--strict")
+    assert strict.returncode == 1, strict.stdout  # ... unless --strict
+    assert "WARN  dkim: no DKIM key configured" in strict.stdout
+
+
+@pytest.mark.parametrize("domain", ["not a domain", "-bad-.test", "bad_x.test", "nodot", "a..b.test", ""])
+def test_dkim_keygen_rejects_an_invalid_domain(world: World, domain: str) -> None:
+    out = world.root / "bad.pem"
+    done = subprocess.run([sys.executable, "-P", "-m", "mta.cli", "dkim", "keygen", f"--domain={domain}",
+                           "--selector", "s1", "--type", "ed25519", "--out", str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--domain" in done.stderr and "is not a domain" in done.stderr
+    assert not out.exists()
+
+
+def test_dkim_keygen_prints_the_record_for_the_normalised_domain(world: World) -> None:
+    out = world.root / "ok.pem"
+    done = subprocess.run([sys.executable, "-P", "-m", "mta.cli", "dkim", "keygen", "--domain", "Sender.TEST.",
+                           "--selector", "s1", "--type", "ed25519", "--out", str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("s1._domainkey.sender.test. IN TXT ")
+    bad_selector = subprocess.run([sys.executable, "-P", "-m", "mta.cli", "dkim", "keygen", "--domain", "sender.test",
+                                   "--selector", "a/b", "--out", str(world.root / "x.pem")],
+                                  capture_output=True, text=True, timeout=60)
+    assert bad_selector.returncode == 2 and "--selector" in bad_selector.stderr
