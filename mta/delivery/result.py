@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from mta import replies
 from mta.replies import Reply
@@ -71,6 +72,20 @@ class Outcome:
         if self.reply.enhanced:
             return self.reply.enhanced
         return {Kind.DELIVERED: "2.0.0", Kind.TRANSIENT: "4.0.0", Kind.PERMANENT: "5.0.0"}[self.kind]
+
+    def log_fields(self) -> dict[str, Any]:
+        """What a delivery event (delivered, bounced, deferred) says about this outcome."""
+        fields: dict[str, Any] = {"remote": self.remote}
+        if self.mx_ip is not None:
+            fields.update(mx_host=self.mx_host, mx_ip=self.mx_ip)
+        if self.tls is not None:
+            fields.update(tls=True, tls_version=self.tls.version, tls_cipher=self.tls.cipher)
+        elif self.mx_host is not None or self.mx_ip is not None:
+            fields["tls"] = False
+        if self.policy is not None:
+            fields.update(self.policy.fields())
+        fields.update(reply=str(self.reply), code=self.reply.code, enhanced=self.enhanced)
+        return fields
 
 
 def remote_name(mx_host: str | None, mx_ip: str | None) -> str | None:

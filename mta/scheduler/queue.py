@@ -5,7 +5,8 @@ split by next hop (recipient domain, or smart host); each next hop has a
 queue of jobs and up to ``max_per_destination`` lanes — coroutines that hand
 the hop's jobs to the courier one after another, so that the courier can
 reuse one connection for them — all of them under a global
-``max_concurrency``.  The courier (``mta.delivery.courier``) reports an
+``max_concurrency`` (``mta.scheduler.slots``: a lane idle between jobs
+gives its slot to any lane that waits for one).  The courier (``mta.delivery.courier``) reports an
 ``Outcome`` per recipient; when every hop of a message has reported, the
 scheduler decides: recipients delivered or refused are final, the rest wait
 (exponential backoff with jitter) until the queue lifetime runs out.
@@ -26,74 +27,27 @@ import heapq
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Awaitable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from mta.bounce.bouncer import Bouncer
 from mta.bounce.dsn import ReportedRecipient
 from mta.config import Config
 from mta.delivery import result
-from mta.delivery.courier import Courier, Parcel, Report
+from mta.delivery.courier import Courier, Report
 from mta.delivery.result import Kind, Outcome
 from mta.delivery.route import NextHop, Router
-from mta.dsnrequest import MailRequest, RecipientRequest
 from mta.intake import Intake
 from mta.obs.log import event
 from mta.scheduler.backoff import retry_delay
+from mta.scheduler.destination import IDLE_CONNECTION, Destination, Job
 from mta.scheduler.shaping import Shaper
+from mta.scheduler.slots import DeliverySlots
 from spool import Record, Spool, SpoolError
 from spool.record import DELIVERED, FAILED, PENDING
 from spool.store import DEFERRED, HOLD
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Job:
-    record: Record
-    recipients: list[str]
-
-    def parcel(self) -> Parcel:
-        record = self.record
-        attrs = record.attrs
-        wanted = set(self.recipients)
-        # What receive measured; a record from before it did has only what the client declared.
-        return Parcel(record.id, record.sender, self.recipients, record.size,
-                      smtputf8=bool(attrs.get("smtputf8") or attrs.get("utf8_headers")),
-                      eight_bit=bool(attrs.get("8bit", attrs.get("8bitmime"))),
-                      dsn=MailRequest.from_attrs(attrs),
-                      recipient_dsn={r.address: RecipientRequest.from_attrs(r.attrs) for r in record.recipients
-                                     if r.attrs and r.address in wanted})
-
-
-@dataclass
-class Destination:
-    hop: NextHop
-    jobs: deque[Job] = field(default_factory=deque)
-    lanes: int = 0
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # a job was queued
-
-
-# How long a lane waits for more mail for the same next hop before it ends:
-# a steady trickle then reuses one session instead of opening (and closing)
-# one per message.
-IDLE_CONNECTION = 2.0
-
-
-def _outcome_fields(outcome: Outcome) -> dict[str, Any]:
-    fields: dict[str, Any] = {"remote": outcome.remote}
-    if outcome.mx_ip is not None:
-        fields.update(mx_host=outcome.mx_host, mx_ip=outcome.mx_ip)
-    if outcome.tls is not None:
-        fields.update(tls=True, tls_version=outcome.tls.version, tls_cipher=outcome.tls.cipher)
-    elif outcome.mx_host is not None or outcome.mx_ip is not None:
-        fields["tls"] = False
-    if outcome.policy is not None:
-        fields.update(outcome.policy.fields())
-    fields.update(reply=str(outcome.reply), code=outcome.reply.code, enhanced=outcome.enhanced)
-    return fields
 
 
 class Scheduler:
@@ -126,7 +80,7 @@ class Scheduler:
         self._outcomes: dict[str, dict[str, Outcome]] = {}
         self.after_round: dict[str, str] = {}  # operator actions waiting for a round to end
         self._destinations: dict[NextHop, Destination] = {}
-        self._slots = asyncio.Semaphore(config.delivery.max_concurrency)
+        self._slots = DeliverySlots(config.delivery.max_concurrency)
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -198,7 +152,7 @@ class Scheduler:
         self._stopping = True
         self._wake.set()
         for destination in self._destinations.values():
-            destination.arrived.set()  # idle lanes leave now
+            destination.nudge()  # idle lanes leave now
         remaining = deadline - time.monotonic()
         if self._tasks and remaining > 0:
             await asyncio.wait(set(self._tasks), timeout=remaining)
@@ -237,48 +191,67 @@ class Scheduler:
                 continue
             destination = self._destinations.setdefault(hop, Destination(hop))
             destination.jobs.append(Job(record, recipients))
-            destination.arrived.set()
+            destination.nudge()
             wanted = min(allowed, len(destination.jobs))
             while destination.lanes < wanted:
                 destination.lanes += 1
                 self._spawn(self._lane(destination))
 
     async def _lane(self, destination: Destination) -> None:
-        """Hand ``destination``'s jobs to the courier one at a time, while there are any."""
+        """Hand ``destination``'s jobs to the courier one at a time, while there are any.
+
+        It holds a delivery slot only while it delivers: idle, it parks its
+        slot (``mta.scheduler.slots``) and leaves when another lane needs it.
+        """
         hop, name = destination.hop, destination.hop.name
         per_connection = self.shaper.state(name).messages_per_connection
+        wake, busy = asyncio.Event(), False
         try:
-            async with self._slots:
-                while not self._stopping:
-                    if not destination.jobs:
-                        destination.arrived.clear()
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(destination.arrived.wait(), IDLE_CONNECTION)
-                        # The job list decides, not how the wait ended: a job queued while
-                        # the timeout cancelled the wait counted on this lane to take it.
-                        if destination.jobs:
-                            continue
-                        break
-                    pause = self.shaper.wait(name)
-                    if pause > 60:
-                        self._defer_all(destination, result.transient(451, "4.7.0", f"{hop} asked to slow down"))
-                        break
-                    if pause > 0:
-                        await asyncio.sleep(pause)  # a messages-per-minute rule
+            while not self._stopping:
+                if not destination.jobs:
+                    if busy:
+                        self._slots.park(wake, wake)
+                        busy = False
+                    destination.idle.add(wake)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), IDLE_CONNECTION)
+                    destination.idle.discard(wake)
+                    wake.clear()
+                    # The job list decides, not how the wait ended: a job queued while
+                    # the timeout cancelled the wait counted on this lane to take it.
+                    if destination.jobs:
                         continue
-                    job = destination.jobs.popleft()
-                    report = await self._deliver(hop, job, per_connection)
-                    self._report(job, report.outcomes)
-                    if not report.reached:
-                        # The next hop cannot be reached now: that holds for
-                        # every job waiting for it, not just this one.
-                        self._defer_all(destination, next(iter(report.outcomes.values())))
-                        break
-                    if report.server is not None:
-                        self.shaper.learn_mx(name, report.server)
-                    if await self._throttled(destination, report):
-                        break
+                    break
+                if not busy:
+                    if not self._slots.resume(wake):
+                        await self._slots.take()
+                    busy = True
+                    continue  # other lanes may have taken the jobs meanwhile
+                pause = self.shaper.wait(name)
+                if pause > 60:
+                    self._defer_all(destination, result.transient(451, "4.7.0", f"{hop} asked to slow down"))
+                    break
+                if pause > 0:
+                    await asyncio.sleep(pause)  # a messages-per-minute rule
+                    continue
+                job = destination.jobs.popleft()
+                report = await self._deliver(hop, job, per_connection)
+                self._report(job, report.outcomes)
+                if not report.reached:
+                    # The next hop cannot be reached now: that holds for
+                    # every job waiting for it, not just this one.
+                    self._defer_all(destination, next(iter(report.outcomes.values())))
+                    break
+                if report.server is not None:
+                    self.shaper.learn_mx(name, report.server)
+                if await self._throttled(destination, report):
+                    break
         finally:
+            destination.idle.discard(wake)
+            if busy:
+                self._slots.give_back()
+            else:
+                self._slots.leave(wake)
             destination.lanes -= 1
             if self.courier is not None:
                 await self.courier.release(hop, keep=destination.lanes)
@@ -336,7 +309,7 @@ class Scheduler:
                     continue
                 rcpt.last_reply, rcpt.remote, rcpt.updated = str(outcome.reply), outcome.remote, now
                 fields = {"queue_id": record.id, "sender": record.sender or "<>", "recipient": rcpt.address,
-                          **_outcome_fields(outcome), "delay": round(now - record.created, 3),
+                          **outcome.log_fields(), "delay": round(now - record.created, 3),
                           "size": record.size, "attempts": record.attempts}
                 if outcome.kind is Kind.DELIVERED:
                     rcpt.state = DELIVERED

@@ -45,20 +45,31 @@ class TestCourier:
     delivered: list[Parcel] = field(default_factory=list)
     started: asyncio.Event = field(default_factory=asyncio.Event)
     finished_at: list[float] = field(default_factory=list)  # the loop's time as each delivery returned
+    duration: float = 0.0  # how long each delivery takes (on the loop's clock)
+    in_flight: int = 0
+    peak: int = 0  # most deliveries at once
+    released: list[tuple[str, int]] = field(default_factory=list)  # (hop, keep) of each release()
 
     __test__ = False  # not a test class, whatever its name
 
     async def deliver(self, hop: NextHop, parcel: Parcel, per_connection: int) -> Report:
         self.started.set()
-        if self.gate is not None:
-            await self.gate.wait()
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            if self.duration:
+                await asyncio.sleep(self.duration)
+        finally:
+            self.in_flight -= 1
         self.delivered.append(parcel)
         self.finished_at.append(asyncio.get_running_loop().time())
         return Report(dict.fromkeys(parcel.recipients, self.outcome), reached=self.reached,
                       server="mx.example.net" if self.reached else None)
 
     async def release(self, hop: NextHop, keep: int) -> None:
-        pass
+        self.released.append((hop.name, keep))
 
     async def discard(self, hop: NextHop) -> None:
         pass
@@ -94,9 +105,10 @@ class Queue:
 
 
 @contextlib.asynccontextmanager
-async def running_queue(tmp_path: Path) -> AsyncIterator[Queue]:
+async def running_queue(tmp_path: Path, delivery: dict[str, object] | None = None) -> AsyncIterator[Queue]:
     config = Config.model_validate({"hostname": "mta.example.com", "spool": {"path": str(tmp_path)},
-                                    "queue": {"retry_initial": "5m", "retry_max": "1h", "lifetime": "1h"}})
+                                    "queue": {"retry_initial": "5m", "retry_max": "1h", "lifetime": "1h"},
+                                    "delivery": delivery or {}})
     spool = Spool(config.spool_shard, config.spool.sync)
     spool.open()
     courier = TestCourier()
