@@ -38,12 +38,14 @@ from mta.obs.http import HealthServer
 from mta.obs.log import event
 from mta.obs.stack import Observability
 from mta.policy.admission import storage
+from mta.policy.suppressed import check_for
 from mta.scheduler.operator import Operator
 from mta.scheduler.queue import Scheduler, assemble
 from mta.secret_files import readable_by_others
 from mta.smtp.server import Listener
 from mta.smtp.session import AuthServices, SessionHandler
 from mta.smtp.tls import TlsError
+from mta.suppression import SuppressionError, open_list
 from mta.workers import shared
 from mta.workers.supervisor import WorkerError, Workers
 from spool import Spool, SpoolError
@@ -129,8 +131,13 @@ class App:
             raise StartupError(f"spool.path {config.spool.path}: {exc.strerror}") from None
         event("spool_loaded", path=str(config.spool_shard), messages=len(loaded.records),
               quarantined=len(loaded.corrupt), removed_uncommitted=loaded.removed_uncommitted)
+        try:
+            suppressions = open_list(config)
+        except SuppressionError as exc:
+            raise StartupError(f"suppression.path: {exc}") from None
         courier = Courier(self._connector().open, self.spool.message, signer)
         scheduler, intake = assemble(self.spool, config, courier)
+        scheduler.suppressions = suppressions
         scheduler.load(loaded.records)
         api = self.drain.api
         identity = IdentityMonitor(config, keys, scheduler,
@@ -155,7 +162,8 @@ class App:
                 try:
                     credentials = Credentials(item.auth.credentials_file) if item.auth else None
                     handler = SessionHandler(item, config, intake, [storage(self.obs.disk.ready, item.name)],
-                                             credentials=credentials, services=services)
+                                             credentials=credentials, services=services,
+                                             suppression=check_for(suppressions, item.name))
                     listener = Listener(item, config, handler)
                 except (CredentialsError, TlsError) as exc:
                     raise StartupError(f"listener {item.name!r}: {exc}") from None
@@ -225,4 +233,6 @@ class App:
         if self.tls_policy is not None:
             self.tls_policy.close()  # what the STARTTLS memory has not written yet
         self.spool.close()
+        if scheduler.suppressions is not None:
+            scheduler.suppressions.close()
         event("stopped")

@@ -1,4 +1,4 @@
-"""The ``mta`` command: serve, check-config, user, dkim, doctor, tls, queue.
+"""The ``mta`` command: serve, check-config, user, dkim, doctor, tls, queue, suppress.
 
 Every subcommand takes ``-c FILE`` (or ``$MTA_CONFIG``) and the same
 ``MTA__...`` environment overrides as the server.  ``mta queue`` talks to
@@ -21,7 +21,7 @@ import sys
 from typing import Any
 
 from mta import config as config_module
-from mta import control
+from mta import control, suppress_cli
 from mta.auth.credentials import CredentialsError, set_password
 from mta.config import Config, ConfigError
 from mta.hostport import parse_host_port
@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     _drain_parser(sub, common)
     _add_user_parser(sub, common)
     _add_dkim_parser(sub, common)
+    suppress_cli.add_parser(sub, common)
     doctor = sub.add_parser("doctor", parents=[common], help="run the deliverability self-checks once")
     doctor.add_argument("--json", action="store_true", help="one JSON array of {name, status, reason}")
     doctor.add_argument("--strict", action="store_true", help="exit 1 on a warning too, not only on a failure")
@@ -375,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         return _user(config, args)
     if args.command == "dkim":
         return _dkim(args)
+    if args.command == "suppress":
+        return suppress_cli.run(config, args)
     if args.command == "doctor":
         return _doctor(config, args.json, args.strict)
     if args.command == "tls":

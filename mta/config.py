@@ -37,6 +37,7 @@ from pydantic import (
 )
 
 from mta import domains
+from mta.bounce import classify
 from mta.hostport import parse_host_port
 from mta.identity.pod import with_pod_identity
 
@@ -81,6 +82,7 @@ def _size(value: Any) -> int:
     return int(match.group(1)) * _SIZE_UNITS[unit]
 
 
+parse_duration = _duration  # for command-line options that take a duration (mta suppress add --expires)
 Duration = Annotated[float, BeforeValidator(_duration)]
 Size = Annotated[int, BeforeValidator(_size)]
 
@@ -617,6 +619,89 @@ class DrainConfig(Section):
         return self
 
 
+# -- the feedback loop: bounce categories, the suppression list --------------
+
+
+class BounceRule(Section):
+    """One classification rule: every part given must match (``mta.bounce.classify``)."""
+
+    category: str
+    enhanced: str | None = None  # a regular expression for the whole enhanced code: "5\\.7\\.1"
+    code: str | None = None  # ... for the basic code: "55[04]"
+    text: str | None = None  # searched for in the reply text, case-insensitive
+
+    @field_validator("category")
+    @classmethod
+    def _category(cls, value: str) -> str:
+        if value not in classify.CATEGORIES:
+            raise ValueError(f"{value!r} is not one of {', '.join(classify.CATEGORIES)}")
+        return value
+
+    @field_validator("code", mode="before")
+    @classmethod
+    def _code_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # code: 550
+
+    @field_validator("enhanced", "code", "text")
+    @classmethod
+    def _pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{value!r} is not a regular expression: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _something(self) -> BounceRule:
+        if self.enhanced is None and self.code is None and self.text is None:
+            raise ValueError("a rule needs at least one of enhanced, code, text")
+        return self
+
+    def compiled(self) -> classify.Rule:
+        return classify.rule(self.category, enhanced=self.enhanced, code=self.code, text=self.text,
+                             provider="config")
+
+
+class BouncesConfig(Section):
+    # Tried before the built-in rules, in order; the first match wins.
+    rules: list[BounceRule] = Field(default_factory=list)
+
+    def classifier(self) -> classify.Classifier:
+        return classify.Classifier(item.compiled() for item in self.rules)
+
+
+def _never(value: Any) -> Any:
+    return None if value in (None, 0, "0", "never") else value
+
+
+Expiry = Annotated[Duration | None, BeforeValidator(_never)]
+
+
+class SuppressionExpiry(Section):
+    """How long an entry stays, per reason; ``never`` (or 0) keeps it until an operator removes it."""
+
+    invalid_recipient: Expiry = 365 * 86400.0
+    invalid_domain: Expiry = 30 * 86400.0  # a domain may come back to life sooner than a mailbox
+    complaint: Expiry = None
+    manual: Expiry = None
+
+
+class SuppressionConfig(Section):
+    """Recipients not to send to again (``mta.suppression``): SQLite on the spool volume."""
+
+    enabled: bool = True
+    path: Path | None = None  # default: suppression.db in spool.path
+    # refuse: 550 5.1.1 at RCPT, so the client learns at once; hold: accept, and
+    # keep the message on hold for an operator to release or delete.
+    action: Literal["refuse", "hold"] = "refuse"
+    # What a bounce suppresses: the address for everyone, or only for mail from
+    # the same sending domain, or from the same AUTH account.
+    scope: Literal["global", "sending_domain", "account"] = "global"
+    expiry: SuppressionExpiry = SuppressionExpiry()
+    busy_timeout: Duration = Field(5.0, gt=0)  # waiting for another process's write (workers share the file)
+
+
 def _default_listeners() -> list[ListenerConfig]:
     return [
         ListenerConfig(
@@ -661,6 +746,12 @@ class Config(Section):
     kubernetes: KubernetesConfig = KubernetesConfig()
     drain: DrainConfig = DrainConfig()
     tls_policy: list[TlsPolicyRule] = Field(default_factory=list)
+    bounces: BouncesConfig = BouncesConfig()
+    suppression: SuppressionConfig = SuppressionConfig()
+
+    @property
+    def suppression_path(self) -> Path:
+        return self.suppression.path or self.spool.path / "suppression.db"
 
     @property
     def spool_shard(self) -> Path:

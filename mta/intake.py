@@ -61,6 +61,9 @@ class Intake:
             attrs=dict(envelope.attrs),
         )
         stored = await self.spool.store(data, record)
+        if record.attrs.get("held_recipients"):
+            # A suppressed recipient with suppression.action "hold": an operator decides.
+            stored = await self.spool.save(stored, HOLD)
         self.announce(stored)
         return stored
 

@@ -118,6 +118,11 @@ def queued(queue_id: str) -> Reply:
     return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
 
+def suppressed(why: str) -> Reply:
+    """A recipient on the suppression list: 5.1.1, so a client drops the address as it would a dead one."""
+    return Reply(550, "5.1.1", why)
+
+
 def for_exception(exc: BaseException) -> Reply:
     """The reply a client gets for an exception raised while serving it."""
     if isinstance(exc, Rejected):

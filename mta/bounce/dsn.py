@@ -56,6 +56,7 @@ class ReportedRecipient:
     expired: bool = False
     answered: bool = False  # the diagnostic is a server's reply (an "smtp" Diagnostic-Code)
     original: str | None = None  # the client's ORCPT, "rfc822;user@example.com" (decoded)
+    category: str | None = None  # why it failed (mta.bounce.classify): "invalid_recipient", "reputation", ...
 
 
 def _one_line(text: str) -> str:
@@ -104,7 +105,8 @@ def _human(item: ReportedRecipient, action: str) -> str:
         why += f" by {item.remote}"
     elif item.remote:
         why = f"the message could not be sent to {item.remote}"
-    return f"<{item.address}>: {why}: {_one_line(item.diagnostic)}"
+    category = f" (bounce category: {item.category})" if item.category else ""
+    return f"<{item.address}>: {why}: {_one_line(item.diagnostic)}{category}"
 
 
 def build(
@@ -156,6 +158,9 @@ def build(
         diagnostic = "smtp" if item.answered and item.remote else "X-Kubemta"
         fields += [_field("Diagnostic-Code", f"{diagnostic}; {item.diagnostic}"),
                    _field("Last-Attempt-Date", format_datetime(now))]
+        if item.category:
+            # An extension field (RFC 3464 §2.4): the Diagnostic-Code stays the server's words.
+            fields.append(_field("X-Kubemta-Bounce-Category", item.category))
         if retry_until is not None:
             fields.append(_field("Will-Retry-Until", format_datetime(retry_until)))
         blocks.append("\r\n".join(fields))

@@ -30,6 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from mta import replies
+from mta.bounce.classify import CATEGORIES
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,10 @@ class Metrics:
         self.spool_write = Histogram("kubemta_spool_write_duration_seconds",
                                      "Spool writes until durable (fsync included), by operation", ["operation"],
                                      buckets=SPOOL_BUCKETS, registry=r)
+        self.bounces = Counter("kubemta_bounces", "Recipients that bounced (refused or expired), by bounce "
+                               "category and recipient domain", ["category", "domain"], registry=r)
+        self.suppressions = Counter("kubemta_suppressions_added", "Addresses put on the suppression list, by "
+                                    "reason and source", ["reason", "source"], registry=r)
         self.dsn = Counter("kubemta_dsn_queued", "Delivery status notifications queued (failure, delay and relay)",
                            registry=r)
         self.auth_failures = Counter("kubemta_auth_failures", "Failed AUTH attempts, by listener", ["listener"],
@@ -217,6 +222,8 @@ class Metrics:
             self.attempts.labels(domain)
             for outcome in OUTCOMES:
                 self.outcomes.labels(domain, outcome)
+            for category in CATEGORIES:
+                self.bounces.labels(category, domain)
         for listener in listeners:
             for result in ("accepted", "rejected"):
                 self.received.labels(listener, result)
@@ -263,6 +270,9 @@ class Metrics:
         delay = _number(fields.get("delay"))
         if name == "delivered" and delay is not None:
             self.latency.labels(domain).observe(delay)
+        if name in ("bounced", "expired"):
+            category = str(fields.get("category") or "other")
+            self.bounces.labels(category if category in CATEGORIES else "other", domain).inc()
 
     def _queued(self, fields: dict[str, Any]) -> None:
         if fields.get("dsn_for"):
@@ -312,4 +322,6 @@ _HANDLERS: dict[str, Callable[[Metrics, dict[str, Any]], None]] = {
     "local_error": lambda m, f: m.local_errors.labels(str(f.get("reason") or "other")).inc(),
     "self_check": Metrics._selfcheck,
     "tls_policy_report": lambda m, f: m.tls_reports.labels(str(f.get("tls_policy_result") or "other")).inc(),
+    "suppression_added": lambda m, f: m.suppressions.labels(str(f.get("reason") or "other"),
+                                                            str(f.get("source") or "other")).inc(),
 }

@@ -30,7 +30,9 @@ import time
 from collections.abc import Awaitable, Iterable
 from typing import Any
 
+from mta import replies
 from mta.bounce.bouncer import Bouncer
+from mta.bounce.classify import ADDRESS_CATEGORIES, Category
 from mta.bounce.dsn import ReportedRecipient
 from mta.config import Config
 from mta.delivery import result
@@ -43,6 +45,7 @@ from mta.scheduler.backoff import retry_delay
 from mta.scheduler.destination import IDLE_CONNECTION, Destination, Job
 from mta.scheduler.shaping import Shaper
 from mta.scheduler.slots import DeliverySlots
+from mta.suppression import SuppressionError, SuppressionList, scope_for
 from spool import Record, Spool, SpoolError
 from spool.record import DELIVERED, FAILED, PENDING
 from spool.store import DEFERRED, HOLD
@@ -71,6 +74,9 @@ class Scheduler:
         self.paused: str | None = None
         self.config = config
         self.router = Router(config.routes)
+        self.classifier = config.bounces.classifier()
+        # Where hard bounces of a dead address go (mta.suppression); None: nowhere.
+        self.suppressions: SuppressionList | None = None
         self.clock = clock
         self.rng = rng or random.Random()
         self.records: dict[str, Record] = {}
@@ -303,6 +309,7 @@ class Scheduler:
             record.attempts += 1
             failed: list[ReportedRecipient] = []
             relayed: list[ReportedRecipient] = []  # delivered to a server that takes no DSN request
+            dead: list[tuple[str, Category, str]] = []  # hard bounces that say the address is gone
             for rcpt in record.recipients:
                 outcome = outcomes.get(rcpt.address)
                 if outcome is None or rcpt.state != PENDING:
@@ -319,14 +326,20 @@ class Scheduler:
                                                          outcome.remote, answered=outcome.answered))
                 elif outcome.kind is Kind.PERMANENT:
                     rcpt.state = FAILED
+                    category = self.classifier.classify(outcome.reply)
                     failed.append(ReportedRecipient(rcpt.address, outcome.enhanced, str(outcome.reply),
-                                                  outcome.remote, answered=outcome.answered))
-                    event("bounced", level=logging.WARNING, **fields)
+                                                    outcome.remote, answered=outcome.answered,
+                                                    category=category.value))
+                    event("bounced", level=logging.WARNING, category=category.value, **fields)
+                    if category in ADDRESS_CATEGORIES:
+                        dead.append((rcpt.address, category, str(outcome.reply)))
                 else:
-                    event("deferred", **fields)
+                    event("deferred", category=self.classifier.classify(outcome.reply).value, **fields)
             action = self.after_round.pop(record.id, None)
             if record.pending() and (now >= record.expires or action == "bounce"):
                 failed += self.fail_pending(record, now, expired=action != "bounce")
+            if dead:
+                await self._suppress(record, dead)
             await self.conclude(record, failed, action, now, relayed)
         finally:
             self.active.discard(record.id)
@@ -335,6 +348,10 @@ class Scheduler:
         """Every recipient still pending fails: the message expired, or an operator returned it."""
         failed = []
         for rcpt in record.pending():
+            # An expired recipient's category is its last reply's ("mailbox_full" after days of 452 4.2.2).
+            last = replies.parse(rcpt.last_reply) if expired and rcpt.last_reply else None
+            category = self.classifier.classify(last) if last is not None else \
+                Category.TRANSIENT if expired else Category.OTHER
             if expired:
                 status, why = "4.4.7", f"4.4.7 message expired after {int(now - record.created)}s in the queue"
                 reply = f"{why}; last reply: {rcpt.last_reply}" if rcpt.last_reply else why
@@ -342,12 +359,30 @@ class Scheduler:
                 status = "5.0.0"
                 reply = "5.0.0 message returned to sender by the administrator"
             rcpt.state, rcpt.last_reply, rcpt.updated = FAILED, reply, now
-            failed.append(ReportedRecipient(rcpt.address, status, reply, rcpt.remote if expired else None, expired))
+            failed.append(ReportedRecipient(rcpt.address, status, reply, rcpt.remote if expired else None, expired,
+                                            category=category.value))
             event("expired" if expired else "bounced", level=logging.WARNING, queue_id=record.id,
-                  sender=record.sender or "<>", recipient=rcpt.address, reply=reply,
+                  sender=record.sender or "<>", recipient=rcpt.address, reply=reply, category=category.value,
                   enhanced=status, delay=round(now - record.created, 3),
                   size=record.size, attempts=record.attempts)
         return failed
+
+    async def _suppress(self, record: Record, dead: list[tuple[str, Category, str]]) -> None:
+        """Put addresses a receiver called dead on the suppression list, so they are never tried again."""
+        if self.suppressions is None:
+            return
+        user = record.attrs.get("user")
+        scope = scope_for(self.config.suppression.scope, record.sender, user if isinstance(user, str) else None)
+        for address, category, reply in dead:
+            try:
+                entry = await asyncio.to_thread(self.suppressions.add, address, category.value, "bounce", reply,
+                                                scope)
+            except SuppressionError as exc:
+                # The bounce itself goes on; only the list misses this address.
+                log.error("queue_id=%s cannot suppress %s: %s", record.id, address, exc)
+                continue
+            event("suppression_added", queue_id=record.id, recipient=address, reason=entry.reason, source="bounce",
+                  scope=scope, expires=entry.expires)
 
     async def conclude(self, record: Record, failed: list[ReportedRecipient], action: str | None,
                        now: float, relayed: list[ReportedRecipient] | None = None) -> None:

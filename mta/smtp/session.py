@@ -34,6 +34,7 @@ from mta.intake import Intake
 from mta.obs.log import event
 from mta.policy import account, address, relay
 from mta.policy.admission import Admission
+from mta.policy.suppressed import SuppressionCheck, held_attrs
 from mta.replies import Rejected
 from mta.smtp.dispatch import DispatchNames
 from mta.smtp.dsnparams import queued_attrs
@@ -71,8 +72,9 @@ def is_tls(server: SMTP) -> bool:
 class SessionHandler(DispatchNames):
     def __init__(self, listener: ListenerConfig, config: Config, intake: Intake,
                  admission: Sequence[Admission] = (), *, credentials: Credentials | None = None,
-                 services: AuthServices | None = None) -> None:
+                 services: AuthServices | None = None, suppression: SuppressionCheck | None = None) -> None:
         self.listener = listener
+        self.suppression = suppression
         self.config = config
         self.intake = intake
         self.admission = list(admission)
@@ -220,6 +222,8 @@ class SessionHandler(DispatchNames):
         except Rejected as exc:
             self._rejected(session, exc, recipient=address_text, user=user)
             raise
+        if self.suppression is not None:
+            self.suppression(envelope, address_text, envelope.mail_from or "", user, client_address(session))
         if len(envelope.rcpt_tos) >= self.config.limits.max_recipients:
             raise Rejected(replies.TOO_MANY_RECIPIENTS)
         if str(rcpt).lower() not in {r.lower() for r in envelope.rcpt_tos}:
@@ -286,6 +290,7 @@ class SessionHandler(DispatchNames):
                     "user": user,
                     "smtputf8": bool(envelope.smtp_utf8),
                     "8bitmime": "BODY=8BITMIME" in options,
+                    **held_attrs(envelope),
                     **dsn,
                 },
                 recipient_attrs=recipient_dsn,

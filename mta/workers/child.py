@@ -25,8 +25,10 @@ from mta.intake import Intake
 from mta.obs import log as obs_log
 from mta.obs.stack import Observability
 from mta.policy.admission import storage
+from mta.policy.suppressed import check_for
 from mta.smtp.server import Listener
 from mta.smtp.session import SessionHandler
+from mta.suppression import open_list
 from mta.workers import channel, shared
 from spool import Record, Spool
 
@@ -71,9 +73,11 @@ async def serve_worker(channel_fd: int) -> None:
     spool.observe = announcer.timing
     intake = Intake(spool, announcer.accept, config.queue.lifetime)
     listeners: list[Listener] = []
+    suppressions = open_list(config)
     try:
         for item in shared(config):
-            handler = SessionHandler(item, config, intake, [storage(obs.disk.ready, item.name)])
+            handler = SessionHandler(item, config, intake, [storage(obs.disk.ready, item.name)],
+                                     suppression=check_for(suppressions, item.name))
             listener = Listener(item, config, handler)
             await listener.start(reuse_port=True)
             listeners.append(listener)
@@ -97,6 +101,8 @@ async def serve_worker(channel_fd: int) -> None:
             listener.stop_accepting()
         await asyncio.gather(*(listener.drain(deadline) for listener in listeners))
     finally:
+        if suppressions is not None:
+            suppressions.close()
         spool.close()
         obs_log.unsubscribe(announcer.event)
         with contextlib.suppress(ConnectionError):

@@ -31,7 +31,7 @@ from mta.scheduler.queue import Scheduler
 from mta.workers import channel
 from spool import Spool
 from spool.record import RecordError, loads
-from spool.store import INCOMING
+from spool.store import HOLD, INCOMING
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,8 @@ class Workers:
             kind = message["kind"]
             if kind == "record":
                 record = loads(message["record"].encode())
-                record.state = INCOMING
+                # A record the worker put on hold (a suppressed recipient, suppression.action hold) stays so.
+                record.state = HOLD if record.attrs.get("held_recipients") else INCOMING
                 self.scheduler.accept(record)
             elif kind == "event":
                 obs_log.publish(message["name"], message["fields"])

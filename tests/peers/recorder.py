@@ -7,7 +7,9 @@ can check bytes, not a re-rendered copy.  The extensions it offers are
 chosen per test, to stand for receivers that exist: ``hide`` removes any of
 ``8BITMIME``, ``SMTPUTF8``, ``SIZE``, ``PIPELINING``, ``STARTTLS`` from
 its EHLO reply; ``size`` announces a SIZE limit; ``tls`` offers STARTTLS with
-the given context (a certificate that may or may not verify).
+the given context (a certificate that may or may not verify); ``refuse``
+maps recipient addresses to the reply RCPT gets for them (a provider's own
+words, to stand for Gmail or Outlook refusing).
 
 How it fails: ``start`` raises what aiosmtpd raises when the port is taken;
 ``wait_for`` raises TimeoutError naming what it has.
@@ -41,6 +43,7 @@ class Received:
 @dataclass
 class _Handler:
     hide: set[str]
+    refuse: dict[str, str] = field(default_factory=dict)
     messages: list[Received] = field(default_factory=list)
     sessions: list[int] = field(default_factory=list)
 
@@ -49,6 +52,15 @@ class _Handler:
         session.host_name = hostname  # a handler's EHLO hook does what aiosmtpd would
         self.sessions.append(id(session))
         return [line for line in responses if line[4:].split(" ", 1)[0].upper() not in self.hide]
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          rcpt_options: list[str]) -> str:
+        refusal = self.refuse.get(address.lower())
+        if refusal is not None:
+            return refusal
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.messages.append(Received(
@@ -61,10 +73,11 @@ class _Handler:
 
 class Recorder:
     def __init__(self, *, hide: Iterable[str] = (), size: int | None = None,
-                 tls: ssl.SSLContext | None = None, port: int | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, port: int | None = None,
+                 refuse: dict[str, str] | None = None) -> None:
         self.port = port or free_port()
         self.host = "127.0.0.1"
-        self.handler = _Handler({name.upper() for name in hide})
+        self.handler = _Handler({name.upper() for name in hide}, {k.lower(): v for k, v in (refuse or {}).items()})
         kwargs: dict[str, Any] = {"enable_SMTPUTF8": True, "decode_data": False}
         if size is not None:
             kwargs["data_size_limit"] = size
