@@ -355,7 +355,37 @@ def _tls_check(config: Config, domain: str, as_json: bool) -> int:
     return 1 if report.get("error") else 0
 
 
+def _check_config(config: Config) -> int:
+    from mta.secret_files import readable_by_others
+    from mta.startup_files import problems
+
+    print(json.dumps(config.model_dump(mode="json"), indent=2))
+    sys.stdout.flush()  # the configuration first, then what is wrong with it
+    found = problems(config)
+    for key, path, mode in readable_by_others(config):
+        print(f"warning: {key}: {path} has mode {mode:04o}; group or others can read it (make it 0400 or 0600)",
+              file=sys.stderr)
+    if found:
+        print("mta: these files would stop mta serve:\n" + "\n".join(found), file=sys.stderr)
+        return 2
+    print("configuration OK", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (mta check-config | head): not an error worth a traceback.
+        # stdout is pointed at /dev/null so the interpreter's final flush cannot fail again.
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "worker":
         return _worker(args.channel_fd)
@@ -369,9 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "drain":
         return _drain(config, args)
     if args.command == "check-config":
-        print(json.dumps(config.model_dump(mode="json"), indent=2))
-        print("configuration OK", file=sys.stderr)
-        return 0
+        return _check_config(config)
     if args.command == "user":
         return _user(config, args)
     if args.command == "dkim":

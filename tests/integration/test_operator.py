@@ -96,3 +96,65 @@ def _free(port: int) -> bool:
             return False
     return True
 
+
+
+def test_check_config_into_a_closed_pipe_ends_without_a_traceback(tmp_path: Path) -> None:
+    """``mta check-config | head``: the reader is gone before the writer writes (closed here at once)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MTA")}
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-P", "-m", "mta.cli", "check-config"], cwd=tmp_path,
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=30, env=base)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    assert done.returncode == 1
+
+
+def test_check_config_loads_the_files_serve_would_refuse(tmp_path: Path) -> None:
+    bad_key = tmp_path / "dkim.pem"
+    bad_key.write_text("-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
+    cert = tmp_path / "tls.crt"
+    cert.write_text("not a certificate\n")
+    credentials = tmp_path / "users"
+    credentials.write_text("billing:plaintext-password\n")
+    relay_login = tmp_path / "relay"
+    relay_login.write_text("no colon here\n")
+    drain_secret = tmp_path / "drain"
+    drain_secret.write_text("short\n")
+    for path in (bad_key, cert, credentials, relay_login, drain_secret):
+        path.chmod(0o600)
+    config = tmp_path / "mta.yaml"
+    config.write_text(f"""hostname: mta.example.com
+listeners:
+  - name: sub
+    address: 127.0.0.1:2587
+    mode: submission
+    tls: {{cert_file: {cert}, key_file: {cert}}}
+    auth: {{credentials_file: {credentials}}}
+dkim:
+  keys: [{{domain: example.com, selector: s1, key_file: {bad_key}}}]
+routes: [{{domains: ["*"], relay: "smtp.esp.example:587", auth_file: {relay_login}}}]
+drain: {{secret_file: {drain_secret}}}
+""")
+    done = mta("check-config", "-c", str(config), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    for key in ("listeners.0.tls", "listeners.0.auth.credentials_file", "dkim.keys.0.key_file",
+                "routes.0.auth_file", "drain.secret_file"):
+        assert f"\n{key}: " in done.stderr, (key, done.stderr)
+    assert "configuration OK" not in done.stderr
+    served = mta("serve", "-c", str(config), cwd=tmp_path)
+    assert served.returncode == 1  # what check-config refused, serve refuses too
+
+
+def test_check_config_warns_about_secret_files_others_can_read(tmp_path: Path) -> None:
+    secret = tmp_path / "drain"
+    secret.write_text("s" * 32 + "\n")
+    secret.chmod(0o644)
+    config = tmp_path / "mta.yaml"
+    config.write_text(f"hostname: mta.example.com\ndrain: {{secret_file: {secret}}}\n")
+    done = mta("check-config", "-c", str(config), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "warning: drain.secret_file" in done.stderr and "0644" in done.stderr
+    assert "configuration OK" in done.stderr

@@ -24,6 +24,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+import trustme
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -192,12 +193,18 @@ def effective_config(docs: tuple[dict[str, Any], ...], tmp_path: Path) -> tuple[
             env[item["name"]] = {"metadata.name": "kubemta-0", "metadata.namespace": "mail",
                                  "metadata.uid": "00000000-0000-0000-0000-000000000000"}[field]
     stand_in = tmp_path / "etc-kubemta"
+    # mta check-config loads what mta serve would: each stand-in has the form of the Secret it replaces.
+    authority = trustme.CA()
+    served = authority.issue_cert("mta.example.com")
+    contents = {"tls.crt": served.cert_chain_pems[0].bytes(), "tls.key": served.private_key_pem.bytes(),
+                "credentials": b"relay-user:relay-password\n"}
 
     def move(value: str) -> str:
         for path in re.findall(r"/etc/kubemta/[\w./-]+", value):
             target = stand_in / path.removeprefix("/etc/kubemta/")
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text("x" * 64)  # a stand-in for the mounted Secret's file
+            target.write_bytes(contents.get(target.name, b"x" * 64))
+            target.chmod(0o600)
         return value.replace("/etc/kubemta/", f"{stand_in}/")
 
     out = tmp_path / "mta.yaml"
