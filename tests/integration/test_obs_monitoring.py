@@ -67,3 +67,31 @@ def test_dashboard_is_grafana_json_with_the_promised_panels() -> None:
         assert metric in exprs, metric
     for p in panels:
         assert p["targets"] and p["datasource"]["uid"] == "${datasource}", p["title"]
+
+
+def test_every_alert_has_a_runbook_section() -> None:
+    rule = yaml.safe_load(RULES.read_text())
+    runbooks = (ROOT / "docs/runbooks.md").read_text()
+    sections = {line[3:].strip() for line in runbooks.splitlines() if line.startswith("## ")}
+    alerts = [item for group in rule["spec"]["groups"] for item in group["rules"]]
+    assert sections == {item["alert"] for item in alerts}
+    for item in alerts:
+        url = item["annotations"]["runbook_url"]
+        assert url.endswith(f"docs/runbooks.md#{item['alert'].lower()}"), url
+
+
+def test_dashboard_units_fit_what_each_query_returns() -> None:
+    """A ratio of two rates is a number, not seconds: a target with one gets a unit override."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    for panel in (p for p in dashboard["panels"] if p["type"] == "timeseries"):
+        default = panel["fieldConfig"]["defaults"].get("unit")
+        overrides = {o["matcher"]["options"]: {p["id"]: p["value"] for p in o["properties"]}
+                     for o in panel["fieldConfig"]["overrides"] if o["matcher"]["id"] == "byFrameRefID"}
+        for target in panel["targets"]:
+            unit = overrides.get(target["refId"], {}).get("unit", default)
+            ratio = "/ sum(rate(" in target["expr"]
+            seconds = "_seconds" in target["expr"] and not ratio
+            if ratio:
+                assert unit in ("percentunit", "none", "short"), (panel["title"], target["refId"], unit)
+            if seconds:
+                assert unit == "s", (panel["title"], target["refId"], unit)
