@@ -46,6 +46,11 @@ LOCAL_ERROR_REASONS = ("content", "dkim")  # as the courier names them; known fr
 SPOOL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 _CATALOGUE = {str(value): name.lower() for name, value in vars(replies).items() if isinstance(value, replies.Reply)}
+# The reasons a rejection can carry by name, known from the start at 0 for every listener.
+REJECTION_REASONS = tuple(sorted({name.lower() for name, value in vars(replies).items()
+                                  if isinstance(value, replies.Reply) and value.code >= 400}))
+# Why the webhook sender gives events up (mta.obs.webhooks), known from the start at 0.
+WEBHOOK_DROP_REASONS = ("rate", "outbox_full", "write_failed", "expired", "backlog_full")
 
 
 def reason_label(reply: Any) -> str:
@@ -160,7 +165,7 @@ class _Live(Collector):
 
 class Metrics:
     def __init__(self, domains: Sequence[str] = (), listeners: Sequence[str] = (),
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None, webhook_endpoints: Sequence[str] = ()) -> None:
         disable_created_metrics()  # the *_created series only add noise to every scrape
         self.registry = registry or CollectorRegistry()
         self.domains = {d.lower() for d in domains}
@@ -228,6 +233,14 @@ class Metrics:
             for result in ("accepted", "rejected"):
                 self.received.labels(listener, result)
             self.auth_failures.labels(listener)
+            for reason in REJECTION_REASONS:
+                self.rejections.labels(listener, reason)
+        for endpoint in webhook_endpoints:
+            self.webhook_deliveries.labels(endpoint)
+            self.webhook_failures.labels(endpoint)
+            self.webhook_outbox.labels(endpoint)
+            for reason in WEBHOOK_DROP_REASONS:
+                self.webhook_dropped.labels(endpoint, reason)
         for operation in ("store", "save", "remove"):
             self.spool_write.labels(operation)
 

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 class Observability:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.metrics = Metrics(config.metrics.domains, [item.name for item in config.listeners]) \
+        self.metrics = Metrics(config.metrics.domains, [item.name for item in config.listeners],
+                               webhook_endpoints=[item.name for item in config.webhooks.endpoints]) \
             if config.metrics.enabled else None
         self.disk = DiskGuard(config.spool.path, config.disk)
         self.webhooks = Webhooks(config.webhooks, config.spool.path / "webhooks", config.hostname, self.metrics)

@@ -130,3 +130,33 @@ def test_metrics_can_be_switched_off(world: World) -> None:
         assert getattr(exc, "code", None) == 404
     else:
         raise AssertionError("/metrics answered although metrics are off")
+
+
+def test_counters_with_known_labels_exist_at_zero_before_the_first_event(world: World) -> None:
+    """rate() and the alerts see a 0, not nothing: rejection reasons and each webhook endpoint's counters."""
+    from mta.obs.metrics import REJECTION_REASONS, WEBHOOK_DROP_REASONS
+
+    secret = world.root / "webhook.secret"
+    secret.write_text("s" * 32 + "\n")
+    secret.chmod(0o600)
+    server = world.mta({"webhooks": {"endpoints": [
+        {"name": "crm", "url": f"http://{HOST}:{free_port(HOST)}/events", "secret_file": str(secret)}]}})
+    result = scrape(server)
+    assert "relay_denied" in REJECTION_REASONS and len(REJECTION_REASONS) >= 10
+    for reason in REJECTION_REASONS:
+        key = ("kubemta_rejections_total", frozenset({"listener": "relay", "reason": reason}.items()))
+        assert result.samples.get(key) == 0, reason
+    for name in ("kubemta_webhook_deliveries_total", "kubemta_webhook_failures_total",
+                 "kubemta_webhook_outbox_events"):
+        assert result.samples.get((name, frozenset({"endpoint": "crm"}.items()))) == 0, name
+    for reason in WEBHOOK_DROP_REASONS:
+        key = ("kubemta_webhook_dropped_total", frozenset({"endpoint": "crm", "reason": reason}.items()))
+        assert result.samples.get(key) == 0, reason
+
+
+def test_every_webhook_drop_reason_in_the_code_is_known_from_the_start() -> None:
+    from mta.obs.metrics import WEBHOOK_DROP_REASONS
+
+    source = (ROOT / "mta/obs/webhooks.py").read_text()
+    used = set(re.findall(r'_dropped\(endpoint, "(\w+)"\)', source)) | set(re.findall(r'_drop_all\("(\w+)"\)', source))
+    assert used and used <= set(WEBHOOK_DROP_REASONS), used - set(WEBHOOK_DROP_REASONS)
