@@ -18,9 +18,10 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mta.scheduler.operator import Operator
+if TYPE_CHECKING:  # the CLI's side of the socket needs none of the scheduler
+    from mta.scheduler.operator import Operator
 
 log = logging.getLogger(__name__)
 

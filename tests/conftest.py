@@ -30,6 +30,7 @@ from tests.peers.dns import DnsServer
 from tests.peers.net import free_port
 from tests.peers.postfix import PostfixServer
 from tests.peers.sink import SmtpSink
+from tests.session import SessionServer
 
 # name -> loopback address of its MX host
 HOSTS = {
@@ -144,3 +145,34 @@ def world(peer_dir: Path) -> Iterator[World]:
         yield w
     finally:
         w.close()
+
+
+class Fronts:
+    """In-process SMTP front ends (``tests.session``), stopped at the end of the test."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.servers: list[SessionServer] = []
+
+    def __call__(self, config: dict[str, Any] | None = None, name: str = "front",
+                 users: dict[str, tuple[str, str]] | None = None) -> SessionServer:
+        """Listeners of ``config``, started; ``users``: name -> (listener, password)."""
+        server = SessionServer(self.root / name, config)
+        self.servers.append(server)
+        for user, (listener, password) in (users or {}).items():
+            server.add_user(listener, user, password)
+        server.start()
+        return server
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture
+def front(peer_dir: Path) -> Iterator[Fronts]:
+    fronts = Fronts(peer_dir)
+    try:
+        yield fronts
+    finally:
+        fronts.close()

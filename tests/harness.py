@@ -37,27 +37,32 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def server_config(workdir: Path, port: int, http_port: int, config: dict[str, Any]) -> dict[str, Any]:
+    """The tests' base configuration with ``config`` merged in; listener addresses may say ``{port}``."""
+    base = {
+        "hostname": "mta.kubemta.test",
+        "spool": {"path": str(workdir / "spool")},
+        "listeners": [{"name": "relay", "address": f"{HOST}:{port}", "mode": "relay",
+                       "trusted_networks": ["127.0.0.0/8"]}],
+        "http": {"address": f"{HOST}:{http_port}"},
+        # The peers live on loopback: direct delivery may go there (delivery.allowed_networks).
+        "delivery": {"connect_timeout": "5s", "command_timeout": "20s", "allowed_networks": ["127.0.0.0/8"]},
+        "shutdown": {"timeout": "5s"},
+        "log": {"level": "debug"},
+    }
+    merged = merge(base, config)
+    for listener in merged["listeners"]:
+        listener["address"] = listener["address"].format(port=port)
+    return merged
+
+
 class MtaServer:
     def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port(HOST)
         self.http_port = free_port(HOST)
-        base = {
-            "hostname": "mta.kubemta.test",
-            "spool": {"path": str(workdir / "spool")},
-            "listeners": [{"name": "relay", "address": f"{HOST}:{self.port}", "mode": "relay",
-                           "trusted_networks": ["127.0.0.0/8"]}],
-            "http": {"address": f"{HOST}:{self.http_port}"},
-            # The peers live on loopback: direct delivery may go there (delivery.allowed_networks).
-            "delivery": {"connect_timeout": "5s", "command_timeout": "20s", "allowed_networks": ["127.0.0.0/8"]},
-            "shutdown": {"timeout": "5s"},
-            "log": {"level": "debug"},
-        }
-        self.config = merge(base, config)
-        # Listener addresses may say "{port}" for the port picked here.
-        for listener in self.config["listeners"]:
-            listener["address"] = listener["address"].format(port=self.port)
+        self.config = server_config(workdir, self.port, self.http_port, config)
         self.config_path = workdir / "mta.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.log_path = workdir / "mta.log"

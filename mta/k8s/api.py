@@ -7,6 +7,10 @@ for ``spec.replicas``, and creating Events on its own Pod (``POST
 ``kubernetes.api_url`` (+ token and CA files) when given, which is how tests
 point it at a local server, else from the in-cluster service account.
 
+The ``kubernetes`` package is imported when the first ``KubeApi`` is built:
+it costs a quarter of a second, which every ``mta serve`` outside a cluster
+(and every CLI call) would otherwise pay for an API it never calls.
+
 Calls block; async callers run them in a thread.  Failure: every call raises
 ``KubeError`` with the reason (HTTP status and message, or the connection
 error); nothing here retries.
@@ -17,15 +21,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import socket
-
-import urllib3
-from kubernetes import client
-from kubernetes import config as kube_config
-from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
+from typing import TYPE_CHECKING, Any
 
 from mta.config import KubernetesConfig
 from mta.k8s.identity import PodIdentity
+
+if TYPE_CHECKING:
+    from kubernetes import client
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,10 @@ class KubeError(Exception):
 
 
 def _configuration(config: KubernetesConfig) -> client.Configuration:
+    from kubernetes import client
+    from kubernetes import config as kube_config
+    from kubernetes.config.config_exception import ConfigException
+
     configuration = client.Configuration()
     if config.api_url is None:
         try:
@@ -53,7 +59,17 @@ def _configuration(config: KubernetesConfig) -> client.Configuration:
     return configuration
 
 
+def _failures() -> tuple[type[Exception], ...]:
+    """What a call of the client raises when the API cannot be reached or refuses."""
+    import urllib3
+    from kubernetes.client.exceptions import ApiException
+
+    return ApiException, urllib3.exceptions.HTTPError, OSError
+
+
 def _reason(exc: Exception) -> str:
+    from kubernetes.client.exceptions import ApiException
+
     if isinstance(exc, ApiException):
         return f"HTTP {exc.status} {exc.reason}: {(exc.body or '')[:300]!s}"
     return f"{type(exc).__name__}: {exc}"
@@ -63,6 +79,9 @@ class KubeApi:
     def __init__(self, config: KubernetesConfig, pod: PodIdentity) -> None:
         self.config = config
         self.pod = pod
+        from kubernetes import client
+
+        self._models: Any = client
         self._client = client.ApiClient(_configuration(config))
         self._apps = client.AppsV1Api(self._client)
         self._core = client.CoreV1Api(self._client)
@@ -75,7 +94,7 @@ class KubeApi:
         try:
             statefulset = self._apps.read_namespaced_stateful_set(
                 self.pod.statefulset, self.pod.namespace, _request_timeout=self.config.timeout)
-        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+        except _failures() as exc:
             raise KubeError(f"cannot read StatefulSet {self.pod.namespace}/{self.pod.statefulset}: "
                             f"{_reason(exc)}") from None
         replicas = statefulset.spec.replicas
@@ -84,6 +103,7 @@ class KubeApi:
     def event(self, reason: str, message: str, kind: str = "Normal") -> None:
         """Record an Event on this pod (``kind``: Normal or Warning)."""
         now = dt.datetime.now(dt.UTC)
+        client = self._models
         body = client.CoreV1Event(
             metadata=client.V1ObjectMeta(generate_name=f"{self.pod.name}.", namespace=self.pod.namespace),
             involved_object=client.V1ObjectReference(api_version="v1", kind="Pod", name=self.pod.name,
@@ -100,7 +120,7 @@ class KubeApi:
         )
         try:
             self._core.create_namespaced_event(self.pod.namespace, body, _request_timeout=self.config.timeout)
-        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+        except _failures() as exc:
             raise KubeError(f"cannot create Event {reason}: {_reason(exc)}") from None
 
 

@@ -1,4 +1,9 @@
-"""The SMTP front end as a client sees it: extensions, codes, relay policy, errors."""
+"""The SMTP front end as a client sees it: extensions, codes, relay policy, errors.
+
+What only the session decides runs against the listeners in process
+(``front``, tests.session); what needs delivery or the server's log runs
+against a real ``mta serve`` (``world``).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import World
+from tests.conftest import Fronts, World
 from tests.obs.logs import events
 from tests.peers.net import free_port
 
@@ -19,8 +24,8 @@ def connect(server) -> smtplib.SMTP:  # type: ignore[no-untyped-def]
     return client
 
 
-def test_ehlo_advertises_the_promised_extensions(world: World) -> None:
-    server = world.mta()
+def test_ehlo_advertises_the_promised_extensions(front: Fronts) -> None:
+    server = front()
     with connect(server) as client:
         for ext in ("size", "8bitmime", "pipelining", "enhancedstatuscodes", "smtputf8"):
             assert client.has_extn(ext), ext
@@ -58,13 +63,13 @@ def test_ehlo_advertises_the_promised_extensions(world: World) -> None:
         "vrfy",
     ],
 )
-def test_every_reply_has_an_enhanced_code(world: World, commands: list[str], expected: tuple[int, str]) -> None:
-    server = world.mta()
+def test_every_reply_has_an_enhanced_code(front: Fronts, commands: list[str], expected: tuple[int, str]) -> None:
+    server = front()
     with connect(server) as client:
         for command in commands:
             code, text = client.docmd(command)
         assert (code, text.decode().split()[0]) == expected
-    assert server.queue_list() == []
+    assert server.queued() == []
 
 
 def test_untrusted_client_cannot_relay(world: World) -> None:
@@ -86,9 +91,9 @@ def test_untrusted_client_cannot_relay(world: World) -> None:
     assert events(server, "rejected")
 
 
-def test_submission_listener_applies_its_own_trusted_networks(world: World) -> None:
+def test_submission_listener_applies_its_own_trusted_networks(front: Fronts) -> None:
     sub_port = free_port()
-    server = world.mta(
+    server = front(
         {
             "listeners": [
                 {"name": "relay", "address": "127.0.0.1:{port}", "mode": "relay", "trusted_networks": ["127.0.0.0/8"]},
@@ -141,8 +146,8 @@ def test_swaks_session_is_queued_with_a_queue_id(world: World) -> None:
     assert queue_id in server.log()
 
 
-def test_client_that_vanishes_in_data_leaves_nothing(world: World) -> None:
-    server = world.mta()
+def test_client_that_vanishes_in_data_leaves_nothing(front: Fronts) -> None:
+    server = front()
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     reader = sock.makefile("rb")
     reader.readline()
@@ -153,6 +158,8 @@ def test_client_that_vanishes_in_data_leaves_nothing(world: World) -> None:
             if reply[3:4] != b"-":
                 break
     sock.sendall(b"Subject: half\r\n\r\nonly part of it")
+    reader.close()  # the socket's file object holds the connection open too
     sock.close()
-    assert server.queue_list() == []
+    server.wait_idle()  # the session has seen the close: a message it stored would be on disk now
+    assert server.queued() == []
     assert list((server.spool_dir / "msg").iterdir()) == []
