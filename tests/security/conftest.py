@@ -13,17 +13,19 @@ from typing import Any
 import pytest
 import trustme
 
-from tests.conftest import World
+from mta.auth.credentials import set_password
+from tests.conftest import Fronts, World
 from tests.harness import MtaServer, merge
 from tests.peers.net import free_port
+from tests.session import SessionServer
 
 PASSWORD = "correct horse battery"
 
 
 @dataclass
 class Secure:
-    world: World
-    server: MtaServer
+    world: World | None  # None: the listeners run in process (tests.session), nothing is delivered
+    server: MtaServer | SessionServer
     submission: int  # STARTTLS + AUTH, nobody trusted
     submissions: int  # implicit TLS + AUTH
     relay: int  # no AUTH, trusts only 192.0.2.0/24 (nobody here)
@@ -63,13 +65,18 @@ def write_cert(ca: trustme.CA, directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def make_secure(world: World, extra: dict[str, Any] | None = None, users: dict[str, str] | None = None) -> Secure:
+def make_secure(place: World | Fronts, extra: dict[str, Any] | None = None,
+                users: dict[str, str] | None = None) -> Secure:
+    """A real ``mta serve`` in ``place`` when it is a World; the listeners in process when it is ``front``."""
     ca = trustme.CA()
-    tls_dir = world.root / "tls"
+    tls_dir = place.root / "tls"
     tls_dir.mkdir(exist_ok=True)
     cert, key = write_cert(ca, tls_dir)
-    creds = world.root / "credentials"
+    creds = place.root / "credentials"
     creds.write_text("")
+    # Hashed in process as `mta user add` hashes them; the CLI itself is tested in test_tls_auth.
+    for name, password in (users or {"app": PASSWORD}).items():
+        set_password(creds, name, password, create=True)
     ports = [free_port() for _ in range(3)]
     tls = {"cert_file": str(cert), "key_file": str(key)}
     auth = {"credentials_file": str(creds)}
@@ -86,15 +93,19 @@ def make_secure(world: World, extra: dict[str, Any] | None = None, users: dict[s
         ],
         "limits": {"auth_failure_delay": "0.1s"},
     }
-    server = world.mta(merge(config, extra or {}), start=False)
-    secure = Secure(world, server, ports[0], ports[1], server.port, ports[2], ca, cert, key)
-    for name, password in (users or {"app": PASSWORD}).items():
-        done = secure.add_user(name, password)
-        assert done.returncode == 0, done.stderr
-    server.start()
-    return secure
+    if isinstance(place, Fronts):
+        front = place(merge(config, extra or {}))
+        return Secure(None, front, ports[0], ports[1], front.port, ports[2], ca, cert, key)
+    server = place.mta(merge(config, extra or {}))
+    return Secure(place, server, ports[0], ports[1], server.port, ports[2], ca, cert, key)
 
 
 @pytest.fixture
 def secure(world: World) -> Iterator[Secure]:
     yield make_secure(world)
+
+
+@pytest.fixture
+def secure_front(front: Fronts) -> Secure:
+    """The same listeners in process, for tests of the session alone."""
+    return make_secure(front)

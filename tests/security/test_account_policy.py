@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import World
+from tests.conftest import Fronts, World
 from tests.obs.logs import events
 from tests.security.conftest import PASSWORD, Secure, make_secure
 
@@ -35,6 +35,12 @@ def policed(world: World) -> Secure:
     return make_secure(world, POLICY, users={"billing": PASSWORD, "app": PASSWORD})
 
 
+@pytest.fixture
+def policed_front(front: Fronts) -> Secure:
+    """The same policy on listeners in process, for refusals that the session alone decides."""
+    return make_secure(front, POLICY, users={"billing": PASSWORD, "app": PASSWORD})
+
+
 def billing(secure: Secure) -> smtplib.SMTP:
     client = secure.client(secure.submission, tls=True)
     client.login("billing", PASSWORD)
@@ -46,11 +52,12 @@ def message(sender: str = "Billing <billing@sender.test>", body: str = "hi") -> 
 
 
 @pytest.mark.parametrize("sender", ["other@sender.test", "billing@evil.test", "x@sender.test", "<>"])
-def test_envelope_sender_outside_the_account_is_refused(policed: Secure, sender: str) -> None:
+def test_envelope_sender_outside_the_account_is_refused(policed_front: Secure, sender: str) -> None:
+    policed = policed_front
     with billing(policed) as client:
         code, text = client.docmd(f"MAIL FROM:<{sender.strip('<>')}>")
         assert (code, text[:5]) == (553, b"5.7.1")
-    assert policed.server.queue_list() == []
+    assert policed.server.queued() == []
 
 
 @pytest.mark.parametrize("sender", ["billing@sender.test", "anyone@billing.sender.test"])
@@ -62,17 +69,19 @@ def test_allowed_senders_pass(policed: Secure, sender: str) -> None:
 
 
 @pytest.mark.parametrize("header_from", ["Evil <ceo@evil.test>", "billing@sender.test, ceo@evil.test", ""])
-def test_from_header_outside_the_account_is_refused_and_never_queued(policed: Secure, header_from: str) -> None:
+def test_from_header_outside_the_account_is_refused_and_never_queued(policed_front: Secure, header_from: str) -> None:
+    policed = policed_front
     with billing(policed) as client:
         client.mail("billing@sender.test")
         client.rcpt("a@dest.test")
         data = message(header_from) if header_from else b"Subject: no from\r\n\r\nbody\r\n"
         code, text = client.data(data)
         assert (code, text[:5]) == (553, b"5.7.1")
-    assert policed.server.queue_list() == []
+    assert policed.server.queued() == []
 
 
-def test_account_size_and_recipient_limits(policed: Secure) -> None:
+def test_account_size_and_recipient_limits(policed_front: Secure) -> None:
+    policed = policed_front
     with billing(policed) as client:
         client.mail("billing@sender.test")
         assert client.rcpt("a@dest.test")[0] == 250
@@ -80,7 +89,7 @@ def test_account_size_and_recipient_limits(policed: Secure) -> None:
         assert client.rcpt("c@dest.test")[:1] == (452,)
         code, text = client.data(message(body="x" * 70 + "\r\n" * 1 + ("y" * 70 + "\r\n") * 40))
         assert (code, text[:5]) == (552, b"5.3.4")
-    assert policed.server.queue_list() == []
+    assert policed.server.queued() == []
 
 
 def test_message_rate_limit_answers_451(policed: Secure) -> None:

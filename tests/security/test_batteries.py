@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from tests.conftest import World
+from tests.conftest import Fronts, World
 from tests.security.conftest import PASSWORD, Secure, make_secure
+from tests.session import SessionServer
 
 
 class Raw:
@@ -193,8 +194,8 @@ def test_bare_line_endings_can_be_rejected(smuggling_world, sequence: bytes) -> 
     assert strict.queue_list() == []
 
 
-def test_stored_message_has_only_crlf_line_endings(world: World) -> None:
-    server = world.mta({"delivery": {"port": 9}})  # keep it queued: nothing listens there
+def test_stored_message_has_only_crlf_line_endings(front: Fronts) -> None:
+    server = front()  # listeners only: the message stays in the spool
     replies = _transaction(server.port, b"\n.\n", b"stored")
     assert replies[0].startswith(b"250")
     [msg_file] = list((server.spool_dir / "msg").iterdir())
@@ -210,8 +211,8 @@ def test_stored_message_has_only_crlf_line_endings(world: World) -> None:
     (b"RCPT TO:<victim\r@dest.test>", b"501"),
     (b"RCPT TO:<victim\x00@dest.test>", b"501"),
 ], ids=["mail-cr", "mail-nul", "mail-tab", "rcpt-cr", "rcpt-nul"])
-def test_control_characters_in_envelope_addresses_are_501(world: World, line: bytes, code: bytes) -> None:
-    server = world.mta()
+def test_control_characters_in_envelope_addresses_are_501(front: Fronts, line: bytes, code: bytes) -> None:
+    server = front()
     client = Raw(server.port)
     try:
         client.cmd(b"EHLO app.kubemta.test")
@@ -232,18 +233,18 @@ LIMITS = {"limits": {"max_connections_per_ip": 3, "max_errors": 3, "max_junk_com
 
 
 @pytest.fixture
-def limited(world: World):  # type: ignore[no-untyped-def]
-    return world.mta(LIMITS)
+def limited(front: Fronts) -> SessionServer:
+    return front(LIMITS)
 
 
-def test_long_command_line_is_refused(limited) -> None:  # type: ignore[no-untyped-def]
+def test_long_command_line_is_refused(limited: SessionServer) -> None:
     client = Raw(limited.port)
     client.cmd(b"EHLO app.kubemta.test")
     assert client.cmd(b"NOOP " + b"x" * 600)[:3] == b"500"
     client.close()
 
 
-def test_oversize_and_overlong_data_is_refused_after_the_dot_and_nothing_inside_runs(limited) -> None:  # type: ignore[no-untyped-def]
+def test_oversize_and_overlong_data_is_refused_after_the_dot_and_nothing_inside_runs(limited: SessionServer) -> None:
     for body, code in (((b"y" * 998 + b"\r\n") * 70, b"552"), (b"z" * 1200 + b"\r\n", b"500")):
         client = Raw(limited.port)
         client.cmd(b"EHLO app.kubemta.test")
@@ -255,10 +256,10 @@ def test_oversize_and_overlong_data_is_refused_after_the_dot_and_nothing_inside_
         assert client.reply()[:3] == code
         assert client.cmd(b"NOOP")[:3] == b"250"
         client.close()
-    assert limited.queue_list() == []
+    assert limited.queued() == []
 
 
-def test_recipients_beyond_the_limit_get_452(limited) -> None:  # type: ignore[no-untyped-def]
+def test_recipients_beyond_the_limit_get_452(limited: SessionServer) -> None:
     client = Raw(limited.port)
     client.cmd(b"EHLO app.kubemta.test")
     client.cmd(b"MAIL FROM:<app@sender.test>")
@@ -268,7 +269,7 @@ def test_recipients_beyond_the_limit_get_452(limited) -> None:  # type: ignore[n
     client.close()
 
 
-def test_connections_per_address_are_limited(limited) -> None:  # type: ignore[no-untyped-def]
+def test_connections_per_address_are_limited(limited: SessionServer) -> None:
     held = [Raw(limited.port) for _ in range(3)]
     try:
         extra = socket.create_connection(("127.0.0.1", limited.port), timeout=10)
@@ -283,7 +284,7 @@ def test_connections_per_address_are_limited(limited) -> None:  # type: ignore[n
     again.close()
 
 
-def test_error_budget_closes_the_session(limited) -> None:  # type: ignore[no-untyped-def]
+def test_error_budget_closes_the_session(limited: SessionServer) -> None:
     client = Raw(limited.port)
     client.cmd(b"EHLO app.kubemta.test")
     client.cmd(b"MAIL FROM:<broken")
@@ -294,7 +295,7 @@ def test_error_budget_closes_the_session(limited) -> None:  # type: ignore[no-un
     client.close()
 
 
-def test_junk_command_flood_is_cut_off(limited) -> None:  # type: ignore[no-untyped-def]
+def test_junk_command_flood_is_cut_off(limited: SessionServer) -> None:
     client = Raw(limited.port)
     client.cmd(b"EHLO app.kubemta.test")
     for _ in range(5):
@@ -303,7 +304,7 @@ def test_junk_command_flood_is_cut_off(limited) -> None:  # type: ignore[no-unty
     client.close()
 
 
-def test_idle_and_trickling_clients_are_timed_out(limited) -> None:  # type: ignore[no-untyped-def]
+def test_idle_and_trickling_clients_are_timed_out(limited: SessionServer) -> None:
     idle = Raw(limited.port)
     start = time.monotonic()
     assert idle.reader.readline() == b""  # closed by the server
@@ -332,7 +333,7 @@ def test_idle_and_trickling_clients_are_timed_out(limited) -> None:  # type: ign
             break
     assert closed
     slow.close()
-    assert limited.queue_list() == []
+    assert limited.queued() == []
 
 
 # -- PROXY protocol v2 ------------------------------------------------------------------

@@ -43,7 +43,8 @@ def test_swaks_auth_login_over_implicit_tls(secure: Secure) -> None:
     assert sink.wait_for_messages(1, timeout=20)[0].recipients == ["user@dest.test"]
 
 
-def test_auth_is_offered_only_after_starttls(secure: Secure) -> None:
+def test_auth_is_offered_only_after_starttls(secure_front: Secure) -> None:
+    secure = secure_front
     with secure.client(secure.submission) as client:
         assert client.has_extn("starttls") and not client.has_extn("auth")
         code, text = client.docmd("AUTH PLAIN AGFwcABjb3JyZWN0")
@@ -64,7 +65,8 @@ def test_plaintext_auth_only_where_configured_and_warned(secure: Secure) -> None
         assert not client.has_extn("auth")
 
 
-def test_tls_below_1_2_is_refused(secure: Secure) -> None:
+def test_tls_below_1_2_is_refused(secure_front: Secure) -> None:
+    secure = secure_front
     context = secure.client_context()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -83,7 +85,8 @@ def test_tls_below_1_2_is_refused(secure: Secure) -> None:
             assert tls.version() in ("TLSv1.2", "TLSv1.3")
 
 
-def test_unauthenticated_submission_cannot_relay(secure: Secure) -> None:
+def test_unauthenticated_submission_cannot_relay(secure_front: Secure) -> None:
+    secure = secure_front
     with secure.client(secure.submission, tls=True) as client:
         client.mail("app@sender.test")
         code, text = client.rcpt("user@dest.test")
@@ -139,7 +142,8 @@ def test_users_added_while_running_can_log_in_and_passwd_changes(secure: Secure)
     assert short.returncode == 1 and "at least 8" in short.stderr
 
 
-def test_plaintext_pipelined_after_starttls_is_not_executed(secure: Secure) -> None:
+def test_plaintext_pipelined_after_starttls_is_not_executed(secure_front: Secure) -> None:
+    secure = secure_front
     sock = socket.create_connection(("127.0.0.1", secure.submission), timeout=10)
     reader = sock.makefile("rb")
     reader.readline()
