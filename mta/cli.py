@@ -6,7 +6,8 @@ the running server through its control socket when a server owns the
 spool, and works on the spool files itself (holding the spool lock) when
 none does, so it never races a server.
 
-Exit codes: 0 done, 1 the action failed (unknown id, server unreachable;
+Exit codes: 0 done (a long queue action: going on in the server), 1 the
+action failed (unknown id, server unreachable or silent past ``--timeout``;
 ``doctor``: a check failed, or with ``--strict`` warned), 2 bad
 configuration or usage.
 """
@@ -68,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     qsub = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in QUEUE_ACTIONS.items():
         item = qsub.add_parser(action, parents=[common], help=text)
+        item.add_argument("--timeout", type=float, default=control.DEFAULT_TIMEOUT, metavar="SECONDS",
+                          help="how long to wait for a running server's answer (default 30)")
         if action == "list":
             item.add_argument("--json", action="store_true", help="one JSON array")
         elif action == "show":
@@ -273,7 +276,9 @@ def _queue_offline(config: Config, action: str, ids: list[str]) -> Any:
             # No courier: nothing is delivered, but a bounce queues its DSN.
             scheduler, _ = assemble(spool, config, courier=None)
             scheduler.load(loaded.records)
-            response = await control.handle(Operator(scheduler), {"action": action, "ids": ids})
+            # No background here: this process ends when it answers.
+            response = await control.handle(Operator(scheduler), {"action": action, "ids": ids},
+                                            answer_within=None)
             if not response["ok"]:
                 raise control.ControlError(response["error"])
             return response["result"]
@@ -283,7 +288,7 @@ def _queue_offline(config: Config, action: str, ids: list[str]) -> Any:
         spool.close()
 
 
-def queue_request(config: Config, action: str, ids: list[str]) -> Any:
+def queue_request(config: Config, action: str, ids: list[str], timeout: float = control.DEFAULT_TIMEOUT) -> Any:
     """Run a queue action through the server, or on the spool when none runs."""
     spool = Spool(config.spool_shard, config.spool.sync)
     if not spool.in_use():
@@ -293,7 +298,7 @@ def queue_request(config: Config, action: str, ids: list[str]) -> Any:
             return _queue_offline(config, action, ids)
         except SpoolLocked:
             pass  # a server started meanwhile: ask it
-    return control.request(control.socket_path(config.spool.path), action, ids)
+    return control.request(control.socket_path(config.spool.path), action, ids, timeout)
 
 
 def _print_list(records: list[dict[str, Any]]) -> None:
@@ -314,7 +319,10 @@ def _print_list(records: list[dict[str, Any]]) -> None:
 def _queue(config: Config, args: argparse.Namespace) -> int:
     ids = list(getattr(args, "ids", []) or [])
     try:
-        result = queue_request(config, args.action, ids)
+        result = queue_request(config, args.action, ids, args.timeout)
+    except control.StillRunning as exc:
+        print(f"mta queue: {exc}")
+        return 0
     except control.ControlError as exc:
         print(f"mta queue: {exc}", file=sys.stderr)
         return 1

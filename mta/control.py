@@ -6,8 +6,10 @@ while a server owns the spool the CLI asks it to act: one JSON request line
 lives in its own directory in the spool, ``control/``, created with mode
 0700 whatever the umask: the socket file exists (with the umask's mode)
 before ``chmod`` can reach it, so the directory is what keeps other local
-users out.  Failure: the client raises ``ControlError`` with a readable
-reason; ``start`` raises ``OSError`` when the directory or socket cannot be made.
+users out.  An action that runs longer than ``ANSWER_WITHIN`` (a flush of
+a large queue) is answered at once as going on and finishes in the server.
+Failure: the client raises ``ControlError`` with a readable reason, a
+timeout included; ``start`` raises ``OSError`` when the directory or socket cannot be made.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ log = logging.getLogger(__name__)
 
 ACTIONS = ("list", "show", "flush", "delete", "hold", "release", "bounce")
 MAX_REQUEST = 1024 * 1024
+# An action still running after this long is answered "goes on" and left
+# to finish in the server, well within the client's own timeout.
+ANSWER_WITHIN = 10.0
+DEFAULT_TIMEOUT = 30.0
+_background: set[asyncio.Future[dict[str, str]]] = set()  # keeps running actions referenced
 
 
 class ControlError(Exception):
@@ -40,7 +47,9 @@ def socket_path(spool_root: Path) -> Path:
     return Path(spool_root) / "control" / "control.sock"
 
 
-async def handle(operator: Operator, request: dict[str, Any]) -> dict[str, Any]:
+async def handle(operator: Operator, request: dict[str, Any],
+                 answer_within: float | None = ANSWER_WITHIN) -> dict[str, Any]:
+    """One request; an action still running after ``answer_within`` seconds goes on in the background."""
     action = request.get("action")
     ids = request.get("ids") or []
     if action not in ACTIONS or not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
@@ -50,7 +59,27 @@ async def handle(operator: Operator, request: dict[str, Any]) -> dict[str, Any]:
     if action == "show":
         found = {i: operator.show(i) for i in ids}
         return {"ok": True, "result": found}
-    return {"ok": True, "result": await operator.act(action, ids)}
+    work = asyncio.ensure_future(operator.act(action, ids))
+    done, _ = await asyncio.wait({work}, timeout=answer_within)
+    if work in done:
+        return {"ok": True, "result": work.result()}
+    # A flush of a large queue: it goes on here, the operator hears so now.
+    _background.add(work)
+    work.add_done_callback(_finished_in_background)
+    count = len(ids) if ids else "every queued"
+    return {"ok": True, "result": {}, "running": f"{action} of {count} message(s) goes on in the server; "
+                                                  f"'mta queue list' shows where it stands"}
+
+
+def _finished_in_background(work: asyncio.Future[dict[str, str]]) -> None:
+    _background.discard(work)
+    if work.cancelled():
+        return
+    if work.exception() is not None:
+        log.error("queue action failed in the background: %s", work.exception())
+        return
+    failed = sum(1 for word in work.result().values() if word != "ok")
+    log.info("queue action done in the background: %d message(s), %d not ok", len(work.result()), failed)
 
 
 class ControlServer:
@@ -92,8 +121,17 @@ class ControlServer:
             self.path.unlink()
 
 
-def request(path: Path, action: str, ids: list[str], timeout: float = 30.0) -> Any:
-    """Send one request to the running server; returns its ``result``."""
+class StillRunning(Exception):
+    """The server took the action and goes on with it after answering."""
+
+
+def request(path: Path, action: str, ids: list[str], timeout: float = DEFAULT_TIMEOUT) -> Any:
+    """Send one request to the running server; returns its ``result``.
+
+    Raises ``ControlError`` (never a bare socket error) when the server
+    cannot be reached or does not answer within ``timeout`` seconds, and
+    ``StillRunning`` when it answered that the action goes on in the background.
+    """
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
@@ -101,17 +139,25 @@ def request(path: Path, action: str, ids: list[str], timeout: float = 30.0) -> A
         except OSError as exc:
             raise ControlError(f"the server owns the spool but its control socket {path} "
                                f"does not answer: {exc.strerror}") from None
-        sock.sendall(json.dumps({"action": action, "ids": ids}).encode() + b"\n")
         chunks = []
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
+        try:
+            sock.sendall(json.dumps({"action": action, "ids": ids}).encode() + b"\n")
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except TimeoutError:
+            raise ControlError(f"the server did not answer within {timeout:g}s; the {action} may still "
+                               f"be running there ('mta queue list' shows the queue)") from None
+        except OSError as exc:
+            raise ControlError(f"the control socket {path} failed: {exc.strerror or exc}") from None
     try:
         response = json.loads(b"".join(chunks))
     except ValueError:
         raise ControlError("the server's reply was not understood") from None
     if not response.get("ok"):
         raise ControlError(response.get("error", "the server refused the request"))
+    if response.get("running"):
+        raise StillRunning(response["running"])
     return response["result"]

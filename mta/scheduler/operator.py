@@ -12,6 +12,7 @@ id and leaves the message in its last durable state; others go on.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +26,7 @@ from spool.store import DEFERRED, HOLD
 log = logging.getLogger(__name__)
 
 ACTIONS = ("flush", "hold", "release", "delete", "bounce")
+ACT_TOGETHER = 2048  # records whose changes are in flight at once (the commit thread takes 512 a round)
 
 
 def _iso(ts: float) -> str:
@@ -72,10 +74,16 @@ class Operator:
         """Apply an operator action; returns a word of result per id."""
         if action == "flush" and not ids:
             ids = [r.id for r in self.scheduler.records.values() if r.state != HOLD]
-        results = {}
-        for record_id in ids:
-            results[record_id] = await self._act_one(action, record_id)
-        self.scheduler.wake()
+        results: dict[str, str] = {}
+        # Many records at once, so that the spool's group commit gathers
+        # their changes into a few commit rounds instead of one round each.
+        # Each _act_one claims its record before its first await, so running
+        # them side by side races neither a delivery nor one another.
+        for start in range(0, len(ids), ACT_TOGETHER):
+            chunk = ids[start:start + ACT_TOGETHER]
+            words = await asyncio.gather(*(self._act_one(action, i) for i in dict.fromkeys(chunk)))
+            results.update(zip(dict.fromkeys(chunk), words, strict=True))
+            self.scheduler.wake()
         return results
 
     async def _act_one(self, action: str, record_id: str) -> str:
