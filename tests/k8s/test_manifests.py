@@ -36,6 +36,13 @@ EXCLUSIVE = {"direct-delivery", "smarthost-relay"}  # two ways out: never both
 CRDS = {("cilium.io/v2", "CiliumEgressGatewayPolicy"), ("monitoring.coreos.com/v1", "ServiceMonitor"),
         ("monitoring.coreos.com/v1", "PrometheusRule"), ("cert-manager.io/v1", "Certificate")}
 LABELS = {"app.kubernetes.io/name": "kubemta", "app.kubernetes.io/component": "mta"}
+# What an egress rule to "anywhere" must leave out: every private, shared,
+# link-local (cloud metadata) and loopback range, per family.
+PRIVATE_SPACE = {
+    "0.0.0.0/0": {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16",
+                  "127.0.0.0/8"},
+    "::/0": {"fc00::/7", "fe80::/10", "::ffff:0:0/96", "::1/128"},
+}
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
                       "projected", "secret"}
 
@@ -225,7 +232,7 @@ def check_config(docs: tuple[dict[str, Any], ...], tmp_path: Path) -> dict[str, 
 def test_policy(name: str, path: str, tmp_path: Path) -> None:
     docs = render_dir(path)
     check_pod_policy(docs, name)
-    check_network_policy(docs)
+    check_network_policy(docs, name)
     [sts] = find(docs, "StatefulSet", "kubemta")
     spec = sts["spec"]
     assert spec["podManagementPolicy"] == "Parallel"
@@ -251,9 +258,29 @@ def test_policy(name: str, path: str, tmp_path: Path) -> None:
     listener_ports = {int(item["address"].rsplit(":", 1)[1]) for item in config["listeners"]}
     assert listener_ports <= set(ports.values()), "every listener has a container port"
     assert config["kubernetes"]["enabled"] and config["drain"]["listen"].endswith(":8025")
+    # Listeners keep accepting until the endpoints have moved on: a preStop delay before SIGTERM.
+    pre_stop = mta["lifecycle"]["preStop"]["exec"]["command"]
+    delay = float(re.fullmatch(r"import time; time.sleep\((\d+(?:\.\d+)?)\)", pre_stop[-1]).group(1))
+    assert pre_stop[:2] == ["python3", "-c"] and 5 <= delay <= 30
     # The kubelet's SIGKILL must not cut a drain short.
-    budget = config["shutdown"]["timeout"] + config["drain"]["timeout"] + 2 * config["kubernetes"]["timeout"]
+    budget = delay + config["shutdown"]["timeout"] + config["drain"]["timeout"] + \
+        2 * config["kubernetes"]["timeout"]
     assert pod["terminationGracePeriodSeconds"] > budget
+    # Spread over zones (a preference, never unschedulable) besides hosts.
+    [spread] = pod["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "topology.kubernetes.io/zone" and spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert spread["labelSelector"] == {"matchLabels": LABELS}
+    [budget_object] = find(docs, "PodDisruptionBudget", "kubemta")
+    assert budget_object["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert budget_object["spec"]["selector"] == {"matchLabels": LABELS}
+    # The recommended labels on the objects and the pods, never in selectors.
+    expected_instance = f"kubemta-{name.removeprefix('overlays/')}" if name.startswith("overlays/") else "kubemta"
+    for item in (sts["metadata"], spec["template"]["metadata"], budget_object["metadata"]):
+        labels = item["labels"]
+        assert labels["app.kubernetes.io/instance"] == expected_instance, (name, labels)
+        assert labels["app.kubernetes.io/part-of"] == "kubemta" and labels["app.kubernetes.io/managed-by"] == \
+            "kustomize" and labels["app.kubernetes.io/version"], labels
+    assert spec["selector"] == {"matchLabels": LABELS}
 
     services = {s["metadata"]["name"]: s for s in find(docs, "Service")}
     assert services["kubemta-headless"]["spec"]["clusterIP"] == "None"
@@ -309,7 +336,14 @@ def _ports(rule: dict[str, Any]) -> set[tuple[str, int]]:
     return {(p.get("protocol", "TCP"), p["port"]) for p in rule.get("ports", [])}
 
 
-def check_network_policy(docs: tuple[dict[str, Any], ...]) -> None:
+def internet_egress(docs: tuple[dict[str, Any], ...]) -> list[str]:
+    """Names of the NetworkPolicies that let something out to any address."""
+    return [p["metadata"]["name"] for p in find(docs, "NetworkPolicy")
+            for rule in p["spec"].get("egress", []) for peer in rule.get("to", [])
+            if peer.get("ipBlock", {}).get("cidr") in PRIVATE_SPACE]
+
+
+def check_network_policy(docs: tuple[dict[str, Any], ...], target: str = "") -> None:
     policies = {p["metadata"]["name"]: p["spec"] for p in find(docs, "NetworkPolicy")}
     deny = policies["kubemta-default-deny"]
     assert deny["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kubemta"}}
@@ -321,7 +355,8 @@ def check_network_policy(docs: tuple[dict[str, Any], ...]) -> None:
         assert selected.get("app.kubernetes.io/name") in ("kubemta", None) or name.startswith("mail-")
         for rule in spec.get("ingress", []):
             ports = _ports(rule)
-            ingress |= ports
+            if not name.startswith("mail-"):  # the MTA's own ports; Mailpit's policy is checked in its test
+                ingress |= ports
             assert rule.get("from"), f"{name}: an ingress rule without 'from' admits everyone"
             for peer in rule["from"]:
                 assert "ipBlock" not in peer, f"{name}: ingress by address"
@@ -339,9 +374,15 @@ def check_network_policy(docs: tuple[dict[str, Any], ...]) -> None:
             assert rule.get("to") and ports, f"{name}: an egress rule must name peers and ports"
             for peer in rule["to"]:
                 block = peer.get("ipBlock")
-                if block and block["cidr"] == "0.0.0.0/0":
-                    assert len(block.get("except", [])) >= 3, f"{name}: the cluster's ranges must be excluded"
+                if block and block["cidr"] in PRIVATE_SPACE:
+                    excluded = set(block.get("except", []))
+                    missing = PRIVATE_SPACE[block["cidr"]] - excluded
+                    assert not missing, f"{name}: {block['cidr']} must exclude {sorted(missing)}"
                     assert ports <= {("TCP", 25), ("TCP", 443), ("TCP", 587)}, f"{name}: {ports}"
+                    # Every way to the Internet exists for both families, or IPv6 mail is refused silently.
+                    other = {"0.0.0.0/0": "::/0", "::/0": "0.0.0.0/0"}[block["cidr"]]
+                    assert any(p.get("ipBlock", {}).get("cidr") == other for p in rule["to"]), \
+                        f"{name}: {block['cidr']} without {other}"
                 elif block:
                     assert ports <= {("TCP", 443), ("TCP", 6443), ("TCP", 587)}, f"{name}: {ports}"
                 elif ("UDP", 53) in ports:
@@ -352,4 +393,24 @@ def check_network_policy(docs: tuple[dict[str, Any], ...]) -> None:
     assert ingress == {("TCP", 2525), ("TCP", 2587), ("TCP", 2465), ("TCP", 8080), ("TCP", 8025)}
     egress = {port for spec in policies.values() for rule in spec.get("egress", []) for port in _ports(rule)}
     assert ("UDP", 53) in egress and ("TCP", 53) in egress and ("TCP", 8025) in egress
-    assert ("TCP", 25) in egress or ("TCP", 587) in egress
+    if target == "overlays/dev":  # nothing leaves the cluster: Mailpit is the only way out
+        assert internet_egress(docs) == [], "dev must have no Internet egress"
+        assert ("TCP", 1025) in egress and ("TCP", 25) not in egress and ("TCP", 587) not in egress
+    else:
+        assert ("TCP", 25) in egress or ("TCP", 587) in egress
+
+
+def test_dev_captures_mail_in_mailpit_with_probes_and_its_own_network_policy() -> None:
+    docs = render_dir(str(ROOT / "kustomize/overlays/dev"))
+    [capture] = find(docs, "Deployment", "mail-capture")
+    [mailpit] = capture["spec"]["template"]["spec"]["containers"]
+    assert mailpit["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert mailpit["livenessProbe"]["httpGet"]["path"] == "/livez"
+    [policy] = find(docs, "NetworkPolicy", "mail-capture")
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "mail-capture"}}
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"} and not spec.get("egress")  # reaches nothing
+    [rule] = spec["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": LABELS}}]
+    assert _ports(rule) == {("TCP", 1025)}
+    assert internet_egress(docs) == []
