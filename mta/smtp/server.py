@@ -57,6 +57,8 @@ FREE_GREETINGS = 3
 PROGRESS = frozenset({"MAIL", "RCPT", "DATA", "AUTH"})
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 # <dot-atom@domain> in plain ASCII, nothing else (RFC 5321 §4.1.2).
+# aiosmtpd's parser drops a CR inside a domain ("a@b.c\rX" becomes "a@b.cX"): refuse it first.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SIMPLE_PATH = re.compile(rf"<(?P<local>{_ATOM}(?:\.{_ATOM})*)@(?P<domain>[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
 
 
@@ -339,7 +341,7 @@ class KubemtaSMTP(DispatchNames, DsnParameters, SMTP):
                 # What almost every client sends; aiosmtpd's general parser
                 # (which defines a class on each call) answers the same, slower.
                 return f"{simple['local']}@{simple['domain']}", self.take_dsn_parameters(rest)
-        address, rest = super()._getaddr(arg)
+        address, rest = super()._getaddr(arg) if not _CONTROL.search(arg) else (None, None)
         if address is None:
             raise replies.Rejected(replies.BAD_ADDRESS_SYNTAX, f"unparseable address {arg!r}")
         return address, self.take_dsn_parameters(rest)

@@ -210,7 +210,9 @@ def test_stored_message_has_only_crlf_line_endings(front: Fronts) -> None:
     (b"MAIL FROM:<ab@send\ter.test>", b"501"),
     (b"RCPT TO:<victim\r@dest.test>", b"501"),
     (b"RCPT TO:<victim\x00@dest.test>", b"501"),
-], ids=["mail-cr", "mail-nul", "mail-tab", "rcpt-cr", "rcpt-nul"])
+    (b"RCPT TO:<victim@dest.test\rX>", b"501"),
+    (b"MAIL FROM:<a@sender.test\rX>", b"501"),
+], ids=["mail-cr", "mail-nul", "mail-tab", "rcpt-cr", "rcpt-nul", "rcpt-domain-cr", "mail-domain-cr"])
 def test_control_characters_in_envelope_addresses_are_501(front: Fronts, line: bytes, code: bytes) -> None:
     server = front()
     client = Raw(server.port)
