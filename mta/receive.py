@@ -57,19 +57,54 @@ def received_header(arrival: Arrival) -> bytes:
     return ("\r\n".join(parts) + "\r\n").encode("ascii")
 
 
+def _without_comments(text: str) -> str:
+    """``text`` with its leading CFWS removed: whitespace and (nested, escaped) comments."""
+    depth, i = 0, 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\" and depth:
+            i += 2
+            continue
+        if char == "(":
+            depth += 1
+        elif char == ")" and depth:
+            depth -= 1
+        elif not depth and not char.isspace():
+            break
+        i += 1
+    return text[i:]
+
+
+def claimed_authserv_id(value: str) -> str | None:
+    """The authserv-id an Authentication-Results value names; None when it names none.
+
+    authres reads the usual form; it refuses a leading comment and a quoted
+    id (both legal, RFC 8601 §2.2), which a forger uses for exactly that.
+    """
+    try:
+        claimed = authres.AuthenticationResultsHeader.parse_value(value).authserv_id
+    except Exception:  # noqa: BLE001 - authres raises many kinds; read the id ourselves
+        claimed = None
+    if claimed:
+        return str(claimed)
+    rest = _without_comments(value)
+    if rest.startswith('"'):
+        quoted = re.match(r'"((?:[^"\\]|\\.)*)"', rest)
+        return re.sub(r"\\(.)", r"\1", quoted[1]) if quoted else None
+    token = re.split(r"[;\s(]", rest, maxsplit=1)[0]
+    return token or None
+
+
 def _claims_us(field: bytes, authserv_id: str) -> bool:
     value = field.split(b":", 1)[1].decode("utf-8", errors="replace")
-    try:
-        parsed = authres.AuthenticationResultsHeader.parse_value(value)
-        claimed = parsed.authserv_id or ""
-    except Exception:  # noqa: BLE001 - authres raises many kinds; unparseable is judged by its first word
-        claimed = re.split(r"[;\s]", value.strip(), maxsplit=1)[0]
-    return claimed.lower().rstrip(".") == authserv_id.lower().rstrip(".")
+    claimed = claimed_authserv_id(value)
+    # One that names no authserv-id at all is no one's result: it is dropped too.
+    return claimed is None or claimed.lower().rstrip(".") == authserv_id.lower().rstrip(".")
 
 
 def strip_forged_results(header: bytes, authserv_id: str) -> bytes:
-    """Drop Authentication-Results fields that claim to be ours (RFC 8601 §5)."""
-    if b"uthentication-" not in header and b"UTHENTICATION-" not in header:
+    """Drop Authentication-Results fields that claim to be ours (RFC 8601 §5); names in any case."""
+    if b"authentication-" not in header.lower():
         return header
     kept = [f for f in header_fields(header) if not (_AUTH_RESULTS.match(f) and _claims_us(f, authserv_id))]
     return b"".join(f + b"\r\n" for f in kept)
