@@ -301,7 +301,10 @@ class RouteConfig(Section):
 class LimitsConfig(Section):
     max_message_size: Size = 25 * 1024 * 1024
     max_recipients: int = Field(1000, ge=100)  # RFC 5321 §4.5.3.1.8: at least 100
-    max_line_length: int = Field(1000, ge=1000)  # RFC 5321 §4.5.3.1.6, CRLF included
+    # CRLF included; RFC 5321 §4.5.3.1.6 says 1000, legacy apps send longer
+    # lines, which are accepted and re-encoded before delivery (mta.content).
+    max_line_length: int = Field(1024 * 1024, ge=1000)
+    max_hops: int = Field(50, ge=1)  # Received: fields a message may already carry (a loop beyond)
     max_command_length: int = Field(512, ge=512)  # RFC 5321 §4.5.3.1.4
     session_timeout: Duration = 300.0  # per command (RFC 5321 §4.5.3.2.7)
     data_timeout: Duration = 600.0  # the whole DATA phase: a floor on the transfer rate
@@ -322,6 +325,18 @@ class LimitsConfig(Section):
     tls_handshake_timeout: Duration = Field(10.0, gt=0)  # implicit TLS and STARTTLS
     max_tls_handshakes: int = Field(100, ge=1)  # in progress at once, per listener (implicit TLS)
     max_tls_handshakes_per_ip: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _line_within_message(self) -> LimitsConfig:
+        # The default follows a smaller max_message_size; a value given may not pass it.
+        if "max_line_length" in self.model_fields_set and self.max_line_length > self.max_message_size:
+            raise ValueError(f"max_line_length: must not be above max_message_size ({self.max_message_size})")
+        return self
+
+    @property
+    def line_limit(self) -> int:
+        """The longest line DATA may hold, CRLF included: never beyond the message size."""
+        return min(self.max_line_length, self.max_message_size)
 
     @field_validator("reserved_connections")
     @classmethod

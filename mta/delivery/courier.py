@@ -3,7 +3,7 @@
 ``Courier.deliver(hop, parcel)`` is the whole interface the scheduler sees
 (chasquid's ``Courier.Deliver``): it takes a kept-open connection to the hop
 or opens one, makes the content legal for that server (7-bit conversion,
-long lines: ``mta.delivery.encoding``), signs it (DKIM), runs the
+long lines: ``mta.transfer_encoding``), signs it (DKIM), runs the
 transaction and returns a ``Report`` — an ``Outcome`` per recipient, and whether the hop could be
 reached at all.  Connections stay open between deliveries, at most
 ``per_connection`` transactions each; a kept-open connection the server has
@@ -27,14 +27,15 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
-from mta.delivery import encoding, result
+from mta import transfer_encoding as encoding
+from mta.delivery import result
 from mta.delivery.client import ConnectFailed, Connection, StaleConnection
-from mta.delivery.encoding import Unconvertible
 from mta.delivery.result import Kind, Outcome
 from mta.delivery.route import NextHop
 from mta.dkim.signer import Signer, SigningError
 from mta.dsnrequest import MailRequest, RecipientRequest
 from mta.obs.log import event
+from mta.transfer_encoding import Unconvertible
 
 log = logging.getLogger(__name__)
 

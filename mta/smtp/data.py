@@ -5,21 +5,31 @@ Python statements per line, which dominates the cost of large messages.
 ``read_content`` asks the stream for everything up to the next ``.\\r\\n``
 (the only place the end of data can be), so a message costs a handful of
 calls however many lines it has; it then removes the transparency dots and
-checks line lengths with bytes operations.
+checks line lengths with one regular expression (a line may end with CR,
+LF or CRLF: the content policy, ``mta.content``, repairs them later).
 
 The rules are aiosmtpd's and RFC 5321's: lines end with CRLF, the content
 ends at a line holding a single dot (§4.1.1.4), a leading dot is removed
 from every line (§4.5.2), and a message over the size limit or with a line
 over the line limit is read to its end and then refused (§4.2.5).
 
-Failure: a closed connection raises ``asyncio.IncompleteReadError``; limits
-are reported in ``Content.problem`` and never raise.
+``DataCommand`` is aiosmtpd's DATA command built on it, for the session
+(``mta.smtp.server``); its refusals are catalogue replies (``mta.replies``).
+
+Failure: a closed connection raises ``asyncio.IncompleteReadError`` (the
+command turns it into a reset, nothing kept); limits are reported in
+``Content.problem`` and never raise.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+
+from aiosmtpd.smtp import MISSING, SMTP
+
+from mta import replies
+from mta.content import line_over
 
 END = b".\r\n"
 TOO_LONG = "line"
@@ -73,9 +83,40 @@ async def read_content(reader: asyncio.StreamReader, size_limit: int | None, lin
     if problem is not None:
         return Content(b"", problem)
     raw = b"".join(blocks)
-    if raw and max(map(len, raw.split(b"\r\n"))) + 2 > line_limit:
+    # Any line end counts: a message with bare LF ends is many lines, not one.
+    if line_over(raw, line_limit - 2):
         return Content(b"", TOO_LONG)
     if raw[:1] == b"." or b"\r\n." in raw:
         # Transparency (RFC 5321 §4.5.2): drop the first dot of every line.
         raw = (b"\r\n" + raw).replace(b"\r\n.", b"\r\n")[2:]
     return Content(raw)
+
+
+class DataCommand(SMTP):
+    """aiosmtpd's DATA command with the content read in blocks (``read_content``)."""
+
+    async def _data(self, arg: str) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            content = await read_content(self._reader, self.data_size_limit, self.line_length_limit)
+        except asyncio.IncompleteReadError:
+            # The client went away in the middle: nothing of it is kept, and
+            # aiosmtpd ends the session quietly on a reset.
+            raise ConnectionResetError("connection closed during DATA") from None
+        if content.problem is not None:
+            self._set_post_data_state()
+            await self.push(str(replies.LINE_TOO_LONG if content.problem == TOO_LONG else replies.MESSAGE_TOO_BIG))
+            return
+        self.envelope.content = self.envelope.original_content = content.data
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)

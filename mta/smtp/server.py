@@ -41,7 +41,7 @@ from mta.config import Config, ListenerConfig
 from mta.obs.log import event
 from mta.policy.relay import client_ip, is_trusted
 from mta.replies import Reply
-from mta.smtp.data import TOO_LONG, read_content
+from mta.smtp.data import DataCommand
 from mta.smtp.dispatch import DispatchNames
 from mta.smtp.door import Front, Slot
 from mta.smtp.dsnparams import DsnParameters
@@ -62,7 +62,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SIMPLE_PATH = re.compile(rf"<(?P<local>{_ATOM}(?:\.{_ATOM})*)@(?P<domain>[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
 
 
-class KubemtaSMTP(DispatchNames, DsnParameters, SMTP):
+class KubemtaSMTP(DataCommand, DispatchNames, DsnParameters, SMTP):
     """aiosmtpd's protocol with our reply conventions and limits."""
 
     def __init__(self, *args: Any, sessions: set[KubemtaSMTP], config: Config, listener: ListenerConfig,
@@ -297,41 +297,13 @@ class KubemtaSMTP(DispatchNames, DsnParameters, SMTP):
         self._in_data = True
         self._progress = self.loop.time()
         try:
-            await self._data(arg)
+            await self._data(arg)  # mta.smtp.data
         finally:
             self._in_data = False
             self._progress = self.loop.time()
             self._reset_timeout()
         if self._closing is not None and self._may_close():
             self._close()
-
-    async def _data(self, arg: str) -> None:
-        """aiosmtpd's DATA command with the content read in blocks (``mta.smtp.data``)."""
-        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
-            return
-        assert self.envelope is not None
-        if not self.envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
-            return
-        if arg:
-            await self.push("501 Syntax: DATA")
-            return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        try:
-            content = await read_content(self._reader, self.data_size_limit, self.line_length_limit)
-        except asyncio.IncompleteReadError:
-            # The client went away in the middle: nothing of it is kept, and
-            # aiosmtpd ends the session quietly on a reset.
-            raise ConnectionResetError("connection closed during DATA") from None
-        if content.problem is not None:
-            self._set_post_data_state()
-            await self.push("500 Line too long (see RFC5321 4.5.3.1.6)" if content.problem == TOO_LONG
-                            else "552 Error: Too much mail data")
-            return
-        self.envelope.content = self.envelope.original_content = content.data
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
-        await self.push("250 OK" if status is MISSING else status)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         simple = _SIMPLE_PATH.match(arg)
@@ -394,7 +366,7 @@ class Listener:
             proxy_protocol_timeout=10.0 if listener.proxy_protocol else None,
             loop=asyncio.get_running_loop(),
         )
-        protocol.line_length_limit = limits.max_line_length + 1  # + the transparency dot
+        protocol.line_length_limit = limits.line_limit + 1  # + the transparency dot
         protocol.command_size_limit = limits.max_command_length
         return protocol
 

@@ -6,7 +6,8 @@ address and per user name.  MAIL and RCPT check address syntax, the
 account's policy and relay permission (a trusted network, or AUTH), and
 reserve the account's rates (``mta.policy.account``: committed at ``250``,
 given back by ``transaction_over`` when a transaction ends otherwise); DATA
-prepares the message (``mta.receive``), puts it through the intake
+repairs or refuses the content (``mta.content``), prepares the message
+(``mta.receive``), puts it through the intake
 (``mta.intake``: durable in the spool, then announced) and only then answers
 ``250 ... queued as ID``.  Every error, expected or not, becomes a reply
 through ``mta.replies.for_exception``.
@@ -24,7 +25,7 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
-from mta import message, receive, replies
+from mta import content, message, receive, replies
 from mta.auth.credentials import Credentials
 from mta.auth.gate import AuthGate
 from mta.auth.throttle import Throttle
@@ -240,16 +241,14 @@ class SessionHandler(DispatchNames):
         event("rejected", level=logging.WARNING, listener=self.listener.name, client=client_address(session),
               reply=str(exc.reply), reason=exc.detail, **fields)
 
-    def _check_content(self, raw: bytes, user: str | None) -> None:
-        if self.config.limits.bare_line_endings == "reject" and message.has_bare_line_endings(raw):
-            raise Rejected(replies.BARE_LINE_ENDING)
+    def _check_account(self, data: bytes, user: str | None) -> None:
         if user is None:
             return
         policy = self.config.accounts.policy(user)
-        account.check_size(policy, len(raw))
+        account.check_size(policy, len(data))
         if policy.from_addresses == ["*"]:
             return
-        header, _ = message.split_header(message.normalise(raw))
+        header, _ = message.split_header(data)
         values = [f.split(b":", 1)[1].decode("utf-8", "replace")
                   for f in message.header_fields(header) if f.lower().startswith(b"from:")]
         account.check_from_header(policy, values)
@@ -259,8 +258,11 @@ class SessionHandler(DispatchNames):
         user = self._user(session)
         client = client_address(session)
         try:
-            raw = envelope.original_content or b""
-            self._check_content(raw, user)
+            checked = content.check(envelope.original_content or b"", self.config.limits)
+            if checked.repairs:
+                event("repaired", queue_id=queue_id, listener=self.listener.name, client=client,
+                      repairs=list(checked.repairs))
+            self._check_account(checked.data, user)
             protocol = "ESMTP" if session.extended_smtp else "SMTP"
             if is_tls(server):
                 protocol += "S"
@@ -277,7 +279,7 @@ class SessionHandler(DispatchNames):
                 auth_user=user,
                 authserv_id=self.config.authserv_id,
             )
-            prepared = receive.prepare(raw, arrival)
+            prepared = receive.prepare(checked.data, arrival)
             options = {o.upper() for o in envelope.mail_options}
             dsn, recipient_dsn = queued_attrs(envelope)
             queued = QueuedEnvelope(
@@ -292,6 +294,10 @@ class SessionHandler(DispatchNames):
                     "8bitmime": "BODY=8BITMIME" in options,
                     **held_attrs(envelope),
                     **dsn,
+                    # Measured at DATA (mta.content): what delivery needs to know without a rescan.
+                    "8bit": checked.eight_bit,
+                    "utf8_headers": checked.utf8_headers,
+                    "long_lines": checked.long_lines,
                 },
                 recipient_attrs=recipient_dsn,
             )

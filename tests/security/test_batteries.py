@@ -231,7 +231,7 @@ def test_control_characters_in_envelope_addresses_are_501(front: Fronts, line: b
 
 LIMITS = {"limits": {"max_connections_per_ip": 3, "max_errors": 3, "max_junk_commands": 5,
                      "max_recipients": 100, "max_message_size": "64K", "session_timeout": "2s",
-                     "data_timeout": "2s"}}
+                     "data_timeout": "2s", "max_line_length": 1000}}
 
 
 @pytest.fixture

@@ -1,5 +1,9 @@
 """Making a message legal for the receiver at hand, before it is signed.
 
+A leaf like ``mta.message``: the courier uses it before signing, and the
+content policy at DATA (``mta.content``) tries it on a message with long
+lines, so that one it cannot convert is refused before ``250``.
+
 Two repairs, both done by re-encoding leaf MIME parts with the standard
 library's ``email`` package and leaving every other byte alone:
 
