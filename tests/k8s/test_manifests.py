@@ -233,6 +233,7 @@ def test_policy(name: str, path: str, tmp_path: Path) -> None:
     docs = render_dir(path)
     check_pod_policy(docs, name)
     check_network_policy(docs, name)
+    check_egress_identity(docs, name)
     [sts] = find(docs, "StatefulSet", "kubemta")
     spec = sts["spec"]
     assert spec["podManagementPolicy"] == "Parallel"
@@ -414,3 +415,39 @@ def test_dev_captures_mail_in_mailpit_with_probes_and_its_own_network_policy() -
     assert rule["from"] == [{"podSelector": {"matchLabels": LABELS}}]
     assert _ports(rule) == {("TCP", 1025)}
     assert internet_egress(docs) == []
+
+
+def check_egress_identity(docs: tuple[dict[str, Any], ...], where: str) -> None:
+    """Direct delivery: every pod that can exist has an identity entry and a Cilium egress
+    policy, and those policies (cluster-wide) select this namespace and carry it in their names."""
+    policies = find(docs, "CiliumEgressGatewayPolicy")
+    if not policies:
+        return
+    [sts] = find(docs, "StatefulSet", "kubemta")
+    namespace = sts["metadata"].get("namespace", "default")
+    [container] = [c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "mta"]
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    identities = set(yaml.safe_load(env["MTA__IDENTITY__PODS"]))
+    most = max([sts["spec"].get("replicas", 1)] + [h["spec"]["maxReplicas"] for h in find(
+        docs, "HorizontalPodAutoscaler") if h["spec"]["scaleTargetRef"]["name"] == "kubemta"])
+    pods = {f"kubemta-{n}" for n in range(most)}
+    assert pods <= identities, f"{where}: up to {most} pods, identities only for {sorted(identities)}"
+    selected = set()
+    for policy in policies:
+        [selector] = policy["spec"]["selectors"]
+        labels = selector["podSelector"]["matchLabels"]
+        assert labels["io.kubernetes.pod.namespace"] == namespace, f"{where}: {policy['metadata']['name']}"
+        pod = labels["statefulset.kubernetes.io/pod-name"]
+        assert policy["metadata"]["name"] == f"{namespace}-{pod}", f"{where}: {policy['metadata']['name']}"
+        selected.add(pod)
+    assert pods <= selected, f"{where}: no egress policy for {sorted(pods - selected)}"
+
+
+def test_cilium_egress_policy_names_are_unique_across_overlays_and_scenarios() -> None:
+    seen: dict[str, str] = {}
+    for name, path in TARGETS:
+        for policy in find(render_dir(path), "CiliumEgressGatewayPolicy"):
+            policy_name = policy["metadata"]["name"]
+            assert policy_name not in seen, f"{policy_name} in both {seen[policy_name]} and {name}"
+            seen[policy_name] = name
+    assert len(seen) >= 6  # production and the direct-everything scenario
