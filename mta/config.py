@@ -38,6 +38,7 @@ from pydantic import (
 
 from mta import domains
 from mta.bounce import classify
+from mta.delivery import providers
 from mta.hostport import parse_host_port
 from mta.identity.pod import with_pod_identity
 
@@ -275,11 +276,38 @@ class QueueConfig(Section):
 
 class RouteConfig(Section):
     domains: list[str] = Field(min_length=1)
+    # An email service provider's preset (mta.delivery.providers) fills in the keys below the
+    # route leaves out: relay (from region where the provider has regions), tls, the login's
+    # user name, max_message_size and throttle_texts.
+    provider: str | None = None
+    region: str | None = None
     relay: str
     tls: Literal["starttls", "implicit", "opportunistic", "none"] = "starttls"
     tls_verify: bool = True
     ca_file: ReadableFile | None = None
+    # "user:password" on the first line; or the key alone, then the user name is auth_user
+    # (or, without one, the key itself: Postmark's server-token convention).
     auth_file: ReadableFile | None = None
+    auth_user: str | None = Field(None, min_length=1)
+    # Larger messages are refused before connecting (the provider would refuse them anyway).
+    max_message_size: Size | None = None
+    # Replies whose text holds one of these mean "slow down", whatever their code.
+    throttle_texts: list[str] = Field(default_factory=list)
+    # The provider's sending quota, enforced before sending: a burst waits, it is never bounced.
+    messages_per_second: int | None = Field(None, ge=1)
+    messages_per_minute: int | None = Field(None, ge=1)
+    messages_per_day: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            if value.get("provider") is None and value.get("region") is not None:
+                raise ValueError("region: only a route with a provider has a region")
+            if value.get("provider") is None and value.get("relay") is None:
+                raise ValueError("relay: a route needs relay (host:port) or provider")
+            return providers.resolve(value)
+        return value
 
     @field_validator("domains")
     @classmethod

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from mta.auth.credentials import Credentials, CredentialsError
 from mta.config import Config
-from mta.delivery.client import read_credentials
+from mta.delivery.client import route_credentials
 from mta.dkim.keys import DkimKeyError, SigningKey
 from mta.drain import wire
 from mta.smtp.tls import ServerTls, TlsError
@@ -43,7 +43,7 @@ def problems(config: Config) -> list[str]:
     for n, route in enumerate(config.routes):
         if route.auth_file is not None:
             try:
-                read_credentials(route.auth_file)
+                route_credentials(route)
             except (OSError, ValueError) as exc:
                 found.append(f"routes.{n}.auth_file: {exc}")
     # A missing drain secret only disables handoffs (mta serve warns); a bad one stops it.

@@ -29,6 +29,7 @@ from pathlib import Path
 import aiosmtplib
 
 from mta import replies
+from mta.config import RouteConfig
 from mta.delivery import result
 from mta.delivery.connection import Connection, StaleConnection, reply_text
 from mta.delivery.mx import LookupFailed, MxHost, MxResolver, may_connect
@@ -66,14 +67,29 @@ class ClientSettings:
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
-def read_credentials(path: Path) -> tuple[str, str]:
-    """``user:password`` on the first line (a Secret mounted as a file)."""
+def read_credentials(path: Path, key_only_user: str | None = None, key_only: bool = False) -> tuple[str, str]:
+    """``user:password`` on the first line (a Secret mounted as a file).
+
+    With ``key_only`` (a provider's route, or one naming ``auth_user``) the
+    line may hold the key alone: the user name is then ``key_only_user``,
+    or the key itself where that is None (Postmark's server token).
+    """
     lines = path.read_text().splitlines()
     line = lines[0] if lines else ""
     user, sep, password = line.partition(":")
+    if not sep and key_only and line:
+        return (line if key_only_user is None else key_only_user), line
     if not sep or not user:
-        raise ValueError(f"{path}: expected 'username:password' on the first line")
+        expected = "'username:password' or the API key" if key_only else "'username:password'"
+        raise ValueError(f"{path}: expected {expected} on the first line")
     return user, password
+
+
+def route_credentials(route: RouteConfig) -> tuple[str, str]:
+    """The login of a route with ``auth_file``, after its provider's user-name convention."""
+    assert route.auth_file is not None
+    return read_credentials(route.auth_file, route.auth_user,
+                            key_only=route.provider is not None or route.auth_user is not None)
 
 
 @functools.lru_cache(maxsize=32)
@@ -190,7 +206,7 @@ class Connector:
                 raise ConnectFailed(result.transient(
                     454, "4.7.0", f"smart host {hop.name} offered no TLS; credentials not sent"))
             try:
-                user, password = read_credentials(route.auth_file)
+                user, password = route_credentials(route)
             except (OSError, ValueError) as exc:
                 await connection.close()
                 raise ConnectFailed(result.transient(451, "4.3.5", f"smart host credentials unusable: {exc}")) \

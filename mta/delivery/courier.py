@@ -87,6 +87,11 @@ class Courier:
         connection: Connection | None = None
         try:
             stored = await self.content(parcel.queue_id)
+            limit = hop.route.max_message_size if hop.route is not None else None
+            if limit and len(stored) > limit:
+                # The route's provider documents this limit: no connection would change the answer.
+                return Report(dict.fromkeys(parcel.recipients, result.permanent(
+                    552, "5.3.4", f"the message has {len(stored)} octets; {hop} accepts at most {limit}")))
             connection = await self._take(hop, per_connection)
             try:
                 outcomes = await self._send(connection, parcel, self._fit(stored, parcel, connection))

@@ -41,5 +41,6 @@ class Router:
         if route is None:
             return NextHop("mx", normalise(domain))
         host, port = route.relay_host_port
-        session = (route.tls, str(route.tls_verify), str(route.ca_file or ""), str(route.auth_file or ""))
+        session = (route.tls, str(route.tls_verify), str(route.ca_file or ""), str(route.auth_file or ""),
+                   route.auth_user or "")
         return NextHop("relay", f"{host}:{port}", session, route)

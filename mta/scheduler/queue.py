@@ -68,7 +68,7 @@ class Scheduler:
         self.courier = courier
         self.bouncer = bouncer
         self.shaper = Shaper(config.shaping, config.delivery.max_per_destination,
-                             config.delivery.max_messages_per_connection)
+                             config.delivery.max_messages_per_connection, routes=config.routes)
         self._capped = False
         # Why delivery is paused (a failing self-check under identity.enforce), or None.
         self.paused: str | None = None
@@ -235,13 +235,15 @@ class Scheduler:
                     continue  # other lanes may have taken the jobs meanwhile
                 pause = self.shaper.wait(name)
                 if pause > 60:
-                    self._defer_all(destination, result.transient(451, "4.7.0", f"{hop} asked to slow down"))
+                    self._defer_all(destination, result.transient(
+                        451, "4.7.0", self.shaper.quota_reached(name) or f"{hop} asked to slow down"))
                     break
                 if pause > 0:
                     await asyncio.sleep(pause)  # a messages-per-minute rule
                     continue
                 job = destination.jobs.popleft()
-                report = await self._deliver(hop, job, per_connection)
+                with self.shaper.admitted(name):  # a route's quota counts it from now on
+                    report = await self._deliver(hop, job, per_connection)
                 self._report(job, report.outcomes)
                 if not report.reached:
                     # The next hop cannot be reached now: that holds for

@@ -13,16 +13,27 @@ time.  Replies arrive typed (``mta.replies.Reply``), so this reads their
 codes, not their text.  The per-egress-address daily cap counts delivered
 messages per UTC day, for warming up a new IP.
 
+Routes through an email service provider add the provider's quota
+(``routes[].messages_per_second/_minute/_day``, keyed by the relay's
+``host:port``) and its own "slow down" reply texts.  A quota counts each
+message from the moment it is admitted until its transaction ends, and
+then for the window after it ended: the provider receives it somewhere in
+between, so however long a transaction takes, the provider never sees more
+than the quota in any window.  A burst over the quota waits for the window
+(or is deferred with the quota as the reason when the wait is long); it is
+never bounced.
+
 Failure: none; it only counts and answers how long to wait.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from mta.config import ShapingConfig, ShapingRule
+from mta.config import RouteConfig, ShapingConfig, ShapingRule
 from mta.domains import DomainMap
 from mta.replies import Reply
 from mta.sliding_window import SlidingWindow
@@ -32,10 +43,40 @@ RATE_WINDOW = 60.0  # messages_per_minute
 MX_PREFIX = "mx:"
 
 
-def is_throttle_reply(reply: Reply) -> bool:
+def is_throttle_reply(reply: Reply, texts: tuple[str, ...] = ()) -> bool:
     """421 (the server closes the session), or a 4xx whose enhanced code is
-    4.7.x (RFC 3463's policy class, where providers put their rate limits)."""
-    return reply.code == 421 or (reply.code // 100 == 4 and reply.enhanced.startswith("4.7."))
+    4.7.x (RFC 3463's policy class, where providers put their rate limits),
+    or a reply holding one of a provider's documented throttling ``texts``."""
+    if reply.code == 421 or (reply.code // 100 == 4 and reply.enhanced.startswith("4.7.")):
+        return True
+    text = reply.text.lower()
+    return any(t.lower() in text for t in texts)
+
+
+QUOTA_WINDOWS = (("second", 1.0), ("minute", 60.0), ("day", 86400.0))
+
+
+@dataclass
+class Quota:
+    """One of a route's ``messages_per_<unit>`` limits."""
+
+    limit: int
+    unit: str
+    window: SlidingWindow
+    in_flight: int = 0  # admitted, transaction not ended: counted whatever its age
+
+    def wait(self, now: float) -> float:
+        if self.in_flight + self.window.count(now) < self.limit:
+            return 0.0
+        if self.window.count(now) == 0:
+            return self.window.span  # all in flight: at least until one ends and its window passes
+        return max(self.window.oldest_leaves_in(now), 1e-3)
+
+
+def route_quotas(route: RouteConfig) -> list[Quota]:
+    limits = {"second": route.messages_per_second, "minute": route.messages_per_minute,
+              "day": route.messages_per_day}
+    return [Quota(limits[unit], unit, SlidingWindow(span)) for unit, span in QUOTA_WINDOWS if limits[unit]]
 
 
 @dataclass
@@ -47,6 +88,8 @@ class DestinationState:
     cooldown: float = MIN_COOLDOWN
     blocked_until: float = 0.0
     sent: SlidingWindow = field(default_factory=lambda: SlidingWindow(RATE_WINDOW))
+    quotas: list[Quota] = field(default_factory=list)
+    throttle_texts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.allowance = self.max_connections
@@ -54,8 +97,14 @@ class DestinationState:
 
 class Shaper:
     def __init__(self, config: ShapingConfig, default_connections: int, default_per_connection: int,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 routes: list[RouteConfig] | None = None) -> None:
         self.config = config
+        # Relays named by more than one route share the first one's quota: hop names are host:port.
+        self._routes: dict[str, RouteConfig] = {}
+        for route in routes or []:
+            host, port = route.relay_host_port
+            self._routes.setdefault(f"{host}:{port}", route)
         self.default_connections = default_connections
         self.default_per_connection = default_per_connection
         self.clock, self.wall = clock, wall
@@ -95,6 +144,10 @@ class Shaper:
                                                           self.default_per_connection])),
                 messages_per_minute=rule.messages_per_minute if rule else None,
             )
+            route = self._routes.get(key)
+            if route is not None:
+                state.quotas = route_quotas(route)
+                state.throttle_texts = tuple(route.throttle_texts)
             self._states[key] = state
         return state
 
@@ -109,11 +162,37 @@ class Shaper:
         now = self.clock()
         if now < state.blocked_until:
             return state.blocked_until - now
-        if state.messages_per_minute is None:
-            return 0.0
-        if state.sent.count(now) < state.messages_per_minute:
-            return 0.0
-        return state.sent.oldest_leaves_in(now)
+        quota_wait = max((quota.wait(now) for quota in state.quotas), default=0.0)
+        if state.messages_per_minute is None or state.sent.count(now) < state.messages_per_minute:
+            return quota_wait
+        return max(quota_wait, state.sent.oldest_leaves_in(now))
+
+    def quota_reached(self, destination: str) -> str | None:
+        """The route quota holding ``destination``'s mail back now, said for
+        a deferral's reply text; None when no quota is the reason."""
+        state = self.state(destination)
+        now = self.clock()
+        full = [q for q in state.quotas if q.wait(now) > 0]
+        if now < state.blocked_until or not full:
+            return None
+        quota = max(full, key=lambda q: q.wait(now))
+        return (f"relay {destination}: quota of {quota.limit} messages a {quota.unit} reached; "
+                f"next try in {round(quota.wait(now))}s or later")
+
+    @contextlib.contextmanager
+    def admitted(self, destination: str) -> Iterator[None]:
+        """One message on its way to ``destination``: it counts against the
+        route's quotas from now on, and for a window after it ends."""
+        quotas = self.state(destination).quotas
+        for quota in quotas:
+            quota.in_flight += 1
+        try:
+            yield
+        finally:
+            now = self.clock()
+            for quota in quotas:
+                quota.in_flight -= 1
+                quota.window.add(now)
 
     def sent(self, destination: str, reply: Reply, delivered: bool) -> bool:
         """Record one transaction and the server's ``reply`` to it; True when
@@ -123,7 +202,7 @@ class Shaper:
         state.sent.add(now)
         if delivered:
             self._count_delivery()
-        if is_throttle_reply(reply):
+        if is_throttle_reply(reply, state.throttle_texts):
             state.allowance = max(1, state.allowance // 2)
             state.blocked_until = now + state.cooldown
             state.cooldown = min(MAX_COOLDOWN, state.cooldown * 2)

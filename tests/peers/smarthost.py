@@ -4,13 +4,17 @@ Postfix's smtp-sink cannot do AUTH, so this is a real SMTP server built on
 aiosmtpd, run in its own thread: STARTTLS (or implicit TLS) with a
 certificate from a ``trustme`` test CA, AUTH PLAIN/LOGIN against one
 username and password (or a few), and every accepted message kept with the user that
-sent it.  Failure: ``start`` raises if the port does not answer.
+sent it and when it arrived.  It also plays an email service provider: the message-size
+limit it announces in EHLO SIZE (``size_limit``), and a sending rate (``rate``: at most N
+messages in any window of S seconds) past which it answers the provider's throttling
+reply (``throttle_reply``) and counts it.  Failure: ``start`` raises if the port does not answer.
 """
 
 from __future__ import annotations
 
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ class RelayedMessage:
     data: bytes
     user: str | None
     tls: bool
+    arrived: float = 0.0  # time.monotonic() when DATA ended
 
 
 class _Handler:
@@ -34,17 +39,28 @@ class _Handler:
         self.owner = owner
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        with self.owner.lock:
-            self.owner.received.append(RelayedMessage(
+        owner = self.owner
+        now = time.monotonic()
+        with owner.lock:
+            if owner.rate is not None:
+                count, span = owner.rate
+                if sum(1 for m in owner.received if now - m.arrived <= span) >= count:
+                    owner.throttled += 1
+                    return owner.throttle_reply
+            owner.received.append(RelayedMessage(
                 envelope.mail_from or "", list(envelope.rcpt_tos), envelope.original_content or b"",
                 session.auth_data.login.decode() if isinstance(session.auth_data, LoginPassword) else None,
-                session.ssl is not None))
+                session.ssl is not None, now))
         return "250 2.0.0 accepted by the smart host"
 
 
 class SmartHost:
     def __init__(self, host: str, port: int, workdir: Path, *, user: str, password: str,
-                 implicit_tls: bool = False, more_users: dict[str, str] | None = None) -> None:
+                 implicit_tls: bool = False, more_users: dict[str, str] | None = None,
+                 size_limit: int | None = None, rate: tuple[int, float] | None = None,
+                 throttle_reply: str = "421 4.7.0 too many messages, slow down") -> None:
+        self.size_limit, self.rate, self.throttle_reply = size_limit, rate, throttle_reply
+        self.throttled = 0
         self.host, self.port = host, port
         self.user, self.password = user, password
         self.accounts = {user: password, **(more_users or {})}
@@ -72,6 +88,8 @@ class SmartHost:
     def start(self) -> None:
         kwargs: dict[str, Any] = {"authenticator": self._authenticate, "auth_required": True,
                                   "auth_require_tls": True, "ready_timeout": 10}
+        if self.size_limit is not None:
+            kwargs["data_size_limit"] = self.size_limit
         if self.implicit_tls:
             kwargs["ssl_context"] = self.context
             # aiosmtpd only counts STARTTLS as TLS; here the whole session is TLS.

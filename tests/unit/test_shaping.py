@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mta.config import ShapingConfig, ShapingRule
+from mta.config import RouteConfig, ShapingConfig, ShapingRule
 from mta.replies import Reply
 from mta.scheduler.shaping import MIN_COOLDOWN, Shaper, is_throttle_reply
 
@@ -107,3 +107,44 @@ def test_the_most_specific_pattern_wins_whatever_the_rule_order() -> None:
     s.learn_mx("x.example", "mx1.hoster.test")
     s.learn_mx("y.example", "mx1.big.hoster.test.")
     assert s.connections("x.example") == 4 and s.connections("y.example") == 5
+
+
+def quota_shaper(clock: Clock, **route: object) -> Shaper:
+    return Shaper(ShapingConfig(), 10, 100, clock=clock, wall=lambda: 86400 * 20000 + clock.now,
+                  routes=[RouteConfig(domains=["*"], relay="esp.example:587", **route)])
+
+
+def test_a_route_quota_counts_messages_in_flight_and_for_a_window_after_they_end() -> None:
+    clock = Clock()
+    s = quota_shaper(clock, messages_per_second=2)
+    assert s.wait("esp.example:587") == 0 and s.wait("other.example:587") == 0
+    with s.admitted("esp.example:587"), s.admitted("esp.example:587"):
+        assert s.wait("esp.example:587") > 0  # two under way fill a quota of 2
+        clock.now += 5  # a slow transaction still counts, however old
+        assert s.wait("esp.example:587") > 0
+    assert s.wait("esp.example:587") == 1.0  # ended now: they count one more second
+    assert "quota of 2 messages a second reached" in (s.quota_reached("esp.example:587") or "")
+    clock.now += 1.01
+    assert s.wait("esp.example:587") == 0 and s.quota_reached("esp.example:587") is None
+    assert s.wait("other.example:587") == 0  # another relay has no quota
+
+
+def test_the_tightest_of_a_routes_quotas_decides() -> None:
+    clock = Clock()
+    s = quota_shaper(clock, messages_per_second=10, messages_per_day=3)
+    for _ in range(3):
+        with s.admitted("esp.example:587"):
+            clock.now += 0.1
+    assert s.wait("esp.example:587") > 86000
+    assert "quota of 3 messages a day reached" in (s.quota_reached("esp.example:587") or "")
+    clock.now += 86400
+    assert s.wait("esp.example:587") == 0
+
+
+def test_a_providers_throttling_text_backs_off_whatever_its_code() -> None:
+    clock = Clock()
+    s = quota_shaper(clock, throttle_texts=["Maximum sending rate exceeded"])
+    assert s.sent("esp.example:587", Reply(454, "", "Throttling failure: Maximum sending rate exceeded"), False)
+    assert s.connections("esp.example:587") == 0
+    assert not s.sent("other.example:587", Reply(454, "", "Throttling failure: Maximum sending rate exceeded"),
+                      False)
