@@ -34,7 +34,7 @@ from mta.delivery.result import Kind, Outcome
 from mta.delivery.route import NextHop
 from mta.dkim.signer import Signer, SigningError
 from mta.dsnrequest import MailRequest, RecipientRequest
-from mta.obs.log import event
+from mta.obs.log import about, event
 from mta.transfer_encoding import Unconvertible
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,11 @@ class Courier:
         self._idle: dict[NextHop, list[Connection]] = {}
 
     async def deliver(self, hop: NextHop, parcel: Parcel, per_connection: int) -> Report:
+        # Every log line of this attempt, down to each mail exchanger tried, names the message.
+        with about(parcel.queue_id):
+            return await self._deliver(hop, parcel, per_connection)
+
+    async def _deliver(self, hop: NextHop, parcel: Parcel, per_connection: int) -> Report:
         connection: Connection | None = None
         try:
             stored = await self.content(parcel.queue_id)

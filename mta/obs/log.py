@@ -19,12 +19,14 @@ with ``[redacted]``; callers must still never pass passwords or bodies.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal, TextIO
 
 from mta.terminal import escape, escape_block
@@ -39,6 +41,30 @@ _subscribers: list[Subscriber] = []
 _REDACTED = frozenset({"password", "passwd", "secret", "token", "authorization", "body", "content"})
 
 Format = Literal["json", "text"]
+
+# The message a task is working on (set by the courier around a delivery), so a
+# plain log line from deep in delivery — a mail exchanger that did not answer —
+# carries the queue id too, and ``grep ID`` finds it.
+current_queue_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("queue_id", default=None)
+
+
+@contextmanager
+def about(queue_id: str) -> Iterator[None]:
+    """Log lines of this task inside the block carry ``queue_id``."""
+    token = current_queue_id.set(queue_id)
+    try:
+        yield
+    finally:
+        current_queue_id.reset(token)
+
+
+class QueueIdFilter(logging.Filter):
+    """Stamps each record with the current task's queue id; runs in the caller's context."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "queue_id"):
+            record.queue_id = current_queue_id.get()
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -60,6 +86,9 @@ class JsonFormatter(logging.Formatter):
             # The same event as one readable line, for people reading raw output.
             out["message"] = record.getMessage()
         else:
+            queue_id = getattr(record, "queue_id", None)
+            if queue_id:
+                out["queue_id"] = queue_id
             out["message"] = record.getMessage()
         if record.exc_info:
             out["error"] = self.formatException(record.exc_info)
@@ -75,6 +104,9 @@ class TextFormatter(logging.Formatter):
             # An event's text is built by _value, which already escapes; any
             # other message may interpolate a peer's words.
             message = escape(message)
+            queue_id = getattr(record, "queue_id", None)
+            if queue_id and f"queue_id={queue_id}" not in message:
+                message = f"queue_id={queue_id} {message}"
         line = f"{self.formatTime(record)} {record.levelname} {record.name}: {message}"
         if record.exc_info:
             line += "\n" + escape_block(self.formatException(record.exc_info))
@@ -89,6 +121,7 @@ def _jsonable(value: Any) -> Any:
 
 def setup(level: str = "info", fmt: Format = "json", stream: TextIO | None = None) -> None:
     handler = logging.StreamHandler(stream or sys.stdout)
+    handler.addFilter(QueueIdFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -87,3 +87,15 @@ def test_text_format_on_request(world: World) -> None:
     # (mta.cli sets JSON up before the configuration's format applies: one asyncio
     # debug line may precede the switch; no event is logged as JSON)
     assert [item for item in records(log) if "event" in item] == []
+
+
+def test_failed_mx_connections_carry_the_queue_id(world: World) -> None:
+    """``grep QUEUEID`` finds the lines about each mail exchanger that did not answer, not only the event."""
+    server = world.mta()
+    queue_id = send_mail(server.port, "a@sender.test", ["user@down.test"])
+    wait_for_event(server, "connect_failed", queue_id=queue_id)
+    about_mx = [r for r in records(server.log()) if "event" not in r and "mx.down.test" in r.get("message", "")]
+    assert about_mx, "the failed connection to mx.down.test is logged"
+    assert all(r.get("queue_id") == queue_id for r in about_mx), about_mx
+    unrelated = [r for r in records(server.log()) if r.get("message", "").startswith("started")]
+    assert all("queue_id" not in r for r in unrelated)
