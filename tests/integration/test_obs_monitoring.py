@@ -52,7 +52,8 @@ def test_the_alerts_the_issue_asks_for_exist() -> None:
     rule = yaml.safe_load(RULES.read_text())
     names = {item["alert"] for group in rule["spec"]["groups"] for item in group["rules"]}
     assert {"KubemtaQueueGrowing", "KubemtaOldestMessageTooOld", "KubemtaBounceRateHigh", "KubemtaNoDeliveries",
-            "KubemtaSelfCheckFailing", "KubemtaSpoolDiskFilling", "KubemtaNotReady"} <= names
+            "KubemtaSelfCheckFailing", "KubemtaSpoolDiskFilling", "KubemtaNotReady",
+            "KubemtaHardBounceRateHigh"} <= names
 
 
 def test_dashboard_is_grafana_json_with_the_promised_panels() -> None:
@@ -63,6 +64,7 @@ def test_dashboard_is_grafana_json_with_the_promised_panels() -> None:
     exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
     for metric in ("kubemta_messages_received_total", "kubemta_queue_messages",
                    "kubemta_queue_oldest_message_age_seconds", "kubemta_delivery_outcomes_total",
+                   "kubemta_bounces_total", "kubemta_suppressions_added_total",
                    "kubemta_delivery_latency_seconds_bucket", "kubemta_selfcheck_ok", "kubemta_spool_disk_free_bytes"):
         assert metric in exprs, metric
     for p in panels:
