@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import ipaddress
 import json
+import ssl
 import sys
 from typing import Any
 
@@ -195,9 +197,21 @@ def _user(config: Config, args: argparse.Namespace) -> int:
 def _drain_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     drain = sub.add_parser("drain", parents=[common], help="hand every queued message to another server")
     drain.add_argument("--to", required=True, metavar="HOST:PORT", help="the other server's handoff endpoint")
+    drain.add_argument("--to-pod", metavar="NAME",
+                       help="the other server's pod name, which requests are signed for "
+                            "(default: the first label of the --to host name)")
     drain.add_argument("--spool", metavar="PATH", help="spool directory (default: spool.path)")
     drain.add_argument("--secret-file", metavar="FILE", help="handoff secret (default: drain.secret_file)")
     drain.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="give up after this long")
+
+
+def _pod_of(host: str) -> str | None:
+    """A pod's DNS name (``kubemta-0.kubemta-headless...``) starts with the pod's name; an IP names none."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host.split(".", 1)[0] or None
+    return None
 
 
 def _drain(config: Config, args: argparse.Namespace) -> int:
@@ -213,10 +227,24 @@ def _drain(config: Config, args: argparse.Namespace) -> int:
         return 2
     try:
         secret = wire.read_secret(secret_file)
-        parse_host_port(args.to)
+        host, _ = parse_host_port(args.to)
     except (OSError, ValueError) as exc:
         print(f"mta drain: {exc}", file=sys.stderr)
         return 2
+    pod = args.to_pod or _pod_of(host)
+    if pod is None:
+        print(f"mta drain: --to {args.to} names no pod: give --to-pod (requests are signed for the pod)",
+              file=sys.stderr)
+        return 2
+    client_tls = None
+    if config.drain.tls is not None:
+        from mta.drain import tls
+
+        try:
+            client_tls = tls.client_context(config.drain.tls)
+        except (OSError, ssl.SSLError) as exc:
+            print(f"mta drain: drain.tls: {exc}", file=sys.stderr)
+            return 2
     root = Path(args.spool) if args.spool else config.spool.path
     shard = root if (root / "msg").is_dir() else root / "0"  # a shard given directly, or a spool root
     if not (shard / "msg").is_dir():
@@ -229,8 +257,9 @@ def _drain(config: Config, args: argparse.Namespace) -> int:
         print(f"mta drain: {exc}; stop that server first (or scale it down: it drains itself)", file=sys.stderr)
         return 1
     try:
-        report = asyncio.run(sender.hand_over(spool, loaded.records, [args.to], secret,
-                                              time.monotonic() + args.timeout))
+        report = asyncio.run(sender.hand_over(spool, loaded.records, [sender.Target(args.to, pod)], secret,
+                                              time.monotonic() + args.timeout, client_tls,
+                                              config.drain.tls.server_name if config.drain.tls else None))
     finally:
         spool.close()
     print(f"moved={report.moved} duplicates={report.duplicates} left={len(report.left)} "

@@ -635,6 +635,19 @@ class KubernetesConfig(Section):
 
 
 
+class DrainTlsConfig(Section):
+    """TLS for the handoff: the endpoint serves ``cert_file``, senders verify it with ``ca_file``."""
+
+    cert_file: ReadableFile  # this pod's certificate: served, and shown as a client certificate to peers
+    key_file: ReadableFile
+    ca_file: ReadableFile  # the CA bundle a peer's endpoint certificate must chain to
+    # When set, the endpoint asks every client for a certificate chaining to these CAs.
+    client_ca_file: ReadableFile | None = None
+    # The name a peer's certificate must carry; None: the host of its address (drain.peer_address, --to).
+    # One fixed name lets a single certificate from a private CA serve every pod in any namespace.
+    server_name: str | None = None
+
+
 class DrainConfig(Section):
     """Pod-to-pod handoff of queued mail on scale-down (``mta.drain``)."""
 
@@ -646,6 +659,8 @@ class DrainConfig(Section):
     peer_address: str = "{statefulset}-{ordinal}.{statefulset}-headless.{namespace}.svc:8025"
     on_scale_down: bool = True  # drain at SIGTERM when this pod's ordinal is no longer wanted
     timeout: Duration = 60.0  # for the whole drain; keep grace period > shutdown.timeout + this
+    # Without it handoffs go as plain HTTP (signed, not encrypted); every pod needs the same setting.
+    tls: DrainTlsConfig | None = None
 
     @field_validator("listen")
     @classmethod

@@ -35,6 +35,8 @@ def secret_files(config: Config) -> list[tuple[str, Path]]:
             found.append((f"routes.{n}.auth_file", route.auth_file))
     if config.drain.secret_file is not None:
         found.append(("drain.secret_file", config.drain.secret_file))
+    if config.drain.tls is not None:
+        found.append(("drain.tls.key_file", config.drain.tls.key_file))
     for n, endpoint in enumerate(config.webhooks.endpoints):
         found.append((f"webhooks.endpoints.{n}.secret_file", endpoint.secret_file))
     return found

@@ -7,6 +7,10 @@ message no target takes stays in this spool untouched, so a failed drain
 loses nothing: the spool (a retained PersistentVolumeClaim) can be drained
 again later by ``mta drain``.
 
+Each request is signed for the pod it goes to (``Target.pod``), with a
+fresh nonce per attempt; with a TLS context it goes over HTTPS, the
+target's certificate verified against its host name.
+
 Bounds: one request per message per target, each with a timeout, all
 within one deadline.  Failure: never raises for a refused or unreachable
 target; the ``DrainReport`` counts what moved and what stayed, with reasons.
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,6 +36,12 @@ from spool.store import STATES
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Target:
+    address: str  # host:port of its handoff endpoint
+    pod: str  # its pod name, which the request is signed for
 
 
 @dataclass
@@ -51,10 +62,13 @@ async def _remove_everywhere(spool: Spool, record: Record) -> None:
     await asyncio.gather(*(spool.remove(dataclasses.replace(record, state=state)) for state in STATES))
 
 
-async def _post(session: aiohttp.ClientSession, target: str, secret: bytes, body: bytes,
-                timeout: float) -> str:
-    headers = wire.sign(secret, body)
-    async with session.post(f"http://{target}{wire.PATH}", data=body, headers=headers,
+async def _post(session: aiohttp.ClientSession, target: Target, secret: bytes, body: bytes,
+                timeout: float, tls: ssl.SSLContext | None, server_name: str | None) -> str:
+    headers = wire.sign(secret, body, target.pod)
+    scheme = "https" if tls is not None else "http"
+    async with session.post(f"{scheme}://{target.address}{wire.PATH}", data=body, headers=headers,
+                            ssl=tls if tls is not None else True,
+                            server_hostname=server_name if tls is not None else None,
                             timeout=aiohttp.ClientTimeout(total=timeout)) as response:
         if response.status != 200:
             text = (await response.text())[:200]
@@ -63,9 +77,13 @@ async def _post(session: aiohttp.ClientSession, target: str, secret: bytes, body
         return str(answer.get("result"))
 
 
-async def hand_over(spool: Spool, records: Iterable[Record], targets: list[str], secret: bytes,
-                    deadline: float) -> DrainReport:
-    """Send every record to ``targets``; ``deadline`` is on the ``time.monotonic`` clock."""
+async def hand_over(spool: Spool, records: Iterable[Record], targets: list[Target], secret: bytes,
+                    deadline: float, tls: ssl.SSLContext | None = None,
+                    server_name: str | None = None) -> DrainReport:
+    """Send every record to ``targets``; ``deadline`` is on the ``time.monotonic`` clock.
+
+    With ``tls``, over HTTPS; ``server_name`` is the name the targets' certificates must carry
+    (None: each target's host)."""
     report = DrainReport()
     ordered = sorted(records, key=lambda r: r.created)
     if not targets:
@@ -93,13 +111,14 @@ async def hand_over(spool: Spool, records: Iterable[Record], targets: list[str],
                 if remaining <= 0:
                     break
                 try:
-                    result = await _post(session, target, secret, body, min(REQUEST_TIMEOUT, remaining))
-                except (aiohttp.ClientError, TimeoutError, RuntimeError, ValueError) as exc:
-                    report.errors.append(f"{record.id} to {target}: {exc}")
-                    event("handoff_failed", level=logging.WARNING, queue_id=record.id, target=target,
+                    result = await _post(session, target, secret, body, min(REQUEST_TIMEOUT, remaining), tls,
+                                         server_name)
+                except (aiohttp.ClientError, TimeoutError, RuntimeError, ValueError, ssl.SSLError) as exc:
+                    report.errors.append(f"{record.id} to {target.address}: {exc}")
+                    event("handoff_failed", level=logging.WARNING, queue_id=record.id, target=target.address,
                           reason=str(exc))
                     continue
-                event("handed_over", queue_id=record.id, target=target, result=result, attempts=record.attempts,
+                event("handed_over", queue_id=record.id, target=target.address, result=result, attempts=record.attempts,
                       pending=len(record.pending()))
                 break
             turn += 1

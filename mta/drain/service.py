@@ -18,19 +18,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Container
 
 from mta.config import Config
-from mta.drain import wire
+from mta.drain import tls, wire
 from mta.drain.receiver import HandoffServer
-from mta.drain.sender import DrainReport, hand_over
+from mta.drain.sender import DrainReport, Target, hand_over
 from mta.hostport import parse_host_port
 from mta.intake import Intake
 from mta.k8s.api import KubeApi, KubeError, try_event
 from mta.k8s.identity import IdentityError, PodIdentity, pod_identity
 from mta.obs.log import event
 from mta.scheduler.queue import Scheduler
+from mta.smtp.tls import ServerTls, TlsError
 from spool import Spool
 
 log = logging.getLogger(__name__)
@@ -40,16 +42,16 @@ class DrainError(Exception):
     """The drain cannot be set up as configured (a start-up error)."""
 
 
-def peer_targets(config: Config, pod: PodIdentity, replicas: int) -> list[str]:
-    """Handoff addresses of the pods that stay, without this one."""
-    targets = []
+def peer_targets(config: Config, pod: PodIdentity, replicas: int) -> list[Target]:
+    """Handoff addresses and names of the pods that stay, without this one."""
+    targets: list[Target] = []
     for ordinal in range(replicas):
         if ordinal == pod.ordinal:
             continue
         address = config.drain.peer_address.format(statefulset=pod.statefulset, ordinal=ordinal,
                                                     namespace=pod.namespace)
-        if address not in targets:
-            targets.append(address)
+        if address not in {t.address for t in targets}:
+            targets.append(Target(address, f"{pod.statefulset}-{ordinal}"))
     return targets
 
 
@@ -61,6 +63,7 @@ class DrainService:
         self.pod: PodIdentity | None = None
         self.api: KubeApi | None = None
         self.server: HandoffServer | None = None
+        self.server_tls: ServerTls | None = None
         self.stopping = False
 
     def setup(self) -> None:
@@ -74,6 +77,12 @@ class DrainService:
                 self.secret = wire.read_secret(drain.secret_file)
             except (OSError, wire.WireError) as exc:
                 raise DrainError(f"drain.secret_file: {exc}") from None
+        if drain.tls is not None:
+            try:
+                self.server_tls = tls.server_tls(drain.tls)
+                tls.client_context(drain.tls)  # loads now: a bad file stops start-up, not the drain
+            except (OSError, ssl.SSLError, TlsError) as exc:
+                raise DrainError(f"drain.tls: {exc}") from None
         if kube.enabled:
             try:
                 self.pod = pod_identity(kube)
@@ -85,8 +94,11 @@ class DrainService:
         if self.config.drain.listen is None or self.secret is None:
             return
         host, port = parse_host_port(self.config.drain.listen)
+        pod_name = self.pod.name if self.pod is not None else self.config.identity.pod_name
+        assert pod_name is not None  # filled in at load (mta.identity.pod)
         self.server = HandoffServer(host, port, self.secret, intake, queued,
-                                    self.config.limits.max_message_size, lambda: self.stopping)
+                                    self.config.limits.max_message_size, lambda: self.stopping,
+                                    pod_name=pod_name, tls=self.server_tls)
         await self.server.start()
 
     async def stop(self) -> None:
@@ -111,15 +123,23 @@ class DrainService:
             return None
         records = list(scheduler.records.values())
         event("drain_started", pod=pod.name, ordinal=pod.ordinal, replicas=replicas, messages=len(records))
-        if self.secret is None:
-            report = DrainReport(left=[r.id for r in records], errors=["drain.secret_file is not set"])
+        client_tls, server_name, tls_error = None, None, None
+        if self.config.drain.tls is not None:
+            server_name = self.config.drain.tls.server_name
+            try:  # from the files as they are now: cert-manager may have renewed them since start
+                client_tls = tls.client_context(self.config.drain.tls)
+            except (OSError, ssl.SSLError) as exc:
+                tls_error = f"drain.tls: {exc}"
+        if self.secret is None or tls_error is not None:
+            report = DrainReport(left=[r.id for r in records],
+                                 errors=[tls_error or "drain.secret_file is not set"])
         else:
             targets = peer_targets(self.config, pod, replicas)
             await asyncio.to_thread(try_event, api, "Draining",
                                     f"scaled down to {replicas} replicas: handing {len(records)} queued "
-                                    f"message(s) to {', '.join(targets) or 'no pod'}")
+                                    f"message(s) to {', '.join(t.address for t in targets) or 'no pod'}")
             deadline = time.monotonic() + self.config.drain.timeout
-            report = await hand_over(self.spool, records, targets, self.secret, deadline)
+            report = await hand_over(self.spool, records, targets, self.secret, deadline, client_tls, server_name)
         summary = f"moved={report.moved} duplicates={report.duplicates} left={len(report.left)}"
         if report.complete:
             event("drain_finished", pod=pod.name, moved=report.moved, duplicates=report.duplicates)

@@ -10,6 +10,7 @@ import pytest
 
 from mta.config import Config, KubernetesConfig
 from mta.drain import wire
+from mta.drain.sender import Target
 from mta.drain.service import peer_targets
 from mta.k8s.api import KubeApi, KubeError, try_event
 from mta.k8s.identity import IdentityError, PodIdentity, pod_identity
@@ -108,23 +109,49 @@ def test_wire_round_trip_and_signature() -> None:
     decoded, message = wire.decode(body)
     assert message == b"hello" and decoded.to_json() == record.to_json()
     secret = b"s" * 32
-    headers = wire.sign(secret, body, now=1_000_000)
-    wire.verify(secret, body, headers[wire.TIMESTAMP], headers[wire.SIGNATURE], now=1_000_100)
+    headers = wire.sign(secret, body, "kubemta-0", now=1_000_000)
+    assert wire.verify_headers(secret, headers, len(body), "kubemta-0", now=1_000_100) == headers[wire.NONCE]
+    wire.verify_body(headers, body)
     with pytest.raises(wire.WireError, match="bad signature"):
-        wire.verify(b"x" * 32, body, headers[wire.TIMESTAMP], headers[wire.SIGNATURE], now=1_000_000)
-    with pytest.raises(wire.WireError, match="bad signature"):
-        wire.verify(secret, body + b"!", headers[wire.TIMESTAMP], headers[wire.SIGNATURE], now=1_000_000)
+        wire.verify_headers(b"x" * 32, headers, len(body), "kubemta-0", now=1_000_000)
+    with pytest.raises(wire.WireError, match="bad signature"):  # the length is signed
+        wire.verify_headers(secret, headers, len(body) + 1, "kubemta-0", now=1_000_000)
+    for name in (wire.TIMESTAMP, wire.TARGET, wire.NONCE, wire.BODY_SHA256):
+        forged = {**headers, name: "1000001" if name == wire.TIMESTAMP else
+                  "kubemta-1" if name == wire.TARGET else "0" * (32 if name == wire.NONCE else 64)}
+        with pytest.raises(wire.WireError, match="bad signature"):
+            wire.verify_headers(secret, forged, len(body), "kubemta-0", now=1_000_000)
+    with pytest.raises(wire.WireError, match="signed for pod 'kubemta-0'"):
+        wire.verify_headers(secret, headers, len(body), "kubemta-1", now=1_000_000)
+    with pytest.raises(wire.WireError, match="not the one signed"):
+        wire.verify_body(headers, body + b"!")
     with pytest.raises(wire.WireError, match="too far"):
-        wire.verify(secret, body, headers[wire.TIMESTAMP], headers[wire.SIGNATURE], now=1_000_000 + 3600)
+        wire.verify_headers(secret, headers, len(body), "kubemta-0", now=1_000_000 + 3600)
     with pytest.raises(wire.WireError, match="unsigned"):
-        wire.verify(secret, body, None, None)
+        wire.verify_headers(secret, {}, len(body), "kubemta-0")
+    assert wire.sign(secret, body, "kubemta-0")[wire.NONCE] != wire.sign(secret, body, "kubemta-0")[wire.NONCE]
     with pytest.raises(wire.WireError, match="says 5"):
         wire.decode(body + b"more")
+
+
+def test_nonce_log_refuses_replays_forgets_after_the_window_and_is_bounded() -> None:
+    log = wire.NonceLog(max_entries=3, window=600)
+    log.add("a" * 32, now=0)
+    with pytest.raises(wire.ReplayError):
+        log.add("a" * 32, now=599)
+    log.add("b" * 32, now=10)
+    log.add("c" * 32, now=20)
+    with pytest.raises(wire.NonceLogFull):  # full of nonces still in their window: refuse, forget none
+        log.add("d" * 32, now=30)
+    log.add("d" * 32, now=601)  # "a" has left the window
+    assert len(log) == 3
+    log.add("a" * 32, now=1300)  # so may its nonce come again (its timestamp is stale by then)
+    assert len(log) == 1
 
 
 def test_peer_targets_are_the_pods_that_stay() -> None:
     config = Config()
     pod = PodIdentity("kubemta-3", "mail", "kubemta", 3)
-    assert peer_targets(config, pod, 2) == ["kubemta-0.kubemta-headless.mail.svc:8025",
-                                            "kubemta-1.kubemta-headless.mail.svc:8025"]
+    assert peer_targets(config, pod, 2) == [Target("kubemta-0.kubemta-headless.mail.svc:8025", "kubemta-0"),
+                                            Target("kubemta-1.kubemta-headless.mail.svc:8025", "kubemta-1")]
     assert peer_targets(config, PodIdentity("kubemta-0", "mail", "kubemta", 0), 1) == []

@@ -34,7 +34,8 @@ SCENARIOS = sorted(p.name for p in (ROOT / "kustomize/tests").iterdir() if p.is_
 COMPONENTS = sorted(p.name for p in (ROOT / "kustomize/components").iterdir() if p.is_dir())
 EXCLUSIVE = {"direct-delivery", "smarthost-relay"}  # two ways out: never both
 CRDS = {("cilium.io/v2", "CiliumEgressGatewayPolicy"), ("monitoring.coreos.com/v1", "ServiceMonitor"),
-        ("monitoring.coreos.com/v1", "PrometheusRule"), ("cert-manager.io/v1", "Certificate")}
+        ("monitoring.coreos.com/v1", "PrometheusRule"), ("cert-manager.io/v1", "Certificate"),
+        ("cert-manager.io/v1", "Issuer")}
 LABELS = {"app.kubernetes.io/name": "kubemta", "app.kubernetes.io/component": "mta"}
 # What an egress rule to "anywhere" must leave out: every private, shared,
 # link-local (cloud metadata) and loopback range, per family.
@@ -324,6 +325,30 @@ def test_overlays_have_the_replicas_and_routes_they_promise(tmp_path: Path) -> N
     assert find(production, "ServiceMonitor") and find(production, "Certificate")
     [ns] = find(production, "Namespace")
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_handoff_tls_reaches_every_pod_and_the_rescue_job(tmp_path: Path) -> None:
+    docs = render_dir(str(ROOT / "kustomize/tests/smarthost-autoscaling-rescue"))
+    config = check_config(docs, tmp_path)
+    tls = config["drain"]["tls"]
+    assert tls["server_name"] == "kubemta-handoff" and tls["client_ca_file"] == tls["ca_file"]
+    [certificate] = find(docs, "Certificate", "kubemta-handoff")
+    assert certificate["spec"]["dnsNames"] == [tls["server_name"]]
+    assert set(certificate["spec"]["usages"]) == {"server auth", "client auth"}
+    assert certificate["spec"]["issuerRef"] == {"kind": "Issuer", "name": "kubemta-handoff-ca"}
+    [ca_issuer] = find(docs, "Issuer", "kubemta-handoff-ca")
+    [ca] = find(docs, "Certificate", "kubemta-handoff-ca")
+    assert ca["spec"]["isCA"] and ca_issuer["spec"]["ca"]["secretName"] == ca["spec"]["secretName"]
+    for label, spec in pod_specs(docs):
+        if label not in ("StatefulSet/kubemta", "Job/kubemta-spool-rescue"):
+            continue
+        [container] = spec["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert "server_name: kubemta-handoff" in env["MTA__DRAIN__TLS"], label
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert mounts["handoff-tls"] == "/etc/kubemta/handoff-tls", label
+        assert volumes["handoff-tls"]["secret"]["secretName"] == certificate["spec"]["secretName"], label
 
 
 def test_embedded_base_config_passes_check_config(tmp_path: Path) -> None:

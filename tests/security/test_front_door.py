@@ -29,6 +29,7 @@ import trustme
 import yaml
 
 from mta.config import ConfigError, load
+from mta.drain import wire
 from mta.drain.receiver import HandoffServer
 from mta.intake import Intake
 from tests.conftest import World
@@ -503,14 +504,19 @@ def test_half_sent_requests_on_the_health_port_are_timed_out(world: World) -> No
 def test_half_sent_handoff_requests_are_timed_out() -> None:
     async def attack() -> tuple[list[bool], list[bytes], float]:
         port = free_port()
-        receiver = HandoffServer(HOST, port, b"secret", cast(Intake, None), set(), 1024, lambda: False,
-                                 header_timeout=1.0, body_timeout=1.0)
+        secret = b"s" * 32
+        receiver = HandoffServer(HOST, port, secret, cast(Intake, None), set(), 1024, lambda: False,
+                                 pod_name="mta-0", header_timeout=1.0, body_timeout=1.0)
         await receiver.start()
         try:
             heads = await asyncio.gather(*(Client.connect(port, source, preamble=b"POST /handoff HTTP/1.1\r\n")
                                            for source in ATTACKERS[:10]))
-            body = b"POST /v1/handoff HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nabc"
-            bodies = await asyncio.gather(*(Client.connect(port, source, preamble=body) for source in ATTACKERS[:10]))
+            def signed() -> bytes:  # signed (a nonce each), so the endpoint reads the body: which never comes whole
+                fields = "".join(f"{k}: {v}\r\n" for k, v in wire.sign(secret, b"x" * 1000, "mta-0").items())
+                return f"POST /v1/handoff HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n{fields}\r\nabc".encode()
+
+            bodies = await asyncio.gather(*(Client.connect(port, source, preamble=signed())
+                                            for source in ATTACKERS[:10]))
             started = time.monotonic()
             ended = await asyncio.gather(*(client.closed(5.0) for client in heads))
             answers = await asyncio.gather(*(client.reader.readline() for client in bodies))

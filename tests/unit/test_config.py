@@ -119,3 +119,22 @@ routes: [{{domains: ["*"], relay: "smtp.example.net:587", tls: starttls}}]
         loaded = config.load(path, {"POD_NAME": "mta-0"})
         assert config.Config.model_validate_json(loaded.model_dump_json()) == loaded, path
     assert config.load(extra, {"POD_NAME": "mta-0"}).hostname == "mta0.example.com"
+
+
+def test_drain_tls_needs_its_files_and_names_them(tmp_path: Path) -> None:
+    path = tmp_path / "mta.yaml"
+    path.write_text("drain: {listen: 127.0.0.1:8025, secret_file: /s, tls: {cert_file: /nonexistent.crt}}\n")
+    with pytest.raises(ConfigError) as caught:
+        config.load(path, environ={})
+    message = str(caught.value)
+    assert "drain.tls.cert_file: /nonexistent.crt is not a readable file" in message, message
+    assert "drain.tls.key_file" in message and "drain.tls.ca_file" in message, message
+    for name in ("tls.crt", "tls.key", "ca.crt"):
+        (tmp_path / name).write_text("x")
+    path.write_text(f"drain: {{listen: 127.0.0.1:8025, secret_file: /s, tls: {{cert_file: {tmp_path}/tls.crt, "
+                    f"key_file: {tmp_path}/tls.key, ca_file: {tmp_path}/ca.crt}}}}\n")
+    loaded = config.load(path, environ={})
+    assert loaded.drain.tls is not None and loaded.drain.tls.client_ca_file is None
+    # The keys of earlier versions load as they did: no tls, plain signed HTTP.
+    path.write_text("drain: {listen: 127.0.0.1:8025, secret_file: /s, peer_address: 'x-{ordinal}:8025', timeout: 1m}\n")
+    assert config.load(path, environ={}).drain.tls is None
