@@ -88,9 +88,11 @@ def _parser() -> argparse.ArgumentParser:
 def _add_user_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     user = sub.add_parser("user", parents=[common], help="manage AUTH users in the credentials file")
     usub = user.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, text in (("add", "add a user"), ("passwd", "change a user's password")):
+    for action, text in (("add", "add a user"), ("passwd", "change a user's password"),
+                         ("delete", "remove a user"), ("list", "list the users")):
         item = usub.add_parser(action, parents=[common], help=text)
-        item.add_argument("name")
+        if action != "list":
+            item.add_argument("name")
         item.add_argument("--listener", help="whose credentials file (default: the only one configured)")
 
 
@@ -182,6 +184,8 @@ def _user(config: Config, args: argparse.Namespace) -> int:
         print(f"mta user: say which listener's credentials file with --listener (listeners with auth: {names})",
               file=sys.stderr)
         return 2
+    if args.action in ("list", "delete"):
+        return _user_file(path, args)
     try:
         password = _read_password()
         if len(password) < 8:
@@ -191,6 +195,23 @@ def _user(config: Config, args: argparse.Namespace) -> int:
         print(f"mta user: {exc}", file=sys.stderr)
         return 1
     print(f"{'added' if args.action == 'add' else 'changed the password of'} user {args.name} in {path}")
+    return 0
+
+
+def _user_file(path: Any, args: argparse.Namespace) -> int:
+    """``mta user list`` and ``mta user delete``: the file only; a running server re-reads it."""
+    from mta.auth.credentials import remove_user, user_names
+
+    try:
+        if args.action == "list":
+            for name in user_names(path):
+                print(name)
+            return 0
+        remove_user(path, args.name)
+    except (CredentialsError, OSError) as exc:
+        print(f"mta user: {exc}", file=sys.stderr)
+        return 1
+    print(f"deleted user {args.name} from {path}")
     return 0
 
 

@@ -11,8 +11,8 @@ keeps the previous users in force and logs why.  Verification is
 constant-time, and an unknown user costs one scrypt computation like a
 known one, so timing does not tell which names exist.
 
-``set_password`` rewrites the file atomically and durably
-(``spool.safeio``).
+``set_password`` and ``remove_user`` rewrite the file atomically and
+durably (``spool.safeio``); ``user_names`` lists it.
 
 Failure: ``CredentialsError`` naming the file and line; ``OSError`` when
 ``set_password`` cannot write the file (the previous file stays whole).
@@ -153,4 +153,32 @@ def set_password(path: Path, user: str, password: str, *, create: bool) -> None:
     lines = [line for line in text.splitlines() if line.strip().startswith("#")]
     lines += [f"{name}:{encoded}" for name, encoded in users.items()]
     # Readers (every pod, on each refresh) see the old file or the new, never a part.
+    write_file(path, ("\n".join(lines) + "\n").encode(), FILE_MODE)
+
+
+def user_names(path: Path) -> list[str]:
+    """The users of a credentials file, in file order; [] when the file does not exist yet."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise CredentialsError(f"{path}: cannot read credentials: {exc.strerror}") from None
+    return list(parse(text, str(path)))
+
+
+def remove_user(path: Path, user: str) -> None:
+    """Delete a user's entry, rewriting the file atomically; comments stay."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        text = ""
+    users = parse(text, str(path))
+    if user not in users:
+        raise CredentialsError(f"user {user!r} is not in {path}")
+    del users[user]
+    lines = [line for line in text.splitlines() if line.strip().startswith("#")]
+    lines += [f"{name}:{encoded}" for name, encoded in users.items()]
     write_file(path, ("\n".join(lines) + "\n").encode(), FILE_MODE)

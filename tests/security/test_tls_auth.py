@@ -187,3 +187,23 @@ def _plain(user: str, password: str) -> str:
     import base64
 
     return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+def test_user_list_and_delete_take_effect_on_the_running_server(secure: Secure) -> None:
+    def user(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["python3", "-P", "-m", "mta.cli", "user", *args, "-c", str(secure.server.config_path),
+                               "--listener", "submission"], capture_output=True, text=True, timeout=60,
+                              cwd=secure.server.workdir)
+
+    assert secure.add_user("leaving", "leaving password").returncode == 0
+    listed = user("list")
+    assert listed.returncode == 0 and "leaving" in listed.stdout.split() and "app" in listed.stdout.split()
+    with secure.client(secure.submission, tls=True) as client:
+        client.login("leaving", "leaving password")
+    deleted = user("delete", "leaving")
+    assert deleted.returncode == 0, deleted.stderr
+    assert "leaving" not in user("list").stdout.split()
+    with secure.client(secure.submission, tls=True) as client, pytest.raises(smtplib.SMTPAuthenticationError):
+        client.login("leaving", "leaving password")
+    again = user("delete", "leaving")
+    assert again.returncode == 1 and "is not in" in again.stderr
