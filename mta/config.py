@@ -332,6 +332,9 @@ class LimitsConfig(Section):
     # CRLF included; RFC 5321 §4.5.3.1.6 says 1000, legacy apps send longer
     # lines, which are accepted and re-encoded before delivery (mta.content).
     max_line_length: int = Field(1024 * 1024, ge=1000)
+    # DATA held in memory by all sessions of a process together (452 4.3.1
+    # beyond it); by default twice max_message_size (``data_in_flight``).
+    max_data_in_flight: Size | None = None
     max_hops: int = Field(50, ge=1)  # Received: fields a message may already carry (a loop beyond)
     max_command_length: int = Field(512, ge=512)  # RFC 5321 §4.5.3.1.4
     session_timeout: Duration = 300.0  # per command (RFC 5321 §4.5.3.2.7)
@@ -359,7 +362,14 @@ class LimitsConfig(Section):
         # The default follows a smaller max_message_size; a value given may not pass it.
         if "max_line_length" in self.model_fields_set and self.max_line_length > self.max_message_size:
             raise ValueError(f"max_line_length: must not be above max_message_size ({self.max_message_size})")
+        if self.max_data_in_flight is not None and self.max_data_in_flight < self.max_message_size:
+            raise ValueError(f"max_data_in_flight: must be at least max_message_size ({self.max_message_size}),"
+                             " or no message of that size could be received")
         return self
+
+    @property
+    def data_in_flight(self) -> int:
+        return self.max_data_in_flight or 2 * self.max_message_size
 
     @property
     def line_limit(self) -> int:

@@ -109,6 +109,7 @@ CONTENT_UNREPRESENTABLE = Reply(550, "5.6.0", "A line over 998 octets is in a pa
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops (Received: header fields): is there a mail loop?")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message too big")
+DATA_BUSY = Reply(452, "4.3.1", "Too much mail in transfer at once, try again later")
 LOCAL_ERROR = Reply(451, "4.3.0", "Requested action aborted: local error in processing")
 INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")

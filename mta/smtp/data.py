@@ -34,12 +34,41 @@ from mta.content import line_over
 END = b".\r\n"
 TOO_LONG = "line"
 TOO_MUCH = "size"
+BUSY = "busy"  # the process holds limits.max_data_in_flight already
+
+
+class InFlight:
+    """Bytes of DATA held in memory by the sessions of one process, against one bound.
+
+    One per process and bound (``for_process``): every listener's sessions
+    draw on it, so 20 clients sending 24 MiB at once cannot take 920 MB.
+    """
+
+    _per_process: dict[int, InFlight] = {}
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    @classmethod
+    def for_process(cls, limit: int) -> InFlight:
+        return cls._per_process.setdefault(limit, cls(limit))
+
+    def take(self, size: int) -> bool:
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.held -= size
 
 
 @dataclass
 class Content:
     data: bytes  # without the final dot line, dots removed; empty when refused
-    problem: str | None = None  # TOO_LONG or TOO_MUCH
+    problem: str | None = None  # TOO_LONG, TOO_MUCH or BUSY
+    held: int = 0  # bytes taken from the InFlight bound: given back once the message is stored
 
 
 async def _next_block(reader: asyncio.StreamReader) -> bytes:
@@ -60,40 +89,66 @@ def _ends_content(tail: bytes, block: bytes) -> bool:
     return before == b"\r\n"
 
 
-async def read_content(reader: asyncio.StreamReader, size_limit: int | None, line_limit: int) -> Content:
-    """Read one message's content after ``354``; ``line_limit`` includes the CRLF."""
+async def read_content(reader: asyncio.StreamReader, size_limit: int | None, line_limit: int,
+                       in_flight: InFlight | None = None) -> Content:
+    """Read one message's content after ``354``; ``line_limit`` includes the CRLF.
+
+    Each block kept is taken from ``in_flight``; when it is spent, the rest
+    is read and dropped (``BUSY``) and what was taken is given back.
+    """
     blocks: list[bytes] = []
     total = 0
+    held = 0
     tail = b"\r\n"  # the content starts at the beginning of a line
     problem: str | None = None
     while True:
-        block = await _next_block(reader)
+        try:
+            block = await _next_block(reader)
+        except BaseException:
+            if in_flight is not None:
+                in_flight.give(held)  # the client went away: nothing of it is kept
+            raise
         last = _ends_content(tail, block)
         if last:
             block = block[:-3]
         total += len(block)
-        if size_limit and total > size_limit:
+        if problem is None and size_limit and total > size_limit:
             problem = TOO_MUCH
-            blocks.clear()  # refused anyway: keep memory flat while draining
-        else:
+        elif problem is None and in_flight is not None and not in_flight.take(len(block)):
+            problem = BUSY
+        elif problem is None:
+            held += len(block)
             blocks.append(block)
+        if problem is not None and blocks:
+            blocks.clear()  # refused anyway: keep memory flat while draining
+            if in_flight is not None:
+                in_flight.give(held)
+            held = 0
         if last:
             break
         tail = (tail + block[-4:])[-4:]
     if problem is not None:
         return Content(b"", problem)
     raw = b"".join(blocks)
+    blocks.clear()
     # Any line end counts: a message with bare LF ends is many lines, not one.
     if line_over(raw, line_limit - 2):
+        if in_flight is not None:
+            in_flight.give(held)
         return Content(b"", TOO_LONG)
     if raw[:1] == b"." or b"\r\n." in raw:
         # Transparency (RFC 5321 §4.5.2): drop the first dot of every line.
         raw = (b"\r\n" + raw).replace(b"\r\n.", b"\r\n")[2:]
-    return Content(raw)
+    return Content(raw, held=held)
+
+
+_REFUSALS = {TOO_LONG: replies.LINE_TOO_LONG, TOO_MUCH: replies.MESSAGE_TOO_BIG, BUSY: replies.DATA_BUSY}
 
 
 class DataCommand(SMTP):
     """aiosmtpd's DATA command with the content read in blocks (``read_content``)."""
+
+    data_in_flight_limit = 2**62  # limits.max_data_in_flight, set per listener
 
     async def _data(self, arg: str) -> None:
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
@@ -106,17 +161,25 @@ class DataCommand(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        in_flight = InFlight.for_process(self.data_in_flight_limit)
         try:
-            content = await read_content(self._reader, self.data_size_limit, self.line_length_limit)
+            content = await read_content(self._reader, self.data_size_limit, self.line_length_limit, in_flight)
         except asyncio.IncompleteReadError:
             # The client went away in the middle: nothing of it is kept, and
             # aiosmtpd ends the session quietly on a reset.
             raise ConnectionResetError("connection closed during DATA") from None
         if content.problem is not None:
             self._set_post_data_state()
-            await self.push(str(replies.LINE_TOO_LONG if content.problem == TOO_LONG else replies.MESSAGE_TOO_BIG))
+            await self.push(str(_REFUSALS[content.problem]))
             return
-        self.envelope.content = self.envelope.original_content = content.data
-        status = await self._call_handler_hook("DATA")
+        held = content.held
+        try:
+            self.envelope.content = self.envelope.original_content = content.data
+            del content
+            status = await self._call_handler_hook("DATA")
+        finally:
+            # Stored or refused: the copies made on the way are gone with the handler's frame.
+            self.envelope.content = self.envelope.original_content = None
+            in_flight.give(held)
         self._set_post_data_state()
         await self.push("250 OK" if status is MISSING else status)

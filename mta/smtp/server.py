@@ -367,6 +367,7 @@ class Listener:
             loop=asyncio.get_running_loop(),
         )
         protocol.line_length_limit = limits.line_limit + 1  # + the transparency dot
+        protocol.data_in_flight_limit = limits.data_in_flight
         protocol.command_size_limit = limits.max_command_length
         return protocol
 

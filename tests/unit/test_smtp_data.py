@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from mta.smtp.data import TOO_LONG, TOO_MUCH, Content, read_content
+from mta.smtp.data import BUSY, TOO_LONG, TOO_MUCH, Content, InFlight, read_content
 
 LIMIT = 1001  # line limit with CRLF, as the listener sets it
 
@@ -93,3 +93,23 @@ def test_line_exactly_at_the_limit_is_accepted() -> None:
 def test_connection_closed_before_the_end_raises() -> None:
     with pytest.raises(asyncio.IncompleteReadError):
         asyncio.run(feed_and_read([b"Subject: cut\r\n", b"body\r\n"]))
+
+
+def test_in_flight_bound_refuses_past_it_and_gives_back_what_it_took() -> None:
+    bound = InFlight(10_000)
+    held_elsewhere = 6_000
+    assert bound.take(held_elsewhere)
+    wire = b"Subject: s\r\n\r\n" + b"y" * 900 + b"\r\n" + (b"z" * 900 + b"\r\n") * 8 + b".\r\nQUIT\r\n"
+
+    async def read() -> tuple[Content, bytes]:
+        reader = asyncio.StreamReader(limit=LIMIT)
+        reader.feed_data(wire)
+        reader.feed_eof()
+        return await read_content(reader, None, LIMIT, bound), await reader.read()
+
+    content, after = asyncio.run(read())
+    assert (content.problem, after) == (BUSY, b"QUIT\r\n")  # read to its end, nothing kept
+    assert bound.held == held_elsewhere
+    bound.give(held_elsewhere)
+    content, _ = asyncio.run(read())
+    assert content.problem is None and content.held == len(content.data) and bound.held == content.held
