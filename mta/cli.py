@@ -54,6 +54,14 @@ def _parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="(internal) a receiving process that mta serve starts (workers: N)")
     worker.add_argument("--channel-fd", type=int, required=True)
     sub.add_parser("check-config", parents=[common], help="validate the configuration and print it")
+    send = sub.add_parser("send", parents=[common], help="send a test message through the local relay listener")
+    send.add_argument("--to", required=True, action="append", metavar="ADDRESS", help="a recipient (repeatable)")
+    send.add_argument("--from", dest="sender", metavar="ADDRESS", help="default: postmaster@<hostname>")
+    send.add_argument("--subject", default="kubemta test message")
+    send.add_argument("--body", default="This is a test message sent with mta send.\n",
+                      help="the text; '-' reads it from standard input")
+    send.add_argument("--wait", action="store_true", help="follow the message until it leaves the queue")
+    send.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="for --wait")
     _drain_parser(sub, common)
     _add_user_parser(sub, common)
     _add_dkim_parser(sub, common)
@@ -212,6 +220,26 @@ def _user_file(path: Any, args: argparse.Namespace) -> int:
         print(f"mta user: {exc}", file=sys.stderr)
         return 1
     print(f"deleted user {args.name} from {path}")
+    return 0
+
+
+def _send(config: Config, args: argparse.Namespace) -> int:
+    from mta import send
+
+    sender = args.sender or f"postmaster@{config.hostname}"
+    body = sys.stdin.read() if args.body == "-" else args.body
+    try:
+        queue_id = send.submit(config, sender, args.to, send.build(config, sender, args.to, args.subject, body))
+        print(queue_id)
+        sys.stdout.flush()
+        if args.wait:
+            def show(record_id: str) -> dict[str, Any] | None:
+                return queue_request(config, "show", [record_id]).get(record_id)
+
+            send.follow(queue_id, show, lambda line: print(escape(f"{queue_id}: {line}"), flush=True), args.timeout)
+    except (send.SendError, control.ControlError) as exc:
+        print(f"mta send: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -456,6 +484,8 @@ def _main(argv: list[str] | None = None) -> int:
         return _serve(config)
     if args.command == "drain":
         return _drain(config, args)
+    if args.command == "send":
+        return _send(config, args)
     if args.command == "check-config":
         return _check_config(config)
     if args.command == "user":

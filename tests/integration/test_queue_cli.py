@@ -86,3 +86,29 @@ def test_queue_commands_work_on_the_spool_when_no_server_runs(world: World) -> N
     assert server.queue("release", first).returncode == 0
     down.wait_for_messages(1, timeout=20)
     server.wait_queue_empty()
+
+
+def test_mta_send_prints_the_queue_id_and_waits_for_the_outcome(world: World) -> None:
+    dest = world.sink("dest")
+    server = world.mta()
+    done = server.cli("send", "--to", "user@dest.test", "--subject", "from mta send", "--wait", "--timeout", "60",
+                      timeout=90)
+    assert done.returncode == 0, done.stderr + done.stdout
+    lines = done.stdout.splitlines()
+    queue_id = lines[0]
+    assert queue_id.isalnum() and len(queue_id) >= 8
+    assert lines[-1].startswith(f"{queue_id}: left the queue")
+    [message] = dest.wait_for_messages(1, timeout=20)
+    assert message.recipients == ["user@dest.test"]
+    parsed = email.message_from_bytes(message.data, policy=email.policy.default)
+    assert parsed["Subject"] == "from mta send" and parsed["From"] == "postmaster@mta.kubemta.test"
+
+
+def test_mta_send_wait_reports_deferrals_and_gives_up_with_exit_1(world: World) -> None:
+    server = world.mta()
+    done = server.cli("send", "--to", "user@down.test", "--body", "deferred\n", "--wait", "--timeout", "5", timeout=60)
+    assert done.returncode == 1
+    queue_id = done.stdout.splitlines()[0]
+    assert f"{queue_id}: <user@down.test> pending" in done.stdout
+    assert "still queued" in done.stderr
+    assert [item["id"] for item in server.queue_list()] == [queue_id]
