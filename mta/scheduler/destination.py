@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from mta.delivery.courier import Parcel
 from mta.delivery.route import NextHop
+from mta.dsnrequest import MailRequest, RecipientRequest
 from spool import Record
 
 # How long a lane waits for more mail for the same next hop before it ends:
@@ -33,10 +34,14 @@ class Job:
     def parcel(self) -> Parcel:
         record = self.record
         attrs = record.attrs
+        wanted = set(self.recipients)
         # What receive measured; a record from before it did has only what the client declared.
         return Parcel(record.id, record.sender, self.recipients, record.size,
                       smtputf8=bool(attrs.get("smtputf8") or attrs.get("utf8_headers")),
-                      eight_bit=bool(attrs.get("8bit", attrs.get("8bitmime"))))
+                      eight_bit=bool(attrs.get("8bit", attrs.get("8bitmime"))),
+                      dsn=MailRequest.from_attrs(attrs),
+                      recipient_dsn={r.address: RecipientRequest.from_attrs(r.attrs) for r in record.recipients
+                                     if r.attrs and r.address in wanted})
 
 
 @dataclass
