@@ -19,8 +19,12 @@ import contextlib
 import logging
 import os
 import signal
+import sqlite3
 import time
 
+from mta.api.idempotency import IdempotencyStore
+from mta.api.keys import ApiKeys
+from mta.api.server import ApiServer
 from mta.auth.credentials import Credentials, CredentialsError
 from mta.config import Config
 from mta.control import ControlServer, socket_path
@@ -33,6 +37,7 @@ from mta.dkim.keys import DkimKeyError, SigningKey
 from mta.dkim.signer import Signer
 from mta.drain.service import DrainError, DrainService
 from mta.identity.monitor import IdentityMonitor
+from mta.intake import Intake
 from mta.k8s.api import try_event
 from mta.obs.http import HealthServer
 from mta.obs.log import event
@@ -44,7 +49,7 @@ from mta.scheduler.queue import Scheduler, assemble
 from mta.secret_files import readable_by_others
 from mta.smtp.server import Listener
 from mta.smtp.session import AuthServices, SessionHandler
-from mta.smtp.tls import TlsError
+from mta.smtp.tls import ServerTls, TlsError
 from mta.suppression import SuppressionError, open_list
 from mta.workers import shared
 from mta.workers.supervisor import WorkerError, Workers
@@ -66,6 +71,8 @@ class App:
         self.obs = Observability(config)  # metrics, JSON logs, disk guard, webhooks
         self.drain = DrainService(config, self.spool)  # handoff endpoint and scale-down drain
         self.tls_policy: TlsPolicy | None = None  # outbound TLS for direct delivery, built with the connector
+        self.api: ApiServer | None = None
+        self.idempotency: IdempotencyStore | None = None
 
     def _connector(self) -> Connector:
         config = self.config
@@ -173,6 +180,7 @@ class App:
                     raise StartupError(f"listener {item.name!r} cannot listen on {item.address}: "
                                        f"{exc.strerror}") from None
                 self.listeners.append(listener)
+            await self._start_api(intake, services, scheduler)
             try:
                 await control.start()
                 await health.start()
@@ -197,6 +205,31 @@ class App:
             await identity.stop()
             await self._shutdown(scheduler, scheduler_task, control, health, workers)
 
+    async def _start_api(self, intake: Intake, services: AuthServices, scheduler: Scheduler) -> None:
+        """The HTTP send API, when ``http_api.address`` is set: same intake, same rates as SMTP AUTH."""
+        config = self.config.http_api
+        if config.address is None:
+            return
+        assert config.keys_file is not None
+        try:
+            keys = ApiKeys(Credentials(config.keys_file), services.gate, self.config.limits.auth_failure_delay)
+            tls = ServerTls(config.tls.cert_file, config.tls.key_file).current() if config.tls else None
+            self.idempotency = IdempotencyStore(self.config.spool.path / "idempotency.db")
+        except CredentialsError as exc:
+            raise StartupError(f"http_api.keys_file: {exc}") from None
+        except TlsError as exc:
+            raise StartupError(f"http_api.tls: {exc}") from None
+        except sqlite3.Error as exc:
+            raise StartupError(f"http_api: cannot open {self.config.spool.path / 'idempotency.db'}: {exc}") \
+                from None
+        self.api = ApiServer(self.config, intake, keys, services.rates,
+                             admission=[storage(self.obs.disk.ready, "http_api")], records=scheduler.records,
+                             idempotency=self.idempotency, stopping=lambda: self.stopping, tls=tls)
+        try:
+            await self.api.start()
+        except OSError as exc:
+            raise StartupError(f"http_api.address {config.address}: {exc.strerror}") from None
+
     async def _wait_for_signal(self, scheduler_task: asyncio.Task[None]) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -217,6 +250,8 @@ class App:
         deadline = loop.time() + self.config.shutdown.timeout
         for listener in self.listeners:
             listener.stop_accepting()
+        if self.api is not None:
+            await self.api.stop()  # answers in flight are sent; what was answered 202 is on disk
         # Workers finish their sessions too, and announce what they stored, before delivery stops.
         await asyncio.gather(workers.stop(deadline), *(listener.drain(deadline) for listener in self.listeners))
         await scheduler.stop(time.monotonic() + max(0.0, deadline - loop.time()))
@@ -233,6 +268,8 @@ class App:
         if self.tls_policy is not None:
             self.tls_policy.close()  # what the STARTTLS memory has not written yet
         self.spool.close()
+        if self.idempotency is not None:
+            self.idempotency.close()
         if scheduler.suppressions is not None:
             scheduler.suppressions.close()
         event("stopped")

@@ -1,4 +1,4 @@
-"""The ``mta`` command: serve, check-config, user, dkim, doctor, tls, queue, suppress.
+"""The ``mta`` command: serve, check-config, user, api-key, dkim, doctor, tls, queue, suppress.
 
 Every subcommand takes ``-c FILE`` (or ``$MTA_CONFIG``) and the same
 ``MTA__...`` environment overrides as the server.  ``mta queue`` talks to
@@ -25,6 +25,7 @@ from typing import Any
 
 from mta import config as config_module
 from mta import control, suppress_cli
+from mta.api import keys_cli
 from mta.auth.credentials import CredentialsError, set_password
 from mta.config import Config, ConfigError
 from mta.hostport import parse_host_port
@@ -66,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_user_parser(sub, common)
     _add_dkim_parser(sub, common)
     suppress_cli.add_parser(sub, common)
+    keys_cli.add_parser(sub, common)
     doctor = sub.add_parser("doctor", parents=[common], help="run the deliverability self-checks once")
     doctor.add_argument("--json", action="store_true", help="one JSON array of {name, status, reason}")
     doctor.add_argument("--strict", action="store_true", help="exit 1 on a warning too, not only on a failure")
@@ -494,6 +496,8 @@ def _main(argv: list[str] | None = None) -> int:
         return _dkim(args)
     if args.command == "suppress":
         return suppress_cli.run(config, args)
+    if args.command == "api-key":
+        return keys_cli.run(config, args)
     if args.command == "doctor":
         return _doctor(config, args.json, args.strict)
     if args.command == "tls":

@@ -518,6 +518,40 @@ class HttpConfig(Section):
         return parse_host_port(self.address)
 
 
+class HttpApiConfig(Section):
+    """The HTTP send API (``mta.api``): off until ``address`` is set."""
+
+    address: str | None = None  # e.g. 0.0.0.0:8443
+    tls: TlsConfig | None = None  # without it the API speaks plain HTTP (behind a mesh or on loopback)
+    # ``account:$scrypt$...`` lines, the credentials file's format: the key is
+    # ``<account>.<secret>`` and the file holds the secret's hash (``mta api-key add``).
+    keys_file: Path | None = Field(None, validate_default=True)
+    # A request body larger than this is refused (413) before it is read;
+    # None: limits.max_message_size with room for base64 and JSON.
+    max_request_size: Size | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_host_port(value)
+        return value
+
+    @field_validator("keys_file")
+    @classmethod
+    def _keys_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if info.data.get("address") is not None and value is None:
+            raise ValueError("required when address is set: every request is authenticated by an API key")
+        if value is not None and not value.parent.is_dir():
+            raise ValueError(f"directory {value.parent} does not exist")
+        return value
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        assert self.address is not None
+        return parse_host_port(self.address)
+
+
 class ShutdownConfig(Section):
     # Keep below the pod's terminationGracePeriodSeconds.
     timeout: Duration = 25.0
@@ -806,6 +840,7 @@ class Config(Section):
     shaping: ShapingConfig = ShapingConfig()
     authserv_id: str | None = None  # the name in our Authentication-Results; default: hostname
     http: HttpConfig = HttpConfig()
+    http_api: HttpApiConfig = HttpApiConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()

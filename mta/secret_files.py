@@ -33,6 +33,10 @@ def secret_files(config: Config) -> list[tuple[str, Path]]:
     for n, route in enumerate(config.routes):
         if route.auth_file is not None:
             found.append((f"routes.{n}.auth_file", route.auth_file))
+    if config.http_api.keys_file is not None:
+        found.append(("http_api.keys_file", config.http_api.keys_file))
+        if config.http_api.tls is not None:
+            found.append(("http_api.tls.key_file", config.http_api.tls.key_file))
     if config.drain.secret_file is not None:
         found.append(("drain.secret_file", config.drain.secret_file))
     if config.drain.tls is not None:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from email.utils import getaddresses
 
-from mta import replies
+from mta import message, replies
 from mta.config import AccountPolicy
 from mta.replies import Rejected
 from mta.sliding_window import SlidingWindow
@@ -57,6 +57,17 @@ def check_from_header(policy: AccountPolicy, header_values: list[str]) -> None:
 def check_size(policy: AccountPolicy, size: int) -> None:
     if policy.max_message_size is not None and size > policy.max_message_size:
         raise Rejected(replies.ACCOUNT_TOO_BIG, f"{size} bytes")
+
+
+def check_message(policy: AccountPolicy, data: bytes) -> None:
+    """After the content policy (``mta.content``), at DATA or an API submission: size and From: addresses."""
+    check_size(policy, len(data))
+    if policy.from_addresses == ["*"]:
+        return
+    header, _ = message.split_header(data)
+    values = [f.split(b":", 1)[1].decode("utf-8", "replace")
+              for f in message.header_fields(header) if f.lower().startswith(b"from:")]
+    check_from_header(policy, values)
 
 
 def check_recipient_count(policy: AccountPolicy, count: int) -> None:

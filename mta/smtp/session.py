@@ -25,7 +25,7 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
-from mta import content, message, receive, replies
+from mta import content, receive, replies
 from mta.auth.credentials import Credentials
 from mta.auth.gate import AuthGate
 from mta.auth.throttle import Throttle
@@ -244,14 +244,7 @@ class SessionHandler(DispatchNames):
     def _check_account(self, data: bytes, user: str | None) -> None:
         if user is None:
             return
-        policy = self.config.accounts.policy(user)
-        account.check_size(policy, len(data))
-        if policy.from_addresses == ["*"]:
-            return
-        header, _ = message.split_header(data)
-        values = [f.split(b":", 1)[1].decode("utf-8", "replace")
-                  for f in message.header_fields(header) if f.lower().startswith(b"from:")]
-        account.check_from_header(policy, values)
+        account.check_message(self.config.accounts.policy(user), data)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         queue_id = new_id()
