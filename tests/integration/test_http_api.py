@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import trustme
 
 from tests.conftest import World
 from tests.harness import HOST, MtaServer
@@ -33,11 +34,12 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def api_mta(world: World, recorder: Recorder, extra: dict[str, Any] | None = None,
-            accounts: tuple[str, ...] = ("billing",)) -> tuple[MtaServer, dict[str, str]]:
+            accounts: tuple[str, ...] = ("billing",),
+            tls: dict[str, str] | None = None) -> tuple[MtaServer, dict[str, str]]:
     """A real ``mta serve`` with the API on, relaying everything to ``recorder``; the keys by account."""
     api_port = free_port(HOST)
     config = {
-        "http_api": {"address": f"{HOST}:{api_port}", "keys_file": "{keys}"},
+        "http_api": {"address": f"{HOST}:{api_port}", "keys_file": "{keys}", **({"tls": tls} if tls else {})},
         "routes": [{"domains": ["*"], "relay": f"{HOST}:{recorder.port}", "tls": "none"}],
         "accounts": {"users": {"billing": {"senders": ["@billing.test"], "from_addresses": ["@billing.test"]}}},
         **(extra or {}),
@@ -56,7 +58,7 @@ def api_mta(world: World, recorder: Recorder, extra: dict[str, Any] | None = Non
     assert "$scrypt$" in keys_file.read_text() and keys["billing"].split(".")[1] not in keys_file.read_text()
     server.start()
     wait_port(HOST, api_port, timeout=10)
-    server.api_url = f"http://{HOST}:{api_port}"  # type: ignore[attr-defined]
+    server.api_url = f"{'https' if tls else 'http'}://{HOST}:{api_port}"  # type: ignore[attr-defined]
     return server, keys
 
 
@@ -289,3 +291,30 @@ def test_readme_curl_examples_work_as_written(world: World) -> None:
             for part in email.message_from_bytes(m.data, policy=email.policy.default).iter_attachments()]
     assert BLOB in pdfs, "the curl example's attachment arrives byte for byte"
     assert any(m.data.endswith(b"\r\nhello\r\n") for m in received)
+
+
+def test_the_api_over_tls_with_curl(world: World) -> None:
+    ca = trustme.CA()
+    directory = world.root / "api-tls"
+    directory.mkdir()
+    cert = ca.issue_cert(HOST)
+    cert.private_key_pem.write_to_path(str(directory / "tls.key"))
+    (directory / "tls.key").chmod(0o600)
+    cert.cert_chain_pems[0].write_to_path(str(directory / "tls.crt"))
+    ca.cert_pem.write_to_path(str(directory / "ca.crt"))
+    with Recorder() as recorder:
+        server, keys = api_mta(world, recorder, tls={"cert_file": str(directory / "tls.crt"),
+                                                     "key_file": str(directory / "tls.key")})
+        assert url(server).startswith("https://")
+        body = json.dumps({"from": "a@billing.test", "to": "tls@dest.test", "text": "over TLS"})
+        done = subprocess.run(["curl", "-sS", "--fail-with-body", "--cacert", str(directory / "ca.crt"),
+                               f"{url(server)}/v1/messages", "-H", f"Authorization: Bearer {keys['billing']}",
+                               "-H", "Content-Type: application/json", "-d", body],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (done.stdout, done.stderr)
+        queue_id = json.loads(done.stdout)["id"]
+        plain = subprocess.run(["curl", "-sS", f"http://{url(server).split('://')[1]}/v1/openapi.json"],
+                               capture_output=True, text=True, timeout=60)
+        assert plain.returncode != 0 or "openapi" not in plain.stdout, "no plain HTTP on a TLS listener"
+        [received] = recorder.wait_for(1, timeout=30)
+    assert f"with HTTPS id {queue_id}".encode() in received.data
