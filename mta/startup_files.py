@@ -4,8 +4,9 @@ The configuration's validators see only that a file is readable; whether a
 PEM key parses, a certificate matches its key or a credentials file is well
 formed is found by the part that loads it, at start, when a rollout is
 already crash-looping.  ``problems`` runs those same loaders — DKIM keys,
-listener certificates and keys, credentials files, smart-host logins, the
-drain secret — so a bad Secret is caught before it is mounted in a pod.
+listener certificates and keys, credentials files, the HTTP API's keys
+file and certificate, smart-host logins, the drain secret — so a bad
+Secret is caught before it is mounted in a pod.
 
 Failure: none raised; each file that would stop ``mta serve`` gives one
 line naming its config key and the reason.
@@ -35,6 +36,17 @@ def problems(config: Config) -> list[str]:
                 Credentials(listener.auth.credentials_file)
             except CredentialsError as exc:
                 found.append(f"listeners.{n}.auth.credentials_file: {exc}")
+    api = config.http_api
+    if api.address is not None and api.keys_file is not None:
+        try:
+            Credentials(api.keys_file)
+        except CredentialsError as exc:
+            found.append(f"http_api.keys_file: {exc}")
+        if api.tls is not None:
+            try:
+                ServerTls(api.tls.cert_file, api.tls.key_file)
+            except TlsError as exc:
+                found.append(f"http_api.tls: {exc}")
     for n, key in enumerate(config.dkim.keys):
         try:
             SigningKey.load(key.domain, key.selector, key.key_file)

@@ -137,11 +137,12 @@ dkim:
   keys: [{{domain: example.com, selector: s1, key_file: {bad_key}}}]
 routes: [{{domains: ["*"], relay: "smtp.esp.example:587", auth_file: {relay_login}}}]
 drain: {{secret_file: {drain_secret}}}
+http_api: {{address: "127.0.0.1:2588", keys_file: {credentials}, tls: {{cert_file: {cert}, key_file: {cert}}}}}
 """)
     done = mta("check-config", "-c", str(config), cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     for key in ("listeners.0.tls", "listeners.0.auth.credentials_file", "dkim.keys.0.key_file",
-                "routes.0.auth_file", "drain.secret_file"):
+                "routes.0.auth_file", "drain.secret_file", "http_api.keys_file", "http_api.tls"):
         assert f"\n{key}: " in done.stderr, (key, done.stderr)
     assert "configuration OK" not in done.stderr
     served = mta("serve", "-c", str(config), cwd=tmp_path)
