@@ -32,12 +32,15 @@ ARG UID=10001
 LABEL org.opencontainers.image.title="kubemta" \
       org.opencontainers.image.description="A self-hosted SMTP mail transfer agent for Kubernetes" \
       org.opencontainers.image.licenses="Apache-2.0"
+# No configuration is baked in: `podman run IMAGE` starts on the embedded default
+# (loopback listener, spool under the working directory).  The Kubernetes one
+# (manifests/mta.yaml) names a StatefulSet pod and its Secrets, so it comes
+# with the manifests' ConfigMap, which sets MTA_CONFIG; elsewhere mount a file
+# and pass -e MTA_CONFIG=... .
 ENV PATH=/opt/kubemta/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    MTA_CONFIG=/etc/kubemta/mta.yaml
+    PYTHONUNBUFFERED=1
 COPY --from=build /opt/kubemta /opt/kubemta
-COPY manifests/mta.yaml /etc/kubemta/mta.yaml
 RUN mkdir -p /var/spool/kubemta \
  && chown ${UID}:${UID} /var/spool/kubemta \
  && chmod 0750 /var/spool/kubemta \

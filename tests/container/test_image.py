@@ -78,7 +78,7 @@ def test_image_runs_read_only_as_non_root_delivers_and_stops_on_sigterm(
         started = podman("run", "-d", "--name", container_name, *image.RUN_LIMITS, "--network", "host",
                          "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
                          "-v", f"{spool}:/var/spool/kubemta", "-v", f"{config_file}:/etc/kubemta/mta.yaml:ro",
-                         image.IMAGE, timeout=120)
+                         "-e", "MTA_CONFIG=/etc/kubemta/mta.yaml", image.IMAGE, timeout=120)
         assert started.returncode == 0, started.stderr
 
         def logs() -> str:
@@ -112,3 +112,30 @@ def test_image_runs_read_only_as_non_root_delivers_and_stops_on_sigterm(
         assert '"stopped"' in logs() or "event=stopped" in logs()
     finally:
         sink.stop()
+
+
+def test_image_starts_on_the_embedded_default_outside_kubernetes(built: None, container_name: str,
+                                                                  tmp_path: Path) -> None:
+    """``podman run IMAGE`` with nothing else: no StatefulSet, no mounted file, still a running MTA."""
+    checked = podman("run", "--rm", *image.RUN_LIMITS, image.IMAGE, "check-config", timeout=120)
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["kubernetes"]["enabled"] is False
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    os.chown(spool, UID, UID)
+    started = podman("run", "-d", "--name", container_name, *image.RUN_LIMITS, "--read-only",
+                     "-v", f"{spool}:/var/spool/kubemta", image.IMAGE, timeout=120)
+    assert started.returncode == 0, started.stderr
+    deadline = time.monotonic() + 60
+    logs = ""
+    while time.monotonic() < deadline:
+        done = podman("logs", container_name)
+        logs = done.stdout + done.stderr
+        if '"event":"started"' in logs or "cannot start" in logs:
+            break
+        time.sleep(0.5)
+    assert '"event":"started"' in logs, logs
+    assert "pod name" not in logs and "cannot start" not in logs, logs
+    ready = podman("exec", container_name, "python3", "-c",
+                   "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8080/readyz').status)")
+    assert ready.stdout.strip() == "200", ready.stdout + ready.stderr
