@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import email
 import email.policy
 import json
 import os
 import re
+import select
 import socket
 import subprocess
 import time
@@ -176,6 +178,25 @@ def test_refusals_are_json_with_a_code_and_an_smtp_status(world: World) -> None:
                                      f"Content-Length: {50 * 1024 * 1024}\r\n\r\n").encode())
         assert answer.startswith(b"HTTP/1.1 413"), answer
         assert b'"request_too_large"' in answer and time.monotonic() - started < 5
+        # Chunked, with no length to check first: cut off at the limit, not read to the end.
+        with socket.create_connection((HOST, port), timeout=10) as conn:
+            conn.sendall((f"POST /v1/messages/raw?from=a@billing.test&to=b@dest.test HTTP/1.1\r\nHost: {HOST}\r\n"
+                          f"Authorization: Bearer {key}\r\nTransfer-Encoding: chunked\r\n\r\n").encode())
+            chunk = b"x" * 65536
+            sent, answer = 0, b""
+            while sent < 50 * 1024 * 1024 and not answer:
+                try:
+                    conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                except (TimeoutError, BrokenPipeError, ConnectionResetError):
+                    break  # the server stopped reading
+                sent += len(chunk)
+                if select.select([conn], [], [], 0)[0]:
+                    answer = conn.recv(65536)
+            with contextlib.suppress(OSError):
+                answer += conn.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        # The limit is about 200 kB; what the loopback socket buffers hold (a few MB) is on top.
+        assert sent < 16 * 1024 * 1024, f"{sent} of 50 MiB were taken before the refusal"
         time.sleep(0.5)
         assert recorder.messages == [], "nothing refused was queued"
         assert server.queue_list() == []
