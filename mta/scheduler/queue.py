@@ -8,7 +8,7 @@ reuse one connection for them — all of them under a global
 ``max_concurrency`` (``mta.scheduler.slots``: a lane idle between jobs
 gives its slot to any lane that waits for one).  The courier (``mta.delivery.courier``) reports an
 ``Outcome`` per recipient; when every hop of a message has reported, the
-scheduler decides: recipients delivered or refused are final, the rest wait
+scheduler decides (``mta.scheduler.verdict``): recipients delivered or refused are final, the rest wait
 (exponential backoff with jitter) until the queue lifetime runs out.
 Refused and expired recipients get one DSN (``mta.bounce.bouncer``).
 Operator actions (``mta.scheduler.operator``) go through here too, so they
@@ -30,9 +30,8 @@ import time
 from collections.abc import Awaitable, Iterable
 from typing import Any
 
-from mta import replies
 from mta.bounce.bouncer import Bouncer
-from mta.bounce.classify import ADDRESS_CATEGORIES, Category
+from mta.bounce.classify import Category
 from mta.bounce.dsn import ReportedRecipient
 from mta.config import Config
 from mta.delivery import result
@@ -45,9 +44,9 @@ from mta.scheduler.backoff import retry_delay
 from mta.scheduler.destination import IDLE_CONNECTION, Destination, Job
 from mta.scheduler.shaping import Shaper
 from mta.scheduler.slots import DeliverySlots
+from mta.scheduler.verdict import fail_pending, judge
 from mta.suppression import SuppressionError, SuppressionList, scope_for
 from spool import Record, Spool, SpoolError
-from spool.record import DELIVERED, FAILED, PENDING
 from spool.store import DEFERRED, HOLD
 
 log = logging.getLogger(__name__)
@@ -309,65 +308,20 @@ class Scheduler:
             outcomes = self._outcomes.pop(record.id, {})
             now = self.clock()
             record.attempts += 1
-            failed: list[ReportedRecipient] = []
-            relayed: list[ReportedRecipient] = []  # delivered to a server that takes no DSN request
-            dead: list[tuple[str, Category, str]] = []  # hard bounces that say the address is gone
-            for rcpt in record.recipients:
-                outcome = outcomes.get(rcpt.address)
-                if outcome is None or rcpt.state != PENDING:
-                    continue
-                rcpt.last_reply, rcpt.remote, rcpt.updated = str(outcome.reply), outcome.remote, now
-                fields = {"queue_id": record.id, "sender": record.sender or "<>", "recipient": rcpt.address,
-                          **outcome.log_fields(), "delay": round(now - record.created, 3),
-                          "size": record.size, "attempts": record.attempts}
-                if outcome.kind is Kind.DELIVERED:
-                    rcpt.state = DELIVERED
-                    event("delivered", **fields)
-                    if not outcome.dsn_passed:
-                        relayed.append(ReportedRecipient(rcpt.address, outcome.enhanced, str(outcome.reply),
-                                                         outcome.remote, answered=outcome.answered))
-                elif outcome.kind is Kind.PERMANENT:
-                    rcpt.state = FAILED
-                    category = self.classifier.classify(outcome.reply)
-                    failed.append(ReportedRecipient(rcpt.address, outcome.enhanced, str(outcome.reply),
-                                                    outcome.remote, answered=outcome.answered,
-                                                    category=category.value))
-                    event("bounced", level=logging.WARNING, category=category.value, **fields)
-                    if category in ADDRESS_CATEGORIES:
-                        dead.append((rcpt.address, category, str(outcome.reply)))
-                else:
-                    event("deferred", category=self.classifier.classify(outcome.reply).value, **fields)
+            verdict = judge(record, outcomes, now, self.classifier)
+            failed = verdict.failed
             action = self.after_round.pop(record.id, None)
             if record.pending() and (now >= record.expires or action == "bounce"):
                 failed += self.fail_pending(record, now, expired=action != "bounce")
-            if dead:
-                await self._suppress(record, dead)
-            await self.conclude(record, failed, action, now, relayed)
+            if verdict.dead:
+                await self._suppress(record, verdict.dead)
+            await self.conclude(record, failed, action, now, verdict.relayed)
         finally:
             self.active.discard(record.id)
 
     def fail_pending(self, record: Record, now: float, *, expired: bool) -> list[ReportedRecipient]:
-        """Every recipient still pending fails: the message expired, or an operator returned it."""
-        failed = []
-        for rcpt in record.pending():
-            # An expired recipient's category is its last reply's ("mailbox_full" after days of 452 4.2.2).
-            last = replies.parse(rcpt.last_reply) if expired and rcpt.last_reply else None
-            category = self.classifier.classify(last) if last is not None else \
-                Category.TRANSIENT if expired else Category.OTHER
-            if expired:
-                status, why = "4.4.7", f"4.4.7 message expired after {int(now - record.created)}s in the queue"
-                reply = f"{why}; last reply: {rcpt.last_reply}" if rcpt.last_reply else why
-            else:
-                status = "5.0.0"
-                reply = "5.0.0 message returned to sender by the administrator"
-            rcpt.state, rcpt.last_reply, rcpt.updated = FAILED, reply, now
-            failed.append(ReportedRecipient(rcpt.address, status, reply, rcpt.remote if expired else None, expired,
-                                            category=category.value))
-            event("expired" if expired else "bounced", level=logging.WARNING, queue_id=record.id,
-                  sender=record.sender or "<>", recipient=rcpt.address, reply=reply, category=category.value,
-                  enhanced=status, delay=round(now - record.created, 3),
-                  size=record.size, attempts=record.attempts)
-        return failed
+        """Every recipient still pending fails (``mta.scheduler.verdict``): expired, or returned by an operator."""
+        return fail_pending(record, now, self.classifier, expired=expired)
 
     async def _suppress(self, record: Record, dead: list[tuple[str, Category, str]]) -> None:
         """Put addresses a receiver called dead on the suppression list, so they are never tried again."""
