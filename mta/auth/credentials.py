@@ -135,25 +135,35 @@ class Credentials:
         return ok and encoded is not None
 
 
+def _current(path: Path) -> tuple[str, dict[str, str]]:
+    """The file's text and its users; an empty file where there is none yet."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        text = ""
+    return text, parse(text, str(path))
+
+
+def _rewrite(path: Path, text: str, users: dict[str, str]) -> None:
+    """The users written back with the old file's comments, atomically: readers (every pod,
+    on each refresh) see the old file or the new, never a part."""
+    lines = [line for line in text.splitlines() if line.strip().startswith("#")]
+    lines += [f"{name}:{encoded}" for name, encoded in users.items()]
+    write_file(path, ("\n".join(lines) + "\n").encode(), FILE_MODE)
+
+
 def set_password(path: Path, user: str, password: str, *, create: bool) -> None:
     """Add or change a user's entry, rewriting the file atomically."""
     if not _NAME.match(user):
         raise CredentialsError(f"{user!r} is not a valid user name (letters, digits and . _ @ + -)")
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        text = ""
-    users = parse(text, str(path))
+    text, users = _current(path)
     if create and user in users:
         raise CredentialsError(f"user {user!r} already exists in {path}; use 'mta user passwd'")
     if not create and user not in users:
         raise CredentialsError(f"user {user!r} is not in {path}; use 'mta user add'")
     users[user] = hash_password(password)
-    lines = [line for line in text.splitlines() if line.strip().startswith("#")]
-    lines += [f"{name}:{encoded}" for name, encoded in users.items()]
-    # Readers (every pod, on each refresh) see the old file or the new, never a part.
-    write_file(path, ("\n".join(lines) + "\n").encode(), FILE_MODE)
+    _rewrite(path, text, users)
 
 
 def user_names(path: Path) -> list[str]:
@@ -171,14 +181,8 @@ def user_names(path: Path) -> list[str]:
 def remove_user(path: Path, user: str) -> None:
     """Delete a user's entry, rewriting the file atomically; comments stay."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        text = ""
-    users = parse(text, str(path))
+    text, users = _current(path)
     if user not in users:
         raise CredentialsError(f"user {user!r} is not in {path}")
     del users[user]
-    lines = [line for line in text.splitlines() if line.strip().startswith("#")]
-    lines += [f"{name}:{encoded}" for name, encoded in users.items()]
-    write_file(path, ("\n".join(lines) + "\n").encode(), FILE_MODE)
+    _rewrite(path, text, users)
