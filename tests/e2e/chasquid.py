@@ -6,11 +6,14 @@ Debian's MTA packages conflict with Postfix, so chasquid is never installed:
 
 Owns: one chasquid process (its own PID), its config directory (config,
 TLS certificate, the domain's users), data directory, logs and the
-mailbox folder it delivers into under the given workdir.  It runs in a
-private mount namespace (``unshare -m``) in which /etc/resolv.conf names the
-test DNS, so its SPF check of each incoming message asks that server and
-nothing outside.  Its local delivery agent is ``/bin/sh`` writing each
-message to ``mail/<user>.<n>``.
+mailbox folder it delivers into under the given workdir, and the three ports it listens on
+(SMTP, submission, submission over TLS: 25, 587 and 465 unless given, so
+that on shared loopback it can take free ones).  It runs in a private
+mount namespace (``unshare -m``) in which /etc/resolv.conf names the test
+DNS (on port 53 of that address: resolv.conf has no port), so its SPF
+check of each incoming message asks that server and nothing outside.  Its
+local delivery agent is ``/bin/sh`` writing each message to
+``mail/<user>.<n>`` (renamed into place once complete).
 
 How it fails: ``fetch()`` returns None with the reason when the package
 cannot be had; ``start()`` raises RuntimeError with chasquid's log when it
@@ -52,9 +55,10 @@ def fetch() -> tuple[Path | None, str]:
 
 class Chasquid:
     def __init__(self, binary: Path, address: str, domain: str, users: list[str], workdir: Path,
-                 resolver: str, ca: trustme.CA) -> None:
+                 resolver: str, ca: trustme.CA, ports: tuple[int, int, int] = (25, 587, 465)) -> None:
         self.binary = binary
         self.address = address
+        self.port, self.submission_port, self.submission_tls_port = ports
         self.domain = domain
         self.users = users
         self.workdir = workdir
@@ -78,12 +82,14 @@ class Chasquid:
         with (certs / "fullchain.pem").open("wb") as out:
             for blob in leaf.cert_chain_pems:
                 out.write(blob.bytes())
-        deliver = f'n=0; while [ -e "{self.mail_dir}/$1.$n" ]; do n=$((n+1)); done; cat > "{self.mail_dir}/$1.$n"'
+        # Written under a hidden name and renamed when complete, so a reader never sees a message half-written.
+        deliver = (f'n=0; while [ -e "{self.mail_dir}/$1.$n" ]; do n=$((n+1)); done; '
+                   f'cat > "{self.mail_dir}/.$1.$n.part" && mv "{self.mail_dir}/.$1.$n.part" "{self.mail_dir}/$1.$n"')
         (etc / "chasquid.conf").write_text(
             f'hostname: "{self.hostname}"\n'
-            f'smtp_address: "{self.address}:25"\n'
-            f'submission_address: "{self.address}:587"\n'
-            f'submission_over_tls_address: "{self.address}:465"\n'
+            f'smtp_address: "{self.address}:{self.port}"\n'
+            f'submission_address: "{self.address}:{self.submission_port}"\n'
+            f'submission_over_tls_address: "{self.address}:{self.submission_tls_port}"\n'
             f'data_dir: "{self.workdir / "data"}"\n'
             f'mail_log_path: "{self.mail_log}"\n'
             'mail_delivery_agent_bin: "/bin/sh"\n'
@@ -110,7 +116,7 @@ class Chasquid:
             self._proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                                           stdin=subprocess.DEVNULL, stdout=err, stderr=err)
         try:
-            wait_port(self.address, 25, timeout)
+            wait_port(self.address, self.port, timeout)
         except (RuntimeError, TimeoutError) as exc:
             self.stop()
             raise RuntimeError(f"chasquid did not come up: {exc}\n{self.log_text()}") from exc

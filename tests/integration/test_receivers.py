@@ -3,7 +3,9 @@
 The courier (with its real connector and DKIM signer) delivers to receivers
 that offer full or reduced extension sets — no 8BITMIME, no SMTPUTF8, no
 PIPELINING, a small SIZE, STARTTLS with a certificate that does not verify
-— and to a real Postfix with SMTPUTF8 and DSN.  Each case checks the bytes that
+— to a real Postfix with SMTPUTF8 and DSN, and to chasquid (another make,
+unpacked from its Debian package, on loopback ports of its own; its SPF
+check asks a DNS server of the tests' on port 53 of a 127.x address).  Each case checks the bytes that
 arrived: the MAIL parameters, 7-bit content where 8BITMIME is missing, line
 lengths, the decoded text, and a DKIM signature that Perl's Mail::DKIM
 accepts, asking a real DNS server (unbound) for the key.
@@ -15,6 +17,8 @@ import asyncio
 import email
 import email.policy
 import ipaddress
+import random
+import re
 import ssl
 import subprocess
 import time
@@ -34,6 +38,8 @@ from mta.delivery.route import NextHop
 from mta.dkim import keys
 from mta.dkim.signer import Signer
 from mta.dsnrequest import MailRequest, RecipientRequest
+from tests.ci import require
+from tests.e2e.chasquid import Chasquid, fetch
 from tests.peers.dns import DnsServer
 from tests.peers.net import free_port
 from tests.peers.postfix import PostfixServer
@@ -253,3 +259,83 @@ def test_a_real_postfix_takes_the_dsn_request_and_sends_the_delivered_notice(sig
     assert per_recipient["Action"] == "delivered"
     assert per_recipient["Original-Recipient"].replace(" ", "") == "rfc822;Orig+Tag@Dest.test"
     assert per_recipient["Final-Recipient"].replace(" ", "") == "rfc822;user@dest.test"
+
+
+# chasquid: a receiving MTA of another make, on loopback ports of its own.
+CHASQUID_USERS = ["eight", "jürgen", "long"]
+
+
+@pytest.fixture(scope="module")
+def chasquid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chasquid]:
+    binary, reason = fetch()
+    require(binary is not None, reason)
+    assert binary is not None
+    root = tmp_path_factory.mktemp("chasquid")
+    # chasquid's resolver reads /etc/resolv.conf, which has no port: its DNS needs port 53 of an address of
+    # its own.  The SPF record lets chasquid's check of the sender pass, which shows it asked this server.
+    spf_dns: DnsServer | None = None
+    for attempt in range(5):  # a random address, in case another test's server holds port 53 of one
+        candidate = f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
+        spf_dns = DnsServer(['sender.test. IN TXT "v=spf1 ip4:127.0.0.0/8 -all"'], ["sender.test"],
+                            root / f"dns{attempt}", host=candidate, port=53)
+        try:
+            spf_dns.start()
+            break
+        except RuntimeError:
+            spf_dns = None
+    require(spf_dns is not None, "no 127.x address with port 53 free for chasquid's DNS")
+    assert spf_dns is not None
+    ports = (free_port(), free_port(), free_port())
+    server = Chasquid(binary, "127.0.0.1", "dest.test", CHASQUID_USERS, root / "mx", spf_dns.host, trustme.CA(),
+                      ports=ports)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        spf_dns.stop()
+
+
+def delivered_to_chasquid(chasquid: Chasquid, report: Report, user: str) -> bytes:
+    assert [o.kind for o in report.outcomes.values()] == [Kind.DELIVERED], (report, chasquid.log_text()[-3000:])
+    [stored] = chasquid.wait_for_mail(user)
+    return stored
+
+
+def crlf(stored: bytes) -> bytes:
+    """The message with CRLF line ends, whichever chasquid's delivery agent got."""
+    return stored if b"\r\n" in stored else stored.replace(b"\n", b"\r\n")
+
+
+def test_chasquid_takes_8bit_mail_declared_over_starttls(signing: Signing, chasquid: Chasquid) -> None:
+    report = deliver(signing, chasquid.port, EIGHT_BIT, recipient="eight@dest.test", eight_bit=True)
+    stored = crlf(delivered_to_chasquid(chasquid, report, "eight"))
+    log = chasquid.log_text()
+    assert "jump to TLS was successful" in log, log[-3000:]
+    mail_lines = re.findall(r"-> MAIL FROM:<app@sender\.test>(.*)", log)
+    assert any("BODY=8BITMIME" in m and "SMTPUTF8" not in m for m in mail_lines), mail_lines
+    assert stored.startswith(b"Received-SPF: pass"), "chasquid's SPF check asked the tests' DNS and passed"
+    assert stored.endswith(EIGHT_BIT), "8BITMIME offered: the body arrives as it was, with headers added on top"
+    assert "rsa-sha256 pass sender.test k1" in verified(signing, stored)
+
+
+def test_chasquid_takes_smtputf8_mail_to_an_internationalised_address(signing: Signing,
+                                                                     chasquid: Chasquid) -> None:
+    report = deliver(signing, chasquid.port, EIGHT_BIT, recipient="jürgen@dest.test", eight_bit=True,
+                     smtputf8=True)
+    stored = crlf(delivered_to_chasquid(chasquid, report, "jürgen"))
+    log = chasquid.log_text()
+    mail_lines = re.findall(r"-> MAIL FROM:<app@sender\.test>(.*)", log)
+    assert any("SMTPUTF8" in m and "BODY=8BITMIME" in m for m in mail_lines), mail_lines
+    assert "-> RCPT TO:<jürgen@dest.test>" in log
+    assert stored.endswith(EIGHT_BIT)
+    assert decoded_parts(stored) == decoded_parts(EIGHT_BIT)
+    assert "rsa-sha256 pass sender.test k1" in verified(signing, stored)
+
+
+def test_chasquid_gets_a_long_line_reencoded(signing: Signing, chasquid: Chasquid) -> None:
+    report = deliver(signing, chasquid.port, LONG_LINE, recipient="long@dest.test")
+    stored = crlf(delivered_to_chasquid(chasquid, report, "long"))
+    assert max(len(line) for line in stored.split(b"\r\n")) <= 998
+    assert decoded_parts(stored)[0].decode("ascii").rstrip("\r\n") == HTML_LINE
+    assert "rsa-sha256 pass sender.test k1" in verified(signing, stored)

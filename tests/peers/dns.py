@@ -97,9 +97,12 @@ class DnsServer:
         workdir: Path,
         *,
         port: int | None = None,
+        host: str | None = None,
         start_timeout: float = 10.0,
     ) -> None:
         self.workdir = Path(workdir).absolute()  # paths go into configs and /proc checks
+        if host is not None:
+            self.host = host  # e.g. a 127.x address of its own, for a peer that can only ask port 53
         self.port = port if port is not None else free_port(self.host, udp=True)
         self.start_timeout = start_timeout
         self.zones: list[str] = []
