@@ -150,7 +150,6 @@ class App:
         identity = IdentityMonitor(config, keys, scheduler,
                                    notify=(lambda reason, message, kind: try_event(api, reason, message, kind))
                                    if api is not None else None)
-        control = ControlServer(socket_path(config.spool.path), Operator(scheduler))
         host, port = config.http.host_port
         workers = Workers(config, self.spool, scheduler)
         health = HealthServer(host, port, {"listeners": self._listeners_ready, "spool": self._spool_ready,
@@ -161,8 +160,10 @@ class App:
         scheduler_task: asyncio.Task[None] | None = None
         # With workers, they serve the listeners without AUTH; this process delivers.
         delegated = {item.name for item in shared(config)} if config.workers else set()
+        # One gate for every AUTH listener and the HTTP API; the control socket clears its lockouts.
+        services = AuthServices.build(config.limits)
+        control = ControlServer(socket_path(config.spool.path), Operator(scheduler), services.gate)
         try:
-            services = AuthServices.build(config.limits)
             for item in config.listeners:
                 if item.name in delegated:
                     continue

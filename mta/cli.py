@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import ipaddress
 import json
 import ssl
@@ -24,23 +23,12 @@ import sys
 from typing import Any
 
 from mta import config as config_module
-from mta import control, suppress_cli
+from mta import control, queue_cli, suppress_cli, user_cli
 from mta.api import keys_cli
-from mta.auth.credentials import CredentialsError, set_password
 from mta.config import Config, ConfigError
 from mta.hostport import parse_host_port
 from mta.terminal import escape, escape_block
 from spool import Spool, SpoolLocked
-
-QUEUE_ACTIONS = {
-    "list": "show queued messages",
-    "show": "show messages in full (header included)",
-    "flush": "retry deferred mail now (all of it when no id is given)",
-    "delete": "remove messages from the queue without a bounce",
-    "hold": "keep messages queued but do not deliver them",
-    "release": "end a hold; deliver now",
-    "bounce": "return messages to their senders now",
-}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,10 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--wait", action="store_true", help="follow the message until it leaves the queue")
     send.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="for --wait")
     _drain_parser(sub, common)
-    _add_user_parser(sub, common)
+    user_cli.add_parser(sub, common)
     _add_dkim_parser(sub, common)
     suppress_cli.add_parser(sub, common)
     keys_cli.add_parser(sub, common)
+    queue_cli.add_parser(sub, common)
     doctor = sub.add_parser("doctor", parents=[common], help="run the deliverability self-checks once")
     doctor.add_argument("--json", action="store_true", help="one JSON array of {name, status, reason}")
     doctor.add_argument("--strict", action="store_true", help="exit 1 on a warning too, not only on a failure")
@@ -77,33 +66,7 @@ def _parser() -> argparse.ArgumentParser:
                             "and why")
     check.add_argument("domain")
     check.add_argument("--json", action="store_true", help="one JSON object")
-    queue = sub.add_parser("queue", parents=[common], help="inspect and manage the queue")
-    qsub = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, text in QUEUE_ACTIONS.items():
-        item = qsub.add_parser(action, parents=[common], help=text)
-        item.add_argument("--timeout", type=float, default=control.DEFAULT_TIMEOUT, metavar="SECONDS",
-                          help="how long to wait for a running server's answer (default 30)")
-        if action == "list":
-            item.add_argument("--json", action="store_true", help="one JSON array")
-        elif action == "show":
-            item.add_argument("ids", nargs="+", metavar="ID")
-            item.add_argument("--json", action="store_true", help="JSON output")
-        elif action == "flush":
-            item.add_argument("ids", nargs="*", metavar="ID")
-        else:
-            item.add_argument("ids", nargs="+", metavar="ID")
     return parser
-
-
-def _add_user_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    user = sub.add_parser("user", parents=[common], help="manage AUTH users in the credentials file")
-    usub = user.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, text in (("add", "add a user"), ("passwd", "change a user's password"),
-                         ("delete", "remove a user"), ("list", "list the users")):
-        item = usub.add_parser(action, parents=[common], help=text)
-        if action != "list":
-            item.add_argument("name")
-        item.add_argument("--listener", help="whose credentials file (default: the only one configured)")
 
 
 def _add_dkim_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -170,61 +133,6 @@ def _doctor(config: Config, as_json: bool, strict: bool) -> int:
     return 1 if any(r.status in bad for r in results) else 0
 
 
-def _read_password() -> str:
-    if sys.stdin.isatty():
-        first = getpass.getpass("Password: ")
-        if first != getpass.getpass("Again: "):
-            raise CredentialsError("the passwords do not match")
-        return first
-    # From a pipe or a Secret: the first line, without its line ending.
-    return sys.stdin.readline().rstrip("\r\n")
-
-
-def _user(config: Config, args: argparse.Namespace) -> int:
-    files = {item.name: item.auth.credentials_file for item in config.listeners if item.auth}
-    if args.listener:
-        if args.listener not in files:
-            print(f"mta user: listener {args.listener!r} has no auth.credentials_file", file=sys.stderr)
-            return 2
-        path = files[args.listener]
-    elif len(set(files.values())) == 1:
-        path = next(iter(files.values()))
-    else:
-        names = ", ".join(files) or "none"
-        print(f"mta user: say which listener's credentials file with --listener (listeners with auth: {names})",
-              file=sys.stderr)
-        return 2
-    if args.action in ("list", "delete"):
-        return _user_file(path, args)
-    try:
-        password = _read_password()
-        if len(password) < 8:
-            raise CredentialsError("the password must have at least 8 characters")
-        set_password(path, args.name, password, create=args.action == "add")
-    except CredentialsError as exc:
-        print(f"mta user: {exc}", file=sys.stderr)
-        return 1
-    print(f"{'added' if args.action == 'add' else 'changed the password of'} user {args.name} in {path}")
-    return 0
-
-
-def _user_file(path: Any, args: argparse.Namespace) -> int:
-    """``mta user list`` and ``mta user delete``: the file only; a running server re-reads it."""
-    from mta.auth.credentials import remove_user, user_names
-
-    try:
-        if args.action == "list":
-            for name in user_names(path):
-                print(name)
-            return 0
-        remove_user(path, args.name)
-    except (CredentialsError, OSError) as exc:
-        print(f"mta user: {exc}", file=sys.stderr)
-        return 1
-    print(f"deleted user {args.name} from {path}")
-    return 0
-
-
 def _send(config: Config, args: argparse.Namespace) -> int:
     from mta import send
 
@@ -236,7 +144,7 @@ def _send(config: Config, args: argparse.Namespace) -> int:
         sys.stdout.flush()
         if args.wait:
             def show(record_id: str) -> dict[str, Any] | None:
-                return queue_request(config, "show", [record_id]).get(record_id)
+                return queue_cli.queue_request(config, "show", [record_id]).get(record_id)
 
             send.follow(queue_id, show, lambda line: print(escape(f"{queue_id}: {line}"), flush=True), args.timeout)
     except (send.SendError, control.ControlError) as exc:
@@ -345,92 +253,6 @@ def _worker(channel_fd: int) -> int:
     return 0
 
 
-def _queue_offline(config: Config, action: str, ids: list[str]) -> Any:
-    from mta.scheduler.operator import Operator
-    from mta.scheduler.queue import assemble
-
-    spool = Spool(config.spool_shard, config.spool.sync)
-    loaded = spool.open()
-    try:
-        async def run() -> Any:
-            # No courier: nothing is delivered, but a bounce queues its DSN.
-            scheduler, _ = assemble(spool, config, courier=None)
-            scheduler.load(loaded.records)
-            # No background here: this process ends when it answers.
-            response = await control.handle(Operator(scheduler), {"action": action, "ids": ids},
-                                            answer_within=None)
-            if not response["ok"]:
-                raise control.ControlError(response["error"])
-            return response["result"]
-
-        return asyncio.run(run())
-    finally:
-        spool.close()
-
-
-def queue_request(config: Config, action: str, ids: list[str], timeout: float = control.DEFAULT_TIMEOUT) -> Any:
-    """Run a queue action through the server, or on the spool when none runs."""
-    spool = Spool(config.spool_shard, config.spool.sync)
-    if not spool.in_use():
-        if action == "list" and not config.spool_shard.exists():
-            return []
-        try:
-            return _queue_offline(config, action, ids)
-        except SpoolLocked:
-            pass  # a server started meanwhile: ask it
-    return control.request(control.socket_path(config.spool.path), action, ids, timeout)
-
-
-def _print_list(records: list[dict[str, Any]]) -> None:
-    if not records:
-        print("queue is empty")
-        return
-    # Replies, addresses and headers come from remote peers and clients:
-    # escaped, so they cannot drive the operator's terminal.
-    for item in records:
-        print(escape(f"{item['id']}  {item['size']:>8}  {item['created']}  {item['state']:<8}  "
-                     f"attempts={item['attempts']}  next={item['next_attempt']}  from=<{item['sender']}>"))
-        for rcpt in item["recipients"]:
-            reply = f"  ({rcpt['last_reply']})" if rcpt["last_reply"] else ""
-            print(escape(f"    {rcpt['state']:<9} <{rcpt['address']}>{reply}"))
-    print(f"{len(records)} message(s)")
-
-
-def _queue(config: Config, args: argparse.Namespace) -> int:
-    ids = list(getattr(args, "ids", []) or [])
-    try:
-        result = queue_request(config, args.action, ids, args.timeout)
-    except control.StillRunning as exc:
-        print(f"mta queue: {exc}")
-        return 0
-    except control.ControlError as exc:
-        print(f"mta queue: {exc}", file=sys.stderr)
-        return 1
-    if args.action == "list":
-        if args.json:
-            print(json.dumps(result, indent=1))
-        else:
-            _print_list(result)
-        return 0
-    if args.action == "show":
-        missing = [i for i, info in result.items() if info is None]
-        if args.json:
-            print(json.dumps(result, indent=1))
-        else:
-            for info in result.values():
-                if info is not None:
-                    _print_list([info])
-                    print(escape_block(info.get("header") or ""))
-        for i in missing:
-            print(f"mta queue show: {i}: unknown id", file=sys.stderr)
-        return 1 if missing else 0
-    failed = False
-    for record_id, outcome in result.items():
-        print(escape(f"{record_id}: {outcome}"))
-        failed = failed or (outcome not in ("ok",) and not outcome.startswith("will be done"))
-    return 1 if failed else 0
-
-
 def _tls_check(config: Config, domain: str, as_json: bool) -> int:
     from mta.delivery import tlscheck, tlspolicy
     from mta.delivery.mx import MxResolver, make_resolver
@@ -491,7 +313,7 @@ def _main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         return _check_config(config)
     if args.command == "user":
-        return _user(config, args)
+        return user_cli.run(config, args)
     if args.command == "dkim":
         return _dkim(args)
     if args.command == "suppress":
@@ -502,7 +324,7 @@ def _main(argv: list[str] | None = None) -> int:
         return _doctor(config, args.json, args.strict)
     if args.command == "tls":
         return _tls_check(config, args.domain, args.json)
-    return _queue(config, args)
+    return queue_cli.run(config, args)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the CLI's side of the socket needs none of the scheduler
+    from mta.auth.gate import AuthGate
     from mta.scheduler.operator import Operator
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("list", "show", "flush", "delete", "hold", "release", "bounce")
+ACTIONS = ("list", "show", "trace", "body", "flush", "delete", "hold", "release", "bounce", "unlock")
 MAX_REQUEST = 1024 * 1024
 # An action still running after this long is answered "goes on" and left
 # to finish in the server, well within the client's own timeout.
@@ -48,7 +49,7 @@ def socket_path(spool_root: Path) -> Path:
 
 
 async def handle(operator: Operator, request: dict[str, Any],
-                 answer_within: float | None = ANSWER_WITHIN) -> dict[str, Any]:
+                 answer_within: float | None = ANSWER_WITHIN, gate: AuthGate | None = None) -> dict[str, Any]:
     """One request; an action still running after ``answer_within`` seconds goes on in the background."""
     action = request.get("action")
     ids = request.get("ids") or []
@@ -56,9 +57,16 @@ async def handle(operator: Operator, request: dict[str, Any],
         return {"ok": False, "error": f"bad request; actions are {', '.join(ACTIONS)}"}
     if action == "list":
         return {"ok": True, "result": operator.list()}
-    if action == "show":
-        found = {i: operator.show(i) for i in ids}
-        return {"ok": True, "result": found}
+    if action in ("show", "trace", "body"):
+        look = {"show": operator.show, "trace": operator.trace, "body": operator.body}[action]
+        return {"ok": True, "result": {i: look(i) for i in ids}}
+    if action == "unlock":
+        ip = request.get("ip")
+        if gate is None:
+            return {"ok": False, "error": "this server has no AUTH listener: nothing to unlock"}
+        if len(ids) != 1 or not (ip is None or isinstance(ip, str)):
+            return {"ok": False, "error": "unlock takes one user name and at most one address"}
+        return {"ok": True, "result": gate.unlock(ids[0], ip)}
     work = asyncio.ensure_future(operator.act(action, ids))
     done, _ = await asyncio.wait({work}, timeout=answer_within)
     if work in done:
@@ -83,9 +91,10 @@ def _finished_in_background(work: asyncio.Future[dict[str, str]]) -> None:
 
 
 class ControlServer:
-    def __init__(self, path: Path, operator: Operator) -> None:
+    def __init__(self, path: Path, operator: Operator, gate: AuthGate | None = None) -> None:
         self.path = path
         self.operator = operator
+        self.gate = gate  # the process's AUTH gate, for ``mta user unlock``
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -102,7 +111,7 @@ class ControlServer:
             line = await asyncio.wait_for(reader.readline(), timeout=10)
             try:
                 request = json.loads(line)
-                response = await handle(self.operator, request) if isinstance(request, dict) else \
+                response = await handle(self.operator, request, gate=self.gate) if isinstance(request, dict) else \
                     {"ok": False, "error": "request must be a JSON object"}
             except ValueError:
                 response = {"ok": False, "error": "request is not JSON"}
@@ -125,7 +134,8 @@ class StillRunning(Exception):
     """The server took the action and goes on with it after answering."""
 
 
-def request(path: Path, action: str, ids: list[str], timeout: float = DEFAULT_TIMEOUT) -> Any:
+def request(path: Path, action: str, ids: list[str], timeout: float = DEFAULT_TIMEOUT,
+            extra: dict[str, Any] | None = None) -> Any:
     """Send one request to the running server; returns its ``result``.
 
     Raises ``ControlError`` (never a bare socket error) when the server
@@ -141,7 +151,7 @@ def request(path: Path, action: str, ids: list[str], timeout: float = DEFAULT_TI
                                f"does not answer: {exc.strerror}") from None
         chunks = []
         try:
-            sock.sendall(json.dumps({"action": action, "ids": ids}).encode() + b"\n")
+            sock.sendall(json.dumps({**(extra or {}), "action": action, "ids": ids}).encode() + b"\n")
             while True:
                 chunk = sock.recv(65536)
                 if not chunk:

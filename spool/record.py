@@ -23,6 +23,13 @@ RECIPIENT_STATES = (PENDING, DELIVERED, FAILED)
 
 ID_PATTERN = re.compile(r"^[0-9A-Z]{8,40}$")
 
+# The attempt history (``mta queue trace``) keeps the last HISTORY_ATTEMPTS
+# rounds, each naming at most HISTORY_RECIPIENTS recipients, so that a record
+# stays a few KiB whatever the retries; older rounds are only counted.
+HISTORY_ATTEMPTS = 20
+HISTORY_RECIPIENTS = 10
+HISTORY_REPLY_CHARS = 300
+
 
 class RecordError(ValueError):
     """A metadata file does not hold a valid record."""
@@ -70,11 +77,38 @@ class Record:
     # Free-form facts of the layer above (client address, listener, DSN
     # flag...): the spool stores them and never interprets them.
     attrs: dict[str, Any] = field(default_factory=dict)
+    # The last delivery rounds, oldest first: {"at", "attempt", "results":
+    # [{"address", "mx_host", "mx_ip", "tls", "reply"}], "more"?}; rounds
+    # dropped off the front are counted in ``history_dropped``.  Records
+    # written before it existed load with none.
+    history: list[dict[str, Any]] = field(default_factory=list)
+    history_dropped: int = 0
 
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.state == PENDING]
 
+    def remember(self, at: float, results: list[dict[str, Any]]) -> None:
+        """Add one delivery round to the bounded history."""
+        entry: dict[str, Any] = {"at": at, "attempt": self.attempts, "results": results[:HISTORY_RECIPIENTS]}
+        for result in entry["results"]:
+            if isinstance(result.get("reply"), str):
+                result["reply"] = result["reply"][:HISTORY_REPLY_CHARS]
+        if len(results) > HISTORY_RECIPIENTS:
+            entry["more"] = len(results) - HISTORY_RECIPIENTS
+        self.history.append(entry)
+        if len(self.history) > HISTORY_ATTEMPTS:
+            self.history_dropped += len(self.history) - HISTORY_ATTEMPTS
+            del self.history[:-HISTORY_ATTEMPTS]
+
     def to_json(self) -> dict[str, Any]:
+        out = self._core_json()
+        if self.history:
+            out["history"] = self.history
+        if self.history_dropped:
+            out["history_dropped"] = self.history_dropped
+        return out
+
+    def _core_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
             "id": self.id,
@@ -143,6 +177,12 @@ def loads(data: bytes) -> Record:
         )
     if not recipients:
         raise RecordError("no recipients")
+    history = obj.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise RecordError("history is not a list of objects")
+    dropped = obj.get("history_dropped", 0)
+    if not isinstance(dropped, int) or isinstance(dropped, bool):
+        raise RecordError("field 'history_dropped' has the wrong type")
     record_id = _require(obj, "id", str)
     if not ID_PATTERN.match(record_id):
         raise RecordError(f"bad id {record_id!r}")
@@ -158,4 +198,6 @@ def loads(data: bytes) -> Record:
         state=_require(obj, "state", str),
         revision=_require(obj, "revision", int),
         attrs=_require(obj, "attrs", dict),
+        history=history,
+        history_dropped=dropped,
     )

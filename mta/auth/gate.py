@@ -14,6 +14,10 @@ per user name).  The gate makes those counts hold under parallel clients:
   so an attacker cannot lock the real user out of their own logins
   (one check at a time per user and the failure delay bound its guesses).
 
+``unlock`` (``mta user unlock``) forgets a user's failures and those of
+the addresses that failed as that user (the last ``UNLOCK_ADDRESSES``
+of them), or of one address only.
+
 Failure: none; it answers yes or no.  ``verify`` propagates what the
 credentials' check raises.
 """
@@ -22,13 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from mta.auth.throttle import Throttle
 
 CHECK_THREADS = 2  # scrypt checks at once, in all: bounded memory whatever the load
+UNLOCK_ADDRESSES = 64  # addresses remembered per user name, to unlock them with it
+UNLOCK_USERS = 10_000  # user names remembered, like the throttle's own bound on keys
 
 
 class AuthGate:
@@ -38,6 +44,8 @@ class AuthGate:
         self._user_locks: dict[str, asyncio.Lock] = {}
         self._checks: Counter[str] = Counter()  # running or waiting, per user
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="auth-check")
+        # Which addresses failed as which user: an unlock of the user clears them too.
+        self._failed_from: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()
 
     def client_locked(self, ip: str) -> bool:
         """Too many failures, counting the attempts still running, from this client."""
@@ -75,6 +83,32 @@ class AuthGate:
     def failed(self, user: str, ip: str) -> None:
         self.throttle.fail(f"ip:{ip}")
         self.throttle.fail(f"user:{user}")
+        addresses = self._failed_from.setdefault(user, OrderedDict())
+        self._failed_from.move_to_end(user)
+        addresses[ip] = None
+        addresses.move_to_end(ip)
+        while len(addresses) > UNLOCK_ADDRESSES:
+            addresses.popitem(last=False)
+        while len(self._failed_from) > UNLOCK_USERS:
+            self._failed_from.popitem(last=False)
+
+    def unlock(self, user: str, ip: str | None = None) -> dict[str, object]:
+        """Clear a lockout: ``ip`` only, or the user and every address that failed as it.
+
+        Says what was locked before: the user's failures and the addresses cleared."""
+        was_locked = self.throttle.blocked(f"user:{user}")
+        if ip is not None:
+            cleared = [ip] if self.throttle.failures(f"ip:{ip}") else []
+            self.throttle.succeed(f"ip:{ip}")
+            addresses = self._failed_from.get(user)
+            if addresses is not None:
+                addresses.pop(ip, None)
+            return {"user": user, "user_locked": was_locked, "addresses": cleared}
+        cleared = [a for a in self._failed_from.pop(user, {}) if self.throttle.failures(f"ip:{a}")]
+        self.throttle.succeed(f"user:{user}")
+        for address in cleared:
+            self.throttle.succeed(f"ip:{address}")
+        return {"user": user, "user_locked": was_locked, "addresses": cleared}
 
     def succeeded(self, user: str, ip: str) -> None:
         self.throttle.succeed(f"ip:{ip}")

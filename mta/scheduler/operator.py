@@ -1,7 +1,8 @@
 """What an operator sees of the queue and does to it (``mta queue ...``).
 
-``describe`` is the operator's view of one record; ``Operator`` lists and
-shows records and applies flush, hold, release, delete and bounce.  Actions
+``describe`` is the operator's view of one record; ``Operator`` lists,
+shows and traces records (``trace``: the attempt history the record keeps),
+reads a message's bytes (``body``, base64 on the socket) and applies flush, hold, release, delete and bounce.  Actions
 go through the scheduler's own state, so they never race a delivery: a
 message in a delivery round gets delete, hold or bounce when the round
 ends, and flush or release is refused while it is being delivered.
@@ -13,6 +14,7 @@ id and leaves the message in its last durable state; others go on.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -51,6 +53,15 @@ def describe(record: Record) -> dict[str, Any]:
     }
 
 
+def trace(record: Record) -> dict[str, Any]:
+    """``describe`` plus each kept delivery round, times in ISO form (``mta queue trace``)."""
+    info = describe(record)
+    info["history"] = [{**round_, "at": _iso(round_["at"])} if isinstance(round_.get("at"), (int, float))
+                       else round_ for round_ in record.history]
+    info["history_dropped"] = record.history_dropped
+    return info
+
+
 class Operator:
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
@@ -69,6 +80,19 @@ class Operator:
         except SpoolError:
             info["header"] = None
         return info
+
+    def trace(self, record_id: str) -> dict[str, Any] | None:
+        record = self.scheduler.records.get(record_id)
+        return trace(record) if record is not None else None
+
+    def body(self, record_id: str) -> str | None:
+        """The stored message (header and body) in base64, or None for an unknown or unreadable id."""
+        if record_id not in self.scheduler.records:
+            return None
+        try:
+            return base64.b64encode(self.scheduler.spool.read_message(record_id)).decode()
+        except SpoolError:
+            return None
 
     async def act(self, action: str, ids: list[str]) -> dict[str, str]:
         """Apply an operator action; returns a word of result per id."""

@@ -2,8 +2,9 @@
 
 The scheduler hands over the outcomes the courier reported; ``judge`` sets
 each pending recipient's final or interim state and last reply, logs the
-``delivered``/``bounced``/``deferred`` event with the bounce category, and
-says who needs a notice (refused, or relayed to a server that takes no DSN
+``delivered``/``bounced``/``deferred`` event with the bounce category,
+adds the round to the record's bounded attempt history (``mta queue
+trace``), and says who needs a notice (refused, or relayed to a server that takes no DSN
 request) and which addresses a receiver called dead (for the suppression
 list).  ``fail_pending`` does the same for recipients that the queue gives
 up on: the message expired, or an operator returned it.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from mta import replies
 from mta.bounce.classify import ADDRESS_CATEGORIES, Category, Classifier
@@ -38,10 +40,12 @@ class Verdict:
 def judge(record: Record, outcomes: Mapping[str, Outcome], now: float, classifier: Classifier) -> Verdict:
     """Apply one round's ``outcomes`` to ``record``'s pending recipients (``record.attempts`` already counts it)."""
     verdict = Verdict()
+    tried: list[dict[str, Any]] = []
     for rcpt in record.recipients:
         outcome = outcomes.get(rcpt.address)
         if outcome is None or rcpt.state != PENDING:
             continue
+        tried.append(_attempted(rcpt.address, outcome))
         rcpt.last_reply, rcpt.remote, rcpt.updated = str(outcome.reply), outcome.remote, now
         fields = {"queue_id": record.id, "sender": record.sender or "<>", "recipient": rcpt.address,
                   **outcome.log_fields(), "delay": round(now - record.created, 3),
@@ -63,7 +67,16 @@ def judge(record: Record, outcomes: Mapping[str, Outcome], now: float, classifie
                 verdict.dead.append((rcpt.address, category, str(outcome.reply)))
         else:
             event("deferred", category=classifier.classify(outcome.reply).value, **fields)
+    if tried:
+        record.remember(now, tried)
     return verdict
+
+
+def _attempted(address: str, outcome: Outcome) -> dict[str, Any]:
+    """One recipient's part of a round, as ``mta queue trace`` shows it."""
+    tls = {"version": outcome.tls.version, "cipher": outcome.tls.cipher} if outcome.tls is not None else None
+    return {"address": address, "mx_host": outcome.mx_host, "mx_ip": outcome.mx_ip, "tls": tls,
+            "reply": str(outcome.reply), "answered": outcome.answered}
 
 
 def fail_pending(record: Record, now: float, classifier: Classifier, *, expired: bool) -> list[ReportedRecipient]:

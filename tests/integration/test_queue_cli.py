@@ -112,3 +112,57 @@ def test_mta_send_wait_reports_deferrals_and_gives_up_with_exit_1(world: World) 
     assert f"{queue_id}: <user@down.test> pending" in done.stdout
     assert "still queued" in done.stderr
     assert [item["id"] for item in server.queue_list()] == [queue_id]
+
+
+def test_trace_shows_each_attempt_with_its_mx_and_reply_online_and_offline(world: World) -> None:
+    from tests.conftest import HOSTS
+
+    world.sink("flaky", ["-r", "RCPT"])  # 450 to every RCPT: deferred each time
+    server = world.mta()
+    queue_id = send_mail(server.port, "a@sender.test", ["user@flaky.test"], body="trace me\r\n")
+    server.wait_for_queue(lambda q: q and q[0]["attempts"] >= 1, what="one failed attempt")
+    assert server.queue("flush", queue_id).returncode == 0
+    server.wait_for_queue(lambda q: q and q[0]["attempts"] >= 2, what="two failed attempts")
+
+    def check(traced: dict) -> None:  # type: ignore[type-arg]
+        rounds = traced[queue_id]["history"]
+        assert [r["attempt"] for r in rounds] == [1, 2]
+        for r in rounds:
+            [result] = r["results"]
+            assert result["address"] == "user@flaky.test"
+            assert result["mx_ip"] == HOSTS["flaky"] and result["mx_host"]
+            assert result["reply"].startswith("450 4.3.0")
+        assert traced[queue_id]["history_dropped"] == 0
+
+    online = server.queue("trace", queue_id, "--json")
+    assert online.returncode == 0, online.stderr
+    check(json.loads(online.stdout))
+    text = server.queue("trace", queue_id).stdout
+    assert "attempt 1 at" in text and "attempt 2 at" in text and f"[{HOSTS['flaky']}]" in text
+    assert text.count("450 4.3.0") >= 2
+
+    assert server.terminate() == 0
+    offline = server.queue("trace", queue_id, "--json")
+    assert offline.returncode == 0, offline.stderr
+    check(json.loads(offline.stdout))
+    assert server.queue("trace", "NOSUCHID00000000").returncode == 1
+
+
+def test_show_body_prints_the_stored_message_escaped_or_raw_to_a_pipe(world: World) -> None:
+    server = world.mta()
+    [queue_id] = queued(server, 1)
+    escape_me = "body line\x1b[2J here"
+    other = send_mail(server.port, "a@sender.test", ["x@down.test"], body=escape_me + "\r\n")
+    server.wait_for_queue(lambda q: len(q) == 2, what="two queued")
+    for running in (True, False):
+        shown = server.queue("show", queue_id, "--body")
+        assert shown.returncode == 0, shown.stderr
+        assert "Subject: m0" in shown.stdout and "hello" in shown.stdout
+        escaped = server.queue("show", other, "--body").stdout
+        assert "\x1b" not in escaped and "\\x1b[2J" in escaped
+        raw = server.queue("show", other, "--body", "--raw")  # stdout is a pipe here
+        assert raw.returncode == 0 and "\x1b[2J" in raw.stdout and raw.stdout.startswith("Received:")
+        as_json = json.loads(server.queue("show", other, "--body", "--json").stdout)
+        assert escape_me in as_json[other]["message"]
+        if running:
+            assert server.terminate() == 0

@@ -207,3 +207,39 @@ def test_user_list_and_delete_take_effect_on_the_running_server(secure: Secure) 
         client.login("leaving", "leaving password")
     again = user("delete", "leaving")
     assert again.returncode == 1 and "is not in" in again.stderr
+
+
+def test_user_unlock_clears_a_lockout_from_parallel_guessers_and_ip_clears_only_that_address(world: World) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    secure = make_secure(world, {"limits": {"max_auth_failures": 3}})
+    guessers = ["127.0.2.1", "127.0.2.2"]
+
+    def guess(source: str) -> int:
+        with secure.client(secure.submission, tls=True, source=source) as client:
+            return client.docmd("AUTH PLAIN " + _plain("app", "wrong password"))[0]
+
+    def login(source: str) -> int:
+        with secure.client(secure.submission, tls=True, source=source) as client:
+            return client.docmd("AUTH PLAIN " + _plain("app", PASSWORD))[0]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:  # four parallel guesses from each address
+        codes = list(pool.map(guess, guessers * 4))
+    assert set(codes) <= {535, 421, 454} and codes.count(535) >= 3
+    assert login("127.0.2.1") != 235 and login("127.0.2.2") != 235
+
+    def unlock(*args: str) -> subprocess.CompletedProcess[str]:
+        return secure.server.cli("user", "unlock", "app", *args)
+
+    done = unlock("--ip", "127.0.2.1")
+    assert done.returncode == 0 and "127.0.2.1" in done.stdout, done.stdout + done.stderr
+    assert login("127.0.2.2") != 235  # only the address named was cleared
+    assert login("127.0.2.1") == 235
+    done = unlock()
+    assert done.returncode == 0 and "127.0.2.2" in done.stdout, done.stdout + done.stderr
+    assert login("127.0.2.2") == 235
+    assert unlock("--ip", "not-an-address").returncode == 2
+
+    secure.server.terminate()
+    stopped = unlock()
+    assert stopped.returncode == 0 and "nothing to unlock" in stopped.stdout

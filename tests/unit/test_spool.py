@@ -365,3 +365,24 @@ def test_a_fifo_in_the_spool_is_quarantined_without_being_opened(tmp_path: Path)
     assert "not a regular file" in done.stderr
     assert sorted(p.name.split("-")[0] for p in (root / "corrupt").iterdir()) == [DEFERRED, INCOMING]
     assert (root / INCOMING / f"{kept.id}.json").exists()
+
+
+def test_attempt_history_is_bounded_and_old_records_load_without_it() -> None:
+    from spool.record import HISTORY_ATTEMPTS, HISTORY_RECIPIENTS
+
+    record = Record(new_id(), "a@example.com", [Recipient("b@example.com")], 1.0, 2.0, 1.0, 10)
+    old = record.dumps()
+    assert b"history" not in old  # a record without attempts is written as before
+    again = loads(old)
+    assert again.history == [] and again.history_dropped == 0
+    many = [{"address": f"r{i}@example.com", "reply": "450 " + "x" * 5000} for i in range(HISTORY_RECIPIENTS + 5)]
+    for n in range(HISTORY_ATTEMPTS + 7):
+        record.attempts = n + 1
+        record.remember(100.0 + n, [dict(r) for r in many])
+    back = loads(record.dumps())
+    assert len(back.history) == HISTORY_ATTEMPTS and back.history_dropped == 7
+    assert back.history[0]["attempt"] == 8 and back.history[-1]["attempt"] == HISTORY_ATTEMPTS + 7
+    assert all(len(r["results"]) == HISTORY_RECIPIENTS and r["more"] == 5 for r in back.history)
+    assert len(record.dumps()) < 100_000  # bounded whatever the retries and replies
+    with pytest.raises(RecordError):
+        loads(json.dumps({**json.loads(old), "history": "nope"}).encode())
