@@ -8,7 +8,10 @@ unpacked from its Debian package, on loopback ports of its own; its SPF
 check asks a DNS server of the tests' on port 53 of a 127.x address).  Each case checks the bytes that
 arrived: the MAIL parameters, 7-bit content where 8BITMIME is missing, line
 lengths, the decoded text, and a DKIM signature that Perl's Mail::DKIM
-accepts, asking a real DNS server (unbound) for the key.
+accepts, asking a real DNS server (unbound) for the key.  Without
+PIPELINING, the recorder sees each MAIL and RCPT come alone; without
+ENHANCEDSTATUSCODES, a bare refusal still gets a DSN (from a real
+``mta serve``) whose status is of the reply's class.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import email.policy
 import ipaddress
 import random
 import re
+import socket
 import ssl
 import subprocess
 import time
@@ -40,6 +44,8 @@ from mta.dkim.signer import Signer
 from mta.dsnrequest import MailRequest, RecipientRequest
 from tests.ci import require
 from tests.e2e.chasquid import Chasquid, fetch
+from tests.harness import HOST, MtaServer, send_mail
+from tests.obs.logs import wait_for_event
 from tests.peers.dns import DnsServer
 from tests.peers.net import free_port
 from tests.peers.postfix import PostfixServer
@@ -98,7 +104,8 @@ def bad_cert_tls(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
 
 def deliver(signing: Signing, port: int, data: bytes, *, recipient: str = "user@dest.test",
             eight_bit: bool = False, smtputf8: bool = False, sender: str = "app@sender.test",
-            dsn: MailRequest | None = None, recipient_dsn: RecipientRequest | None = None) -> Report:
+            dsn: MailRequest | None = None, recipient_dsn: RecipientRequest | None = None,
+            recipients: list[str] | None = None) -> Report:
     settings = ClientSettings(helo_name="mta.sender.test", port=port, connect_timeout=5, command_timeout=15,
                               allowed_networks=LOOPBACK)
     connector = Connector(settings, MxResolver(dns.asyncresolver.Resolver(configure=False)))
@@ -108,7 +115,7 @@ def deliver(signing: Signing, port: int, data: bytes, *, recipient: str = "user@
 
     async def main() -> Report:
         courier = Courier(connector.open, content, signing.signer)
-        parcel = Parcel("Q0000000001", sender, [recipient], len(data), smtputf8=smtputf8,
+        parcel = Parcel("Q0000000001", sender, recipients or [recipient], len(data), smtputf8=smtputf8,
                         eight_bit=eight_bit, dsn=dsn or MailRequest(),
                         recipient_dsn={recipient: recipient_dsn} if recipient_dsn else {})
         try:
@@ -339,3 +346,65 @@ def test_chasquid_gets_a_long_line_reencoded(signing: Signing, chasquid: Chasqui
     assert max(len(line) for line in stored.split(b"\r\n")) <= 998
     assert decoded_parts(stored)[0].decode("ascii").rstrip("\r\n") == HTML_LINE
     assert "rsa-sha256 pass sender.test k1" in verified(signing, stored)
+
+
+def test_a_receiver_without_pipelining_gets_one_command_at_a_time(signing: Signing) -> None:
+    recipients = ["one@dest.test", "two@dest.test", "gone@dest.test", "three@dest.test"]
+    with Recorder(refuse={"gone@dest.test": "550 5.1.1 no such user"}) as recorder:
+        report = deliver(signing, recorder.port, LONG_LINE, recipients=recipients)
+        received = only(recorder)
+    kinds = {address: outcome.kind for address, outcome in report.outcomes.items()}
+    assert kinds == {"one@dest.test": Kind.DELIVERED, "two@dest.test": Kind.DELIVERED,
+                     "gone@dest.test": Kind.PERMANENT, "three@dest.test": Kind.DELIVERED}, report
+    refused = report.outcomes["gone@dest.test"]
+    assert refused.answered and (refused.reply.code, refused.enhanced) == (550, "5.1.1"), refused
+    assert received.rcpt_tos == ["one@dest.test", "two@dest.test", "three@dest.test"]
+    commands = [(c.verb, c.address) for c in recorder.commands]
+    assert commands == [("MAIL", "app@sender.test"), *[("RCPT", address) for address in recipients]]
+    assert not any(c.pipelined for c in recorder.commands), "the receiver offered no PIPELINING"
+    assert "rsa-sha256 pass sender.test k1" in verified(signing, received.data)
+
+
+def test_the_recorder_sees_pipelined_commands() -> None:
+    # The check above could fail: a client that pipelines is seen doing so.
+    with Recorder() as recorder, socket.create_connection((recorder.host, recorder.port), timeout=10) as client:
+        reader = client.makefile("rb")
+        reader.readline()
+        client.sendall(b"EHLO pipelining.test\r\n")
+        while not reader.readline().startswith(b"250 "):
+            pass
+        client.sendall(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<b@dest.test>\r\nRCPT TO:<c@dest.test>\r\n")
+        replies = [reader.readline() for _ in range(3)]
+        client.sendall(b"QUIT\r\n")
+        reader.readline()
+    assert all(reply.startswith(b"250") for reply in replies), replies
+    assert [c.pipelined for c in recorder.commands] == [True, True, False]
+
+
+def test_a_refusal_without_an_enhanced_code_still_gets_a_truthful_dsn(tmp_path: Path) -> None:
+    # aiosmtpd offers no ENHANCEDSTATUSCODES; this refusal carries none either, as such receivers send.
+    with Recorder(refuse={"gone@dest.test": "550 No such user here"}) as recorder:
+        config = {"routes": [{"domains": ["*"], "relay": f"{HOST}:{recorder.port}", "tls": "none"}],
+                  "queue": {"retry_initial": "1h", "retry_max": "2h"}}
+        server = MtaServer(tmp_path / "mta", config)
+        server.start()
+        try:
+            send_mail(server.port, "app@sender.test", ["gone@dest.test", "here@dest.test"])
+            [bounced] = wait_for_event(server, "bounced", recipient="gone@dest.test", timeout=30)
+            deadline = time.monotonic() + 30
+            while not any(m.mail_from in ("", "<>") for m in recorder.messages):
+                assert time.monotonic() < deadline, "no DSN arrived"
+                time.sleep(0.1)
+        finally:
+            server.stop()
+    [dsn] = [m for m in recorder.messages if m.mail_from in ("", "<>")]
+    assert dsn.rcpt_tos == ["app@sender.test"]
+    assert [m.rcpt_tos for m in recorder.messages if m.mail_from not in ("", "<>")] == [["here@dest.test"]]
+    assert bounced["code"] == 550 and bounced["enhanced"] == "5.0.0", bounced
+    report = email.message_from_bytes(dsn.data, policy=email.policy.default)
+    assert report.get_content_type() == "multipart/report"
+    [block] = report.get_payload()[1].get_payload()[1:]
+    assert str(block["Final-Recipient"]).replace(" ", "") == "rfc822;gone@dest.test"
+    assert block["Action"] == "failed"
+    assert block["Status"] == "5.0.0", "no enhanced code came: the status is the reply's class, no more"
+    assert " ".join(str(block["Diagnostic-Code"]).split()) == "smtp; 550 No such user here"

@@ -3,7 +3,12 @@
 Owns: one aiosmtpd ``Controller`` on 127.0.0.1 and a free port, in its own
 thread.  For each transaction it keeps the MAIL and RCPT parameters and the
 raw DATA octets as they came off the wire (after dot-unstuffing), so tests
-can check bytes, not a re-rendered copy.  The extensions it offers are
+can check bytes, not a re-rendered copy.  It also keeps each MAIL and RCPT
+command in the order it came, with whether the client had already sent
+more behind it (pipelined) when it was read.  aiosmtpd offers neither
+PIPELINING nor ENHANCEDSTATUSCODES nor DSN, so the recorder is a receiver
+without them (its own replies carry enhanced codes all the same; ``refuse``
+replies are sent as given, with or without one).  The extensions it offers are
 chosen per test, to stand for receivers that exist: ``hide`` removes any of
 ``8BITMIME``, ``SMTPUTF8``, ``SIZE``, ``PIPELINING``, ``STARTTLS`` from
 its EHLO reply; ``size`` announces a SIZE limit; ``tls`` offers STARTTLS with
@@ -41,11 +46,26 @@ class Received:
 
 
 @dataclass
+class Command:
+    session: int
+    verb: str  # "MAIL" or "RCPT"
+    address: str
+    pipelined: bool  # the client had sent more before this command's reply
+
+
+def _pipelined(server: Any) -> bool:
+    # Whatever the client sent after this command's line is still in the reader's buffer:
+    # a client that waits for each reply leaves it empty.
+    return bool(getattr(server._reader, "_buffer", b""))
+
+
+@dataclass
 class _Handler:
     hide: set[str]
     refuse: dict[str, str] = field(default_factory=dict)
     messages: list[Received] = field(default_factory=list)
     sessions: list[int] = field(default_factory=list)
+    commands: list[Command] = field(default_factory=list)
 
     async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
                           responses: list[str]) -> list[str]:
@@ -53,8 +73,16 @@ class _Handler:
         self.sessions.append(id(session))
         return [line for line in responses if line[4:].split(" ", 1)[0].upper() not in self.hide]
 
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+                          mail_options: list[str]) -> str:
+        self.commands.append(Command(id(session), "MAIL", address, _pipelined(server)))
+        envelope.mail_from = address  # a handler's MAIL hook does what aiosmtpd would
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
                           rcpt_options: list[str]) -> str:
+        self.commands.append(Command(id(session), "RCPT", address, _pipelined(server)))
         refusal = self.refuse.get(address.lower())
         if refusal is not None:
             return refusal
@@ -88,6 +116,10 @@ class Recorder:
     @property
     def messages(self) -> list[Received]:
         return self.handler.messages
+
+    @property
+    def commands(self) -> list[Command]:
+        return self.handler.commands
 
     @property
     def sessions(self) -> list[int]:
