@@ -130,7 +130,8 @@ def _print_trace(info: dict[str, Any]) -> None:
         for result in round_.get("results", []):
             host = result.get("mx_host") or "-"
             where = f"{host} [{result['mx_ip']}]" if result.get("mx_ip") else host
-            tls = _tls_words(result.get("tls")) if result.get("mx_ip") or result.get("tls") else "not connected"
+            # Without the server's own reply there was no SMTP session to have TLS or not.
+            tls = _tls_words(result.get("tls")) if result.get("tls") or result.get("answered") else "no session"
             print(escape(f"    <{result.get('address')}>  {where}  {tls}"))
             print(escape(f"      {result.get('reply')}"))
         if round_.get("more"):

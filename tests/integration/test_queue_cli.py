@@ -139,6 +139,7 @@ def test_trace_shows_each_attempt_with_its_mx_and_reply_online_and_offline(world
     check(json.loads(online.stdout))
     text = server.queue("trace", queue_id).stdout
     assert "attempt 1 at" in text and "attempt 2 at" in text and f"[{HOSTS['flaky']}]" in text
+    assert "no TLS" in text  # smtp-sink offers no STARTTLS here
     assert text.count("450 4.3.0") >= 2
 
     assert server.terminate() == 0
@@ -154,6 +155,8 @@ def test_show_body_prints_the_stored_message_escaped_or_raw_to_a_pipe(world: Wor
     escape_me = "body line\x1b[2J here"
     other = send_mail(server.port, "a@sender.test", ["x@down.test"], body=escape_me + "\r\n")
     server.wait_for_queue(lambda q: len(q) == 2, what="two queued")
+    unreached = server.queue("trace", queue_id).stdout  # down.test's MX does not answer
+    assert "attempt 1 at" in unreached and "no session" in unreached and "cannot connect" in unreached
     for running in (True, False):
         shown = server.queue("show", queue_id, "--body")
         assert shown.returncode == 0, shown.stderr
