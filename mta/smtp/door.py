@@ -42,6 +42,8 @@ from mta.smtp.tls import start_server_tls
 
 log = logging.getLogger(__name__)
 
+LINGER = 1.0  # seconds a refused PROXY client has to read its reply and go
+
 Refusal = tuple[Reply, str]  # the reply and the reason logged with it
 
 
@@ -147,6 +149,25 @@ class _Door(asyncio.Protocol):
         self.front.accept(transport)
 
 
+class _Lingering(asyncio.Protocol):
+    """A refused connection after its reply: input is discarded until the client closes or LINGER passes."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.timer = asyncio.get_running_loop().call_later(LINGER, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        self.timer.cancel()
+        self.transport.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.timer.cancel()
+
+
 class Front:
     """Admission at accept, and implicit TLS, for one listener."""
 
@@ -199,6 +220,15 @@ class Front:
               reason=reason)
         if self.tls is None:
             transport.write(f"{reply}\r\n".encode())
+            if self.listener.proxy_protocol and transport.can_write_eof():
+                # Behind PROXY the client speaks first: closing with its header unread
+                # in the socket makes the kernel send a reset, which can destroy the
+                # refusal before the client reads it. Say it, half-close, and discard
+                # what still comes for a moment. (Elsewhere a client waits for the
+                # banner, so nothing is unread and the descriptor goes at once.)
+                transport.set_protocol(_Lingering(transport))
+                transport.write_eof()
+                return
         transport.close()
 
     def _handshake(self, transport: asyncio.Transport, slot: Slot) -> None:
