@@ -51,6 +51,9 @@ from mta.smtp.server import Listener
 from mta.smtp.session import AuthServices, SessionHandler
 from mta.smtp.tls import ServerTls, TlsError
 from mta.suppression import SuppressionError, open_list
+from mta.tlsrpt.record import SessionRecord
+from mta.tlsrpt.send import build as build_reporter
+from mta.tlsrpt.send import record_path
 from mta.workers import shared
 from mta.workers.supervisor import WorkerError, Workers
 from spool import Spool, SpoolError
@@ -72,6 +75,7 @@ class App:
         self.drain = DrainService(config, self.spool)  # handoff endpoint and scale-down drain
         self.tls_policy: TlsPolicy | None = None  # outbound TLS for direct delivery, built with the connector
         self.api: ApiServer | None = None
+        self.tls_reports: SessionRecord | None = None  # TLS-RPT counts (tls_reports.enabled)
         self.idempotency: IdempotencyStore | None = None
 
     def _connector(self) -> Connector:
@@ -89,7 +93,13 @@ class App:
             allowed_networks=tuple(config.delivery.allowed_networks),
         )
         self.tls_policy = build_tls_policy(config, resolver)
-        return Connector(settings, MxResolver(resolver), self.tls_policy, config.delivery.tls_ca_file)
+        if config.tls_reports.enabled:
+            try:
+                self.tls_reports = SessionRecord(record_path(config.spool.path))
+            except (sqlite3.Error, OSError) as exc:
+                raise StartupError(f"tls_reports: cannot open {record_path(config.spool.path)}: {exc}") from None
+        return Connector(settings, MxResolver(resolver), self.tls_policy, config.delivery.tls_ca_file,
+                         reports=self.tls_reports)
 
     # -- readiness ---------------------------------------------------------
 
@@ -146,6 +156,7 @@ class App:
         scheduler, intake = assemble(self.spool, config, courier)
         scheduler.suppressions = suppressions
         scheduler.load(loaded.records)
+        reporter = build_reporter(config, self.tls_reports, intake) if self.tls_reports is not None else None
         api = self.drain.api
         identity = IdentityMonitor(config, keys, scheduler,
                                    notify=(lambda reason, message, kind: try_event(api, reason, message, kind))
@@ -162,7 +173,8 @@ class App:
         delegated = {item.name for item in shared(config)} if config.workers else set()
         # One gate for every AUTH listener and the HTTP API; the control socket clears its lockouts.
         services = AuthServices.build(config.limits)
-        control = ControlServer(socket_path(config.spool.path), Operator(scheduler), services.gate)
+        control = ControlServer(socket_path(config.spool.path), Operator(scheduler), services.gate, reporter)
+        report_task: asyncio.Task[None] | None = None
         try:
             for item in config.listeners:
                 if item.name in delegated:
@@ -195,6 +207,8 @@ class App:
                 raise StartupError(f"drain.listen {config.drain.listen}: {exc.strerror}") from None
             identity.start()
             scheduler_task = asyncio.create_task(scheduler.run())
+            if reporter is not None:
+                report_task = asyncio.create_task(reporter.run())
             try:
                 await workers.start()
             except WorkerError as exc:
@@ -203,6 +217,10 @@ class App:
                   listeners=",".join(f"{item.name}={item.address}" for item in config.listeners))
             await self._wait_for_signal(scheduler_task)
         finally:
+            if report_task is not None:
+                report_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await report_task
             await identity.stop()
             await self._shutdown(scheduler, scheduler_task, control, health, workers)
 
@@ -271,6 +289,8 @@ class App:
         self.spool.close()
         if self.idempotency is not None:
             self.idempotency.close()
+        if self.tls_reports is not None:
+            self.tls_reports.close()
         if scheduler.suppressions is not None:
             scheduler.suppressions.close()
         event("stopped")

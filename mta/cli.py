@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
                             "and why")
     check.add_argument("domain")
     check.add_argument("--json", action="store_true", help="one JSON object")
+    tls_report = tsub.add_parser("report", parents=[common], help="print a day's TLS-RPT reports (RFC 8460), "
+                                 "or with --send have the running server send them now")
+    tls_report.add_argument("--date", help="the UTC day, YYYY-MM-DD (default: yesterday)")
+    tls_report.add_argument("--send", action="store_true", help="send the day's unsent reports now")
     return parser
 
 
@@ -265,6 +269,46 @@ def _tls_check(config: Config, domain: str, as_json: bool) -> int:
     return 1 if report.get("error") else 0
 
 
+def _tls_report(config: Config, day: str | None, send_now: bool) -> int:
+    import datetime
+
+    from mta.tlsrpt import send as tlsrpt_send
+    from mta.tlsrpt.record import SessionRecord
+
+    if day is None:
+        day = (datetime.datetime.now(datetime.UTC).date() - datetime.timedelta(days=1)).isoformat()
+    try:
+        datetime.date.fromisoformat(day)
+    except ValueError:
+        print(f"mta tls report: --date {day!r} is not YYYY-MM-DD", file=sys.stderr)
+        return 2
+    if send_now:
+        try:
+            results = control.request(control.socket_path(config.spool.path), "tls-report", [], timeout=300,
+                                      extra={"date": day})
+        except control.ControlError as exc:
+            print(f"mta tls report: {exc}", file=sys.stderr)
+            return 1
+        for domain, outcome in sorted(results.items()):
+            print(escape_block(f"{domain}: {outcome}"))
+        if not results:
+            print(f"no TLS sessions recorded for {day}")
+        return 0
+    path = tlsrpt_send.record_path(config.spool.path)
+    if not path.exists():
+        print(f"mta tls report: no TLS-RPT record at {path} (tls_reports.enabled, and mail delivered?)",
+              file=sys.stderr)
+        return 1
+    record = SessionRecord(path)
+    try:
+        reporter = tlsrpt_send.build(config, record, None)
+        reports = [reporter.build(day, domain, record.sent(day, domain) or None) for domain in record.domains(day)]
+    finally:
+        record.close()
+    print(json.dumps(reports, indent=2))
+    return 0
+
+
 def _check_config(config: Config) -> int:
     from mta.secret_files import readable_by_others
     from mta.startup_files import problems
@@ -322,6 +366,8 @@ def _main(argv: list[str] | None = None) -> int:
         return keys_cli.run(config, args)
     if args.command == "doctor":
         return _doctor(config, args.json, args.strict)
+    if args.command == "tls" and args.action == "report":
+        return _tls_report(config, args.date, args.send)
     if args.command == "tls":
         return _tls_check(config, args.domain, args.json)
     return queue_cli.run(config, args)

@@ -243,6 +243,35 @@ class DeliveryConfig(Section):
     mta_sts_port: int = Field(443, gt=0, lt=65536)  # where mta-sts.<domain> serves its policy
 
 
+_TIME_OF_DAY = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+
+
+class TlsReportsConfig(Section):
+    """TLS-RPT (RFC 8460): daily reports of direct delivery's TLS sessions to the domains that ask for them."""
+
+    enabled: bool = True  # count sessions and send the reports
+    organization_name: str | None = None  # organization-name in the reports; default: hostname
+    contact_info: str | None = None  # contact-info; default: postmaster@hostname
+    sender: str | None = None  # From and envelope sender of mailed reports; default: tls-reports@hostname
+    send_at: str = "01:00"  # UTC time of day the previous days' reports go out
+    timeout: Duration = 30.0  # one HTTPS POST
+    keep_days: int = Field(14, ge=1, le=366)  # days of counts kept; unsent days are caught up within them
+
+    @field_validator("send_at")
+    @classmethod
+    def _time_of_day(cls, value: str) -> str:
+        if not _TIME_OF_DAY.match(value):
+            raise ValueError(f"{value!r} is not a time of day HH:MM (UTC)")
+        return value
+
+    @field_validator("sender")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and (value.count("@") != 1 or not all(value.split("@"))):
+            raise ValueError(f"{value!r} is not a mail address")
+        return value
+
+
 class TlsPolicyRule(Section):
     """``tls_policy`` entries: recipient domains ("example.com", "*.bank.example") and their TLS level."""
 
@@ -849,6 +878,7 @@ class Config(Section):
     kubernetes: KubernetesConfig = KubernetesConfig()
     drain: DrainConfig = DrainConfig()
     tls_policy: list[TlsPolicyRule] = Field(default_factory=list)
+    tls_reports: TlsReportsConfig = TlsReportsConfig()
     bounces: BouncesConfig = BouncesConfig()
     suppression: SuppressionConfig = SuppressionConfig()
 

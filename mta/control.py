@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the CLI's side of the socket needs none of the scheduler
     from mta.auth.gate import AuthGate
     from mta.scheduler.operator import Operator
+    from mta.tlsrpt.send import Reporter
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("list", "show", "trace", "body", "flush", "delete", "hold", "release", "bounce", "unlock")
+ACTIONS = ("list", "show", "trace", "body", "flush", "delete", "hold", "release", "bounce", "unlock", "tls-report")
 MAX_REQUEST = 1024 * 1024
 # An action still running after this long is answered "goes on" and left
 # to finish in the server, well within the client's own timeout.
@@ -49,7 +50,8 @@ def socket_path(spool_root: Path) -> Path:
 
 
 async def handle(operator: Operator, request: dict[str, Any],
-                 answer_within: float | None = ANSWER_WITHIN, gate: AuthGate | None = None) -> dict[str, Any]:
+                 answer_within: float | None = ANSWER_WITHIN, gate: AuthGate | None = None,
+                 reporter: Reporter | None = None) -> dict[str, Any]:
     """One request; an action still running after ``answer_within`` seconds goes on in the background."""
     action = request.get("action")
     ids = request.get("ids") or []
@@ -60,6 +62,13 @@ async def handle(operator: Operator, request: dict[str, Any],
     if action in ("show", "trace", "body"):
         look = {"show": operator.show, "trace": operator.trace, "body": operator.body}[action]
         return {"ok": True, "result": {i: look(i) for i in ids}}
+    if action == "tls-report":
+        day = request.get("date")
+        if reporter is None:
+            return {"ok": False, "error": "tls_reports.enabled is off on this server"}
+        if not isinstance(day, str):
+            return {"ok": False, "error": "tls-report needs a date (YYYY-MM-DD)"}
+        return {"ok": True, "result": await reporter.send_day(day)}
     if action == "unlock":
         ip = request.get("ip")
         if gate is None:
@@ -91,8 +100,10 @@ def _finished_in_background(work: asyncio.Future[dict[str, str]]) -> None:
 
 
 class ControlServer:
-    def __init__(self, path: Path, operator: Operator, gate: AuthGate | None = None) -> None:
+    def __init__(self, path: Path, operator: Operator, gate: AuthGate | None = None,
+                 reporter: Reporter | None = None) -> None:
         self.path = path
+        self.reporter = reporter  # ``mta tls report --send``
         self.operator = operator
         self.gate = gate  # the process's AUTH gate, for ``mta user unlock``
         self.server: asyncio.AbstractServer | None = None
@@ -111,7 +122,8 @@ class ControlServer:
             line = await asyncio.wait_for(reader.readline(), timeout=10)
             try:
                 request = json.loads(line)
-                response = await handle(self.operator, request, gate=self.gate) if isinstance(request, dict) else \
+                response = await handle(self.operator, request, gate=self.gate,
+                                        reporter=self.reporter) if isinstance(request, dict) else \
                     {"ok": False, "error": "request must be a JSON object"}
             except ValueError:
                 response = {"ok": False, "error": "request is not JSON"}

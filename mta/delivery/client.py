@@ -33,10 +33,11 @@ from mta.config import RouteConfig
 from mta.delivery import result
 from mta.delivery.connection import Connection, StaleConnection, reply_text
 from mta.delivery.mx import LookupFailed, MxHost, MxResolver, may_connect
-from mta.delivery.result import Kind, Outcome
+from mta.delivery.result import Kind, Outcome, PolicyVerdict
 from mta.delivery.route import NextHop
 from mta.delivery.starttls import PolicyFailed, Reconnect, upgrade
 from mta.delivery.tlspolicy import DomainTls, HostTls, TlsPolicy
+from mta.tlsrpt.record import SessionRecord
 
 __all__ = ["ClientSettings", "ConnectFailed", "Connection", "Connector", "StaleConnection", "may_connect"]
 
@@ -107,12 +108,13 @@ class Connector:
     """Opens connections to next hops; the network pieces are injectable."""
 
     def __init__(self, settings: ClientSettings, mx: MxResolver, policy: TlsPolicy | None = None,
-                 roots: Path | None = None) -> None:
+                 roots: Path | None = None, reports: SessionRecord | None = None) -> None:
         self.settings = settings
         self.mx = mx
         # No policy given: TLS when offered, unverified (level may with nothing remembered).
         self.policy = policy or TlsPolicy([], "may")
         self.roots = roots  # the CA bundle for verify and MTA-STS; None: the system's
+        self.reports = reports  # TLS-RPT: every direct session's TLS outcome is counted here
 
     def _families(self) -> tuple[int, ...]:
         source = self.settings.source_address
@@ -149,11 +151,13 @@ class Connector:
                     plan = plans.get(name) or await self._plan(domain_tls, server.host)
                     plans[name] = plan
                     if isinstance(plan, Outcome):
+                        if plan.policy is not None:
+                            self._count(domain_tls, None, plan.policy, name, server.address, None)
                         last = plan
                         log.info("delivery to %s: %s not used: %s", domain, name, plan.reply)
                         continue
                     try:
-                        connection = await self._direct(server.address, mx_host, name, plan)
+                        connection = await self._direct(domain_tls, server.address, mx_host, name, plan)
                     except ConnectFailed as exc:
                         last = exc.outcome
                         log.info("delivery to %s: %s", exc.outcome.remote, exc.outcome.reply)
@@ -175,23 +179,43 @@ class Connector:
             return Outcome(plan.kind, plan.reply, host.name, None, policy=plan.policy)
         return plan
 
-    async def _direct(self, address: str, mx_host: str | None, name: str, plan: HostTls) -> Connection:
+    def _count(self, domain_tls: DomainTls, plan: HostTls | None, verdict: PolicyVerdict, name: str,
+                address: str, local: str | None) -> None:
+        """The TLS-RPT hook: one session (or one MX host the policy ruled out) and how its TLS went."""
+        if self.reports is None:
+            return
+        policy = self.policy.report_policy(domain_tls, plan, verdict)
+        if policy is None:
+            return
+        outcome = verdict.result
+        if policy.type == "sts" and not policy.strings and domain_tls.sts_problem is not None:
+            outcome = domain_tls.sts_problem
+        self.reports.session(domain_tls.domain, policy, outcome, sending_ip=local or self.settings.source_address,
+                             mx_host=name, mx_ip=address)
+
+    async def _direct(self, domain_tls: DomainTls, address: str, mx_host: str | None, name: str,
+                      plan: HostTls) -> Connection:
         """A session with one MX address, TLS as ``plan`` says."""
         smtp = await self._session(address, self.settings.port, mx_host, address, tls="none")
         remote = result.remote_name(mx_host, address) or address
+        sockname = smtp.get_transport_info("sockname")
+        local = str(sockname[0]) if sockname else None
         try:
             verdict = await upgrade(smtp, plan, name, remote, roots=_tls_context(True, self.roots),
                                     unverified=_tls_context(False, None))
         except PolicyFailed as exc:
+            self._count(domain_tls, plan, exc.verdict, name, address, local)
             raise ConnectFailed(Outcome(Kind.TRANSIENT, exc.reply, mx_host, address, policy=exc.verdict)) from None
         except Reconnect as exc:
             # Ends: a relaxed plan no longer verifies, a plain-text one tries no STARTTLS.
-            return await self._direct(address, mx_host, name, exc.host_tls)
+            # The session that goes on reports the failure (its verdict carries it): counted once.
+            return await self._direct(domain_tls, address, mx_host, name, exc.host_tls)
         except (aiosmtplib.SMTPException, OSError) as exc:
             smtp.close()
             raise ConnectFailed(Outcome(Kind.TRANSIENT, replies.Reply(451, "4.4.2", f"session with {remote} lost "
                                         f"after STARTTLS: {exc}"), mx_host, address, policy=plan.verdict())) \
                 from None
+        self._count(domain_tls, plan, verdict, name, address, local)
         return Connection(smtp, mx_host, address, verdict)
 
     async def _open_relay(self, hop: NextHop) -> Connection:

@@ -132,7 +132,7 @@ def parse_policy(text: str, ident: str, fetched: float) -> StsPolicy:
     return StsPolicy(mode, tuple(mx), int(age), ident, fetched)
 
 
-class _Addresses(aiohttp.abc.AbstractResolver):
+class CheckedAddresses(aiohttp.abc.AbstractResolver):
     """aiohttp's name lookups through the configured resolver, public addresses only."""
 
     def __init__(self, resolver: dns.asyncresolver.Resolver, allowed: Callable[[str], bool]) -> None:
@@ -228,7 +228,7 @@ class MtaSts:
         host = f"mta-sts.{domain}"
         netloc = host if self.port == 443 else f"{host}:{self.port}"
         url = f"https://{netloc}/.well-known/mta-sts.txt"
-        connector = aiohttp.TCPConnector(ssl=self.ssl_context, resolver=_Addresses(self.resolver, self.allowed),
+        connector = aiohttp.TCPConnector(ssl=self.ssl_context, resolver=CheckedAddresses(self.resolver, self.allowed),
                                          use_dns_cache=False, force_close=True)
         try:
             async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout),

@@ -46,6 +46,7 @@ from mta.delivery.mx import MxHost, may_connect
 from mta.delivery.result import Outcome, PolicyVerdict
 from mta.delivery.seen import StartTlsSeen
 from mta.domains import DomainMap
+from mta.tlsrpt.record import ReportPolicy
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,25 @@ class TlsPolicy:
             return HostTls("may", required=True,
                            why=f"{domain.domain} offered STARTTLS before (delivery.remember_starttls)")
         return HostTls("may")
+
+    @staticmethod
+    def report_policy(domain: DomainTls, plan: HostTls | None, verdict: PolicyVerdict) -> ReportPolicy | None:
+        """The policy a session counts under in TLS-RPT (RFC 8460 §4.4); None: not a session to report."""
+        if domain.level == "none" or domain.domain.startswith("["):
+            return None
+        if verdict.policy == "dane":
+            records = plan.tlsa if plan is not None else ()
+            if verdict.result == "dane-required":
+                return ReportPolicy("no-policy-found")
+            return ReportPolicy("tlsa", tuple(f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}" for r in records))
+        sts = domain.sts
+        if verdict.policy == "mta-sts" and sts is not None:
+            lines = ("version: STSv1", f"mode: {sts.mode}", *(f"mx: {item}" for item in sts.mx),
+                     f"max_age: {sts.max_age}")
+            return ReportPolicy("sts", lines, sts.mx)
+        if domain.sts_problem is not None:
+            return ReportPolicy("sts")  # the policy could not be had: the failure is the fetch's
+        return ReportPolicy("no-policy-found")
 
     def succeeded(self, domain: str) -> None:
         """A TLS session with an MX host of ``domain`` came up."""

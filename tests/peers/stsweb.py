@@ -4,7 +4,9 @@ Owns: one aiohttp application on 127.0.0.1 and a free port, run in a thread
 with its own event loop.  ``policies`` maps a host name
 (``mta-sts.<domain>``) to the policy text served at
 ``/.well-known/mta-sts.txt`` for requests naming it; ``redirect`` hosts
-answer 301 instead, and ``requests`` lists the hosts asked for.  The
+answer 301 instead, and ``requests`` lists the hosts asked for.  A POST to
+``/tlsrpt`` (a TLS-RPT ``https`` rua) is kept in ``posts`` as (content type,
+body) and answered 201.  The
 certificate comes from the caller (a trustme CA), so tests choose the names
 it is good for.
 
@@ -32,6 +34,7 @@ class StsWebServer:
         self.policies = dict(policies or {})
         self.redirect: set[str] = set()
         self.requests: list[str] = []
+        self.posts: list[tuple[str, bytes]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -47,9 +50,14 @@ class StsWebServer:
             raise web.HTTPNotFound()
         return web.Response(text=text, content_type="text/plain")
 
+    async def _report(self, request: web.Request) -> web.StreamResponse:
+        self.posts.append((request.headers.get("Content-Type", ""), await request.read()))
+        return web.Response(status=201)
+
     async def _serve(self) -> None:
         app = web.Application()
         app.router.add_get("/.well-known/mta-sts.txt", self._policy)
+        app.router.add_post("/tlsrpt", self._report)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, ssl_context=self.tls)
