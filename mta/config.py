@@ -511,6 +511,9 @@ class IdentityConfig(Section):
     dnsbl_zones: list[str] = Field(default_factory=list)
     sending_domains: list[str] = Field(default_factory=list)  # besides the DKIM domains
     probe: str | None = None  # host:port that must be reachable on TCP 25 from the egress address
+    # host[:port] (default port 443) mta doctor opens a verified TLS connection to, to show this pod can
+    # fetch MTA-STS policies and post TLS-RPT reports over https; null: not checked.
+    https_probe: str | None = None
     # The address receivers see; filled from this pod's entry or delivery.source_address.
     egress_address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
 

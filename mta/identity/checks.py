@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import ssl
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -174,6 +175,25 @@ class SelfChecks:
         writer.close()
         return CheckResult("port25", PASS, f"{host}:{port} reachable from {self.ip or 'this pod'}")
 
+    async def https(self) -> CheckResult:
+        """Whether this pod reaches https (MTA-STS fetches, TLS-RPT posts): a verified TLS handshake."""
+        probe = self.config.identity.https_probe
+        if not probe:
+            return CheckResult("https", WARN, "identity.https_probe is not set; outbound https (MTA-STS policy "
+                                              "fetches, TLS-RPT reports) not checked")
+        host, port = parse_host_port(probe, 443)
+        ca_file = self.config.delivery.tls_ca_file
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, ssl=context, server_hostname=host), timeout=10)
+        except (OSError, TimeoutError) as exc:
+            # A warning, not a failure: mail still flows, but MTA-STS policies cannot be refreshed.
+            return CheckResult("https", WARN, f"cannot reach https://{host}:{port} from this pod ({exc!r}): "
+                                              "MTA-STS policies cannot be fetched, TLS-RPT https reports not sent")
+        writer.close()
+        return CheckResult("https", PASS, f"https://{host}:{port} reachable, certificate verified")
+
     def configured(self) -> list[CheckResult]:
         """Warnings for what is missing from the configuration itself, before any DNS."""
         found = []
@@ -192,6 +212,8 @@ class SelfChecks:
         checks += [self.dmarc(d) for d in self.domains()]
         checks += [self.dnsbl(z) for z in self.config.identity.dnsbl_zones]
         checks.append(self.port25())
+        if self.config.delivery.mta_sts or self.config.tls_reports.enabled:
+            checks.append(self.https())
         return self.configured() + list(await asyncio.gather(*checks))
 
 

@@ -203,3 +203,30 @@ def test_mailed_report_reaches_a_real_receiver(world: World, tmp_path: Path) -> 
     validate(report)
     assert report["policies"][0]["summary"]["total-successful-session-count"] == 1
     assert report["report-id"] in message["Subject"]
+
+
+def test_doctor_says_whether_https_is_reachable(tmp_path: Path) -> None:
+    """mta doctor's https check against a real HTTPS server, and against a port where nothing listens."""
+    import asyncio
+
+    from mta import config
+    from mta.identity.checks import SelfChecks
+    from tests.peers.net import free_port
+
+    ca = trustme.CA()
+    roots = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(roots))
+
+    def check(probe: str) -> Any:
+        path = tmp_path / "c.yaml"
+        path.write_text(f"identity:\n  https_probe: '{probe}'\ndelivery:\n  tls_ca_file: '{roots}'\n")
+        return asyncio.run(SelfChecks(config.load(path, environ={}), []).https())
+
+    with StsWebServer(server_context(ca.issue_cert("localhost"))) as web:
+        reached = check(f"localhost:{web.port}")
+    assert reached.status == "pass" and f"https://localhost:{web.port} reachable" in reached.reason, reached
+    closed = check(f"localhost:{free_port()}")
+    assert closed.status == "warn" and "MTA-STS policies cannot be fetched" in closed.reason, closed
+    with StsWebServer(server_context(trustme.CA().issue_cert("localhost"))) as stranger:
+        untrusted = check(f"localhost:{stranger.port}")
+    assert untrusted.status == "warn" and "CERTIFICATE_VERIFY_FAILED" in untrusted.reason, untrusted
