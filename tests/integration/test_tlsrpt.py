@@ -143,8 +143,9 @@ def test_reports_counted_across_a_restart_then_mailed_and_posted(world: World, t
         server = mta(world, tmp_path / "mta", stripped.port)
         server.start()  # the same spool volume: the counts of the first run are still there
         try:
-            send_mail(server.port, "app@sender.test", [f"user@sts.{ZONE}"])
+            queue_id = send_mail(server.port, "app@sender.test", [f"user@sts.{ZONE}"])
             stripped.wait_for(1)  # mode testing: delivered in plain text, and reported
+            log = server.wait_for_log('"event":"delivered"')
             shown = server.cli("tls", "report", "--date", today)
             assert shown.returncode == 0, shown.stderr
             reports = {item["policies"][0]["policy"]["policy-domain"]: item for item in json.loads(shown.stdout)}
@@ -157,6 +158,10 @@ def test_reports_counted_across_a_restart_then_mailed_and_posted(world: World, t
             assert f"sts.{ZONE}: sent before" in again.stdout, again.stdout
         finally:
             server.stop()
+    # The delivered event names the policy that applied, its mode and how the session went.
+    line = next(item for item in log.splitlines() if '"event":"delivered"' in item and queue_id in item)
+    assert '"tls_policy":"mta-sts"' in line and '"tls_policy_mode":"testing"' in line, line
+    assert '"tls_policy_result":"starttls-not-supported"' in line, line
     # The https rua: one POST, gzip, application/tlsrpt+gzip.
     [(content_type, body)] = world.web.posts
     assert content_type == "application/tlsrpt+gzip"

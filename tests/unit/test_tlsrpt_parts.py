@@ -63,3 +63,26 @@ def test_tls_reports_config_errors_name_the_key(tmp_path: Path, key: str, value:
     with pytest.raises(config.ConfigError) as caught:
         config.load(path, environ={})
     assert f"tls_reports.{key}" in str(caught.value) and reason in str(caught.value), str(caught.value)
+
+
+def test_the_policy_a_session_counts_under() -> None:
+    from mta.delivery.dane import Tlsa
+    from mta.delivery.mtasts import StsPolicy
+    from mta.delivery.result import PolicyVerdict
+    from mta.delivery.tlspolicy import DomainTls, HostTls, TlsPolicy
+
+    record = Tlsa(3, 1, 1, bytes.fromhex("ab" * 32))
+    plain = DomainTls("a.example", "may", "delivery.tls_level")
+    dane = TlsPolicy.report_policy(plain, HostTls("dane", tlsa=(record,)), PolicyVerdict("dane"))
+    assert dane == ReportPolicy("tlsa", ("3 1 1 " + "ab" * 32,))
+    assert TlsPolicy.report_policy(plain, None, PolicyVerdict("dane", None, "dane-required")) == \
+        ReportPolicy("no-policy-found")
+    sts = DomainTls("a.example", "may", "delivery.tls_level", sts=StsPolicy("enforce", ("mx.a.example",), 600, "1", 0))
+    assert TlsPolicy.report_policy(sts, None, PolicyVerdict("mta-sts", "enforce", "validation-failure")) == \
+        ReportPolicy("sts", ("version: STSv1", "mode: enforce", "mx: mx.a.example", "max_age: 600"),
+                     ("mx.a.example",))
+    failed = DomainTls("a.example", "may", "delivery.tls_level", sts_problem="sts-policy-fetch-error")
+    assert TlsPolicy.report_policy(failed, HostTls("may"), PolicyVerdict("may")) == ReportPolicy("sts")
+    assert TlsPolicy.report_policy(plain, HostTls("may"), PolicyVerdict("may")) == ReportPolicy("no-policy-found")
+    none = DomainTls("a.example", "none", "tls_policy rule a.example")
+    assert TlsPolicy.report_policy(none, HostTls("none"), PolicyVerdict("none")) is None
