@@ -85,6 +85,7 @@ class App:
             helo_name=config.hostname,
             port=config.delivery.port,
             source_address=str(config.delivery.source_address) if config.delivery.source_address else None,
+            egress_address=str(config.identity.egress_address) if config.identity.egress_address else None,
             connect_timeout=config.delivery.connect_timeout,
             command_timeout=config.delivery.command_timeout,
             max_mx_hosts=config.delivery.max_mx_hosts,

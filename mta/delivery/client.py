@@ -55,6 +55,10 @@ class ClientSettings:
     helo_name: str
     port: int = 25
     source_address: str | None = None
+    # The address receivers see (identity.egress_address): behind an egress
+    # gateway's SNAT it is not the socket's local address, and TLS-RPT's
+    # sending-mta-ip must name what the receiver saw.
+    egress_address: str | None = None
     connect_timeout: float = 30.0
     command_timeout: float = 120.0
     # Per attempt, so a domain with hundreds of MX records or names that
@@ -190,8 +194,8 @@ class Connector:
         outcome = verdict.result
         if policy.type == "sts" and not policy.strings and domain_tls.sts_problem is not None:
             outcome = domain_tls.sts_problem
-        self.reports.session(domain_tls.domain, policy, outcome, sending_ip=local or self.settings.source_address,
-                             mx_host=name, mx_ip=address)
+        sending_ip = self.settings.egress_address or local or self.settings.source_address
+        self.reports.session(domain_tls.domain, policy, outcome, sending_ip=sending_ip, mx_host=name, mx_ip=address)
 
     async def _direct(self, domain_tls: DomainTls, address: str, mx_host: str | None, name: str,
                       plan: HostTls) -> Connection:

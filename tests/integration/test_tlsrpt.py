@@ -118,8 +118,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         dns_server.stop()
 
 
-def mta(world: World, workdir: Path, port: int) -> MtaServer:
-    return MtaServer(workdir, {
+def mta(world: World, workdir: Path, port: int, **more: object) -> MtaServer:
+    return MtaServer(workdir, more | {
         "dns": {"nameservers": [world.dns.address]},
         "delivery": {"port": port, "tls_ca_file": str(world.roots), "mta_sts_port": world.web.port,
                      "allowed_networks": ["127.0.0.0/8"], "remember_starttls": 0},
@@ -140,7 +140,8 @@ def test_reports_counted_across_a_restart_then_mailed_and_posted(world: World, t
         finally:
             server.stop()
     with Recorder(hide={"STARTTLS"}) as stripped:
-        server = mta(world, tmp_path / "mta", stripped.port)
+        # Behind an egress gateway the receiver sees identity.egress_address, not the socket's own.
+        server = mta(world, tmp_path / "mta", stripped.port, identity={"egress_address": "192.0.2.25"})
         server.start()  # the same spool volume: the counts of the first run are still there
         try:
             queue_id = send_mail(server.port, "app@sender.test", [f"user@sts.{ZONE}"])
@@ -173,7 +174,7 @@ def test_reports_counted_across_a_restart_then_mailed_and_posted(world: World, t
                                                   "max_age: 86400"]}
     assert policy["summary"] == {"total-successful-session-count": 1, "total-failure-session-count": 1}
     [failure] = policy["failure-details"]
-    assert failure == {"result-type": "starttls-not-supported", "sending-mta-ip": "127.0.0.1",
+    assert failure == {"result-type": "starttls-not-supported", "sending-mta-ip": "192.0.2.25",
                        "receiving-mx-hostname": f"mx.sts.{ZONE}", "receiving-ip": "127.0.0.1",
                        "failed-session-count": 1}
     assert posted["organization-name"] == "Sender Org" and posted["contact-info"] == "tls@sender.test"
