@@ -103,7 +103,9 @@ async def upgrade(smtp: aiosmtplib.SMTP, host_tls: HostTls, mx_name: str, remote
         if problem is not None:
             smtp.close()
             raise PolicyFailed(Reply(454, "4.7.5", f"the certificate of {remote} does not match its DANE TLSA "
-                                     f"records: {problem}"), host_tls.verdict("validation-failure"))
+                                     f"records: {problem}"),
+                               # RFC 8460 §4.3.2: none of the TLSA records validated the certificate.
+                               host_tls.verdict("tlsa-invalid"))
     # STARTTLS discards what the server said before (RFC 3207 §4.2): ask
     # again, or MAIL would go out without SIZE, BODY and SMTPUTF8.
     await smtp.ehlo()

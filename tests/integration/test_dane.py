@@ -166,7 +166,7 @@ def test_dane_ee_mismatch_defers_and_sends_nothing(world: World, tmp_path: Path)
         assert receiver.messages == []
     assert outcome.kind is Kind.TRANSIENT and outcome.reply.enhanced == "4.7.5", outcome
     assert outcome.policy is not None and outcome.policy.fields() == {
-        "tls_policy": "dane", "tls_policy_result": "validation-failure"}
+        "tls_policy": "dane", "tls_policy_result": "tlsa-invalid"}
     with Recorder(hide={"STARTTLS"}, port=world.port) as stripped:
         outcome = world.deliver(world.policy(tmp_path), "ee.dane.test")
         assert stripped.messages == [], "DANE: never plain text"
