@@ -12,7 +12,6 @@ import argparse
 import sys
 from typing import Any
 
-from mta.api.keys import new_key
 from mta.auth.credentials import CredentialsError
 from mta.config import Config
 
@@ -25,6 +24,10 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
+    # Imported here: mta.api.keys brings in aiohttp (0.25 s), which every
+    # other command of the CLI would pay for.
+    from mta.api.keys import new_key
+
     path = config.http_api.keys_file
     if path is None:
         print("mta api-key: http_api.keys_file is not configured", file=sys.stderr)
