@@ -244,7 +244,8 @@ class App:
                 from None
         self.api = ApiServer(self.config, intake, keys, services.rates,
                              admission=[storage(self.obs.disk.ready, "http_api")], records=scheduler.records,
-                             idempotency=self.idempotency, stopping=lambda: self.stopping, tls=tls)
+                             idempotency=self.idempotency, stopping=lambda: self.stopping, tls=tls,
+                             suppression=check_for(scheduler.suppressions, "http_api"))
         try:
             await self.api.start()
         except OSError as exc:

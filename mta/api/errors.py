@@ -35,6 +35,11 @@ def bad_request(code: str, message: str) -> ApiError:
     return ApiError(400, code, "5.5.2", message)
 
 
+def suppressed(recipient: str, reply: Reply) -> ApiError:
+    """A recipient on the suppression list: the whole request is refused, naming it (SMTP refuses that RCPT)."""
+    return ApiError(422, "recipient_suppressed", reply.status, f"{recipient}: {reply.text}")
+
+
 UNAUTHENTICATED = ApiError(401, "unauthenticated", "5.7.8", "missing or invalid API key (Authorization: Bearer)")
 NOT_FOUND = ApiError(404, "not_found", "5.1.0", "no such message queued by this account")
 SHUTTING_DOWN = ApiError(503, "shutting_down", "4.3.2", "service shutting down, try again later")

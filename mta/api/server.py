@@ -6,7 +6,8 @@ session calls (``mta.policy.account``: senders, From:, sizes, rates shared
 with SMTP AUTH of the same name), prepared like SMTP mail
 (``mta.receive``: Received, Authentication-Results, Message-ID, Date) and
 put through the one intake (``mta.intake``); ``202 {"id": ...}`` comes only
-after the message is durable.  ``Idempotency-Key`` answers are kept on the
+after the message is durable.  A recipient on the suppression list gets the
+same answer as at SMTP RCPT (``mta.policy.suppressed``).  ``Idempotency-Key`` answers are kept on the
 spool volume (``mta.api.idempotency``), so a retried request is never
 queued twice.
 
@@ -26,6 +27,7 @@ import logging
 import ssl
 from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
+from types import SimpleNamespace
 from typing import Any
 
 from aiohttp import web
@@ -42,6 +44,7 @@ from mta.obs.log import event
 from mta.policy import account, address
 from mta.policy.account import RateLimits
 from mta.policy.admission import Admission
+from mta.policy.suppressed import SuppressionCheck, held_attrs
 from mta.replies import Rejected
 from spool import Record
 from spool.ids import new_id
@@ -65,7 +68,7 @@ class ApiServer:
                  admission: Sequence[Admission] = (), records: Mapping[str, Record] | None = None,
                  idempotency: IdempotencyStore | None = None, stopping: Callable[[], bool] = lambda: False,
                  tls: ssl.SSLContext | None = None, header_timeout: float = HEADER_TIMEOUT,
-                 body_timeout: float = BODY_TIMEOUT) -> None:
+                 body_timeout: float = BODY_TIMEOUT, suppression: SuppressionCheck | None = None) -> None:
         self.config = config
         self.intake = intake
         self.keys = keys
@@ -75,6 +78,7 @@ class ApiServer:
         self.idempotency = idempotency
         self.stopping = stopping
         self.tls = tls
+        self.suppression = suppression
         self.header_timeout, self.body_timeout = header_timeout, body_timeout
         self.max_body = max_request_size(config)
         self.runner: web.AppRunner | None = None
@@ -222,6 +226,7 @@ class ApiServer:
         address.parse_sender(sender)
         account.check_sender(policy, sender)
         unique: list[str] = []
+        held = SimpleNamespace()  # where the suppression check notes recipients it holds, as on an SMTP envelope
         for rcpt in recipients:
             address.parse_recipient(rcpt)
             if rcpt.lower() in {r.lower() for r in unique}:
@@ -229,6 +234,11 @@ class ApiServer:
             account.check_recipient_count(policy, len(unique))
             if len(unique) >= self.config.limits.max_recipients:
                 raise Rejected(replies.TOO_MANY_RECIPIENTS)
+            if self.suppression is not None:  # the same list and answer as SMTP's RCPT
+                try:
+                    self.suppression(held, rcpt, sender, user, client)
+                except Rejected as exc:
+                    raise errors.suppressed(rcpt, exc.reply) from None
             unique.append(rcpt)
         checked = content.check(data, self.config.limits)  # the SMTP DATA content policy: repair or refuse
         account.check_message(policy, checked.data)
@@ -245,7 +255,8 @@ class ApiServer:
             envelope = Envelope(sender=sender, recipients=unique, attrs={
                 "listener": LISTENER, "client": client, "helo": None, "user": user,
                 "smtputf8": not "".join([sender, *unique]).isascii(), "8bitmime": checked.eight_bit,
-                "8bit": checked.eight_bit, "utf8_headers": checked.utf8_headers, "long_lines": checked.long_lines})
+                "8bit": checked.eight_bit, "utf8_headers": checked.utf8_headers, "long_lines": checked.long_lines,
+                **held_attrs(held)})
             if queue_id in self.records:  # an idempotent retry after a crash that had stored it
                 stored = self.records[queue_id]
             else:

@@ -37,7 +37,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 def api_mta(world: World, recorder: Recorder, extra: dict[str, Any] | None = None,
             accounts: tuple[str, ...] = ("billing",),
-            tls: dict[str, str] | None = None) -> tuple[MtaServer, dict[str, str]]:
+            tls: dict[str, str] | None = None, name: str = "mta") -> tuple[MtaServer, dict[str, str]]:
     """A real ``mta serve`` with the API on, relaying everything to ``recorder``; the keys by account."""
     api_port = free_port(HOST)
     config = {
@@ -46,7 +46,7 @@ def api_mta(world: World, recorder: Recorder, extra: dict[str, Any] | None = Non
         "accounts": {"users": {"billing": {"senders": ["@billing.test"], "from_addresses": ["@billing.test"]}}},
         **(extra or {}),
     }
-    server = world.mta(config, start=False)
+    server = world.mta(config, name=name, start=False)
     keys_file = server.workdir / "api-keys"
     keys_file.touch(mode=0o600)
     server.config["http_api"]["keys_file"] = str(keys_file)
@@ -339,3 +339,41 @@ def test_the_api_over_tls_with_curl(world: World) -> None:
         assert plain.returncode != 0 or "openapi" not in plain.stdout, "no plain HTTP on a TLS listener"
         [received] = recorder.wait_for(1, timeout=30)
     assert f"with HTTPS id {queue_id}".encode() in received.data
+
+
+def test_suppressed_recipients_are_refused_or_held_as_at_smtp_rcpt(world: World) -> None:
+    with Recorder() as recorder:
+        server, keys = api_mta(world, recorder)
+        base, key = url(server), keys["billing"]
+        assert server.cli("suppress", "add", "gone@dest.test", "--reason", "complaint").returncode == 0
+        json_body = {"from": "a@billing.test", "to": ["ok@dest.test", "Gone@dest.test"], "text": "x"}
+
+        async def run() -> list[tuple[int, dict[str, Any]]]:
+            # In parallel, so the refusal does not depend on the order of requests.
+            return list(await asyncio.gather(
+                *[post(base, "/v1/messages", key, body=json_body) for _ in range(4)],
+                post(base, "/v1/messages/raw", key, data=b"Subject: x\r\n\r\nx\r\n",
+                     params={"from": "a@billing.test", "to": "gone@dest.test"})))
+
+        for status, body in asyncio.run(run()):
+            assert (status, body["error"]["code"], body["error"]["status"]) == (422, "recipient_suppressed", "5.1.1")
+            assert body["error"]["message"].lower().startswith("gone@dest.test: ") and "suppress" in \
+                body["error"]["message"].lower(), body
+        status, _ = asyncio.run(post(base, "/v1/messages", key, body={**json_body, "to": ["ok@dest.test"]}))
+        assert status == 202
+        [only] = recorder.wait_for(1, timeout=30)
+        assert only.rcpt_tos == ["ok@dest.test"], "nothing of the refused requests was queued"
+        server.wait_queue_empty(timeout=30)
+        time.sleep(0.5)
+        assert len(recorder.messages) == 1
+        server.stop()
+
+    with Recorder() as recorder:
+        server, keys = api_mta(world, recorder, {"suppression": {"action": "hold"}}, name="hold")
+        assert server.cli("suppress", "add", "gone@dest.test").returncode == 0
+        status, answer = asyncio.run(post(url(server), "/v1/messages", keys["billing"], body=json_body))
+        assert status == 202
+        [item] = server.wait_for_queue(lambda items: len(items) == 1, what="the held message")
+        assert item["id"] == answer["id"] and item["state"] == "hold", item
+        assert recorder.messages == []
+        server.stop()
