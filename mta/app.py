@@ -38,7 +38,8 @@ from mta.dkim.signer import Signer
 from mta.drain.service import DrainError, DrainService
 from mta.identity.monitor import IdentityMonitor
 from mta.intake import Intake
-from mta.k8s.api import try_event
+from mta.k8s.api import KubeError, try_event
+from mta.limits.fallback import open_store
 from mta.obs.http import HealthServer
 from mta.obs.log import event
 from mta.obs.stack import Observability
@@ -154,7 +155,8 @@ class App:
         except SuppressionError as exc:
             raise StartupError(f"suppression.path: {exc}") from None
         courier = Courier(self._connector().open, self.spool.message, signer)
-        scheduler, intake = assemble(self.spool, config, courier)
+        limits = open_store(config.limits.store, await self._replicas())
+        scheduler, intake = assemble(self.spool, config, courier, limits=limits)
         scheduler.suppressions = suppressions
         scheduler.load(loaded.records)
         reporter = build_reporter(config, self.tls_reports, intake) if self.tls_reports is not None else None
@@ -224,6 +226,20 @@ class App:
                     await report_task
             await identity.stop()
             await self._shutdown(scheduler, scheduler_task, control, health, workers)
+
+    async def _replicas(self) -> int:
+        """How many pods share the limits: the StatefulSet's ``spec.replicas``
+        where the Kubernetes API answers, else 1 (``limits.store.replicas`` wins)."""
+        api = self.drain.api
+        if self.config.limits.store.url is None or self.config.limits.store.replicas or api is None:
+            return 1
+        try:
+            return await asyncio.to_thread(api.desired_replicas)
+        except KubeError as exc:
+            event("limits_replicas_unknown", level=logging.WARNING, error=str(exc),
+                  reason="while the limits store is unreachable, this pod takes whole limits; "
+                         "set limits.store.replicas")
+            return 1
 
     async def _start_api(self, intake: Intake, services: AuthServices, scheduler: Scheduler) -> None:
         """The HTTP send API, when ``http_api.address`` is set: same intake, same rates as SMTP AUTH."""

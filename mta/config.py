@@ -355,6 +355,37 @@ class RouteConfig(Section):
         return parse_host_port(self.relay, 465 if self.tls == "implicit" else 25)
 
 
+class LimitsStoreConfig(Section):
+    """Where the deployment-wide counters live (``mta.limits``): null url, in this process."""
+
+    # redis://host:6379/0, rediss://host:6380/0 (TLS, verified against ca_file or the system CAs), unix:///path
+    url: str | None = None
+    password_file: ReadableFile | None = None  # a mounted Secret; the password is not put in the config
+    ca_file: ReadableFile | None = None
+    key_prefix: str = Field("kubemta", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    timeout: Duration = Field(0.5, gt=0)  # per command: a hanging store costs at most this
+    retry: Duration = Field(5.0, gt=0)  # while unreachable, ask again this often
+    lease_ttl: Duration = Field(30.0, ge=3)  # a connection slot of a dead pod comes back after this
+    # While the store is unreachable every pod keeps limit / replicas; default: the
+    # StatefulSet's spec.replicas where the Kubernetes API is there, else 1.
+    replicas: int | None = Field(None, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(redis|rediss|unix)://[^\s]+$", value):
+            raise ValueError(f"{value!r} is not a redis://, rediss:// or unix:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _store_options(self) -> LimitsStoreConfig:
+        if self.url is None and (self.password_file or self.ca_file):
+            raise ValueError("password_file and ca_file need url")
+        if self.ca_file is not None and not (self.url or "").startswith("rediss://"):
+            raise ValueError("ca_file needs a rediss:// url (TLS)")
+        return self
+
+
 class LimitsConfig(Section):
     max_message_size: Size = 25 * 1024 * 1024
     max_recipients: int = Field(1000, ge=100)  # RFC 5321 §4.5.3.1.8: at least 100
@@ -385,6 +416,7 @@ class LimitsConfig(Section):
     tls_handshake_timeout: Duration = Field(10.0, gt=0)  # implicit TLS and STARTTLS
     max_tls_handshakes: int = Field(100, ge=1)  # in progress at once, per listener (implicit TLS)
     max_tls_handshakes_per_ip: int = Field(10, ge=1)
+    store: LimitsStoreConfig = LimitsStoreConfig()
 
     @model_validator(mode="after")
     def _line_within_message(self) -> LimitsConfig:

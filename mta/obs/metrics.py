@@ -221,6 +221,11 @@ class Metrics:
                                        ["endpoint", "reason"], registry=r)
         self.webhook_outbox = Gauge("kubemta_webhook_outbox_events", "Webhook events waiting to be sent",
                                     ["endpoint"], registry=r)
+        # 1 while the limits store answers (always, for the store in this process); 0 while each pod
+        # falls back to its share of every limit (mta.limits.fallback).
+        self.limits_store_up = Gauge("kubemta_limits_store_up", "The shared limits store answers (1) or this "
+                                     "pod counts its share of the limits alone (0)", registry=r)
+        self.limits_store_up.set(1)
         self.registry.register(_Live(self.sources))
         # Series that exist from the start, so rates and alerts see a zero, not nothing.
         for domain in [*sorted(self.domains), "other"]:
@@ -335,6 +340,8 @@ _HANDLERS: dict[str, Callable[[Metrics, dict[str, Any]], None]] = {
     "local_error": lambda m, f: m.local_errors.labels(str(f.get("reason") or "other")).inc(),
     "self_check": Metrics._selfcheck,
     "tls_policy_report": lambda m, f: m.tls_reports.labels(str(f.get("tls_policy_result") or "other")).inc(),
+    "limits_store_down": lambda m, f: m.limits_store_up.set(0),
+    "limits_store_up": lambda m, f: m.limits_store_up.set(1),
     "suppression_added": lambda m, f: m.suppressions.labels(str(f.get("reason") or "other"),
                                                             str(f.get("source") or "other")).inc(),
 }

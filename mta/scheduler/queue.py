@@ -24,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import itertools
 import logging
+import os
 import random
 import time
 from collections.abc import Awaitable, Iterable
@@ -39,9 +41,10 @@ from mta.delivery.courier import Courier, Report
 from mta.delivery.result import Kind, Outcome
 from mta.delivery.route import NextHop, Router
 from mta.intake import Intake
+from mta.limits.store import LimitsStore
 from mta.obs.log import event
 from mta.scheduler.backoff import retry_delay
-from mta.scheduler.destination import IDLE_CONNECTION, Destination, Job
+from mta.scheduler.destination import IDLE_CONNECTION, Destination, Job, Lease
 from mta.scheduler.shaping import Shaper
 from mta.scheduler.slots import DeliverySlots
 from mta.scheduler.verdict import fail_pending, judge
@@ -50,6 +53,10 @@ from spool import Record, Spool, SpoolError
 from spool.store import DEFERRED, HOLD
 
 log = logging.getLogger(__name__)
+
+# A lane that finds every connection slot of its destination held by other
+# pods asks again this often, this long, before its jobs are deferred.
+LEASE_POLL, LEASE_WAIT = 1.0, 60.0
 
 
 class Scheduler:
@@ -62,12 +69,19 @@ class Scheduler:
         *,
         clock: Any = time.time,
         rng: random.Random | None = None,
+        limits: LimitsStore | None = None,
     ) -> None:
         self.spool = spool
         self.courier = courier
         self.bouncer = bouncer
+        egress = config.identity.egress_address
         self.shaper = Shaper(config.shaping, config.delivery.max_per_destination,
-                             config.delivery.max_messages_per_connection, routes=config.routes)
+                             config.delivery.max_messages_per_connection, routes=config.routes, store=limits,
+                             egress=str(egress) if egress is not None else config.hostname,
+                             lease_ttl=config.limits.store.lease_ttl)
+        # Connection leases are held under this process's name and a lane number.
+        self._holder = f"{config.hostname}:{os.getpid()}"
+        self._lane_numbers = itertools.count(1)
         self._capped = False
         # Why delivery is paused (a failing self-check under identity.enforce), or None.
         self.paused: str | None = None
@@ -126,7 +140,7 @@ class Scheduler:
     async def run(self) -> None:
         while not self._stopping:
             now = self.clock()
-            capped = self.shaper.daily_cap_reached()
+            capped = await self.shaper.daily_cap_reached()
             if capped != self._capped:
                 event("daily_cap_reached" if capped else "daily_cap_reset", level=logging.WARNING,
                       cap=self.config.shaping.daily_cap)
@@ -167,6 +181,7 @@ class Scheduler:
             await asyncio.wait(set(self._tasks), timeout=5)
         if self.courier is not None:
             await self.courier.close()
+        await self.shaper.store.close()
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -211,8 +226,16 @@ class Scheduler:
         hop, name = destination.hop, destination.hop.name
         per_connection = self.shaper.state(name).messages_per_connection
         wake, busy = asyncio.Event(), False
+        lease: Lease | None = None
         try:
             while not self._stopping:
+                if lease is None:
+                    lease = await self._connection_slot(destination)
+                    if lease is None:
+                        break
+                    continue  # other lanes may have taken the jobs meanwhile
+                if lease.lost.is_set():
+                    break  # the slot went to another pod while the store was away
                 if not destination.jobs:
                     if busy:
                         self._slots.park(wake, wake)
@@ -232,7 +255,7 @@ class Scheduler:
                         await self._slots.take()
                     busy = True
                     continue  # other lanes may have taken the jobs meanwhile
-                pause = self.shaper.wait(name)
+                pause = self.shaper.wait(name) or await self.shaper.rate_wait(name)
                 if pause > 60:
                     self._defer_all(destination, result.transient(
                         451, "4.7.0", self.shaper.quota_reached(name) or f"{hop} asked to slow down"))
@@ -241,8 +264,12 @@ class Scheduler:
                     await asyncio.sleep(pause)  # a messages-per-minute rule
                     continue
                 job = destination.jobs.popleft()
-                with self.shaper.admitted(name):  # a route's quota counts it from now on
-                    report = await self._deliver(hop, job, per_connection)
+                destination.delivering += 1
+                try:
+                    with self.shaper.admitted(name):  # a route's quota counts it from now on
+                        report = await self._deliver(hop, job, per_connection)
+                finally:
+                    destination.delivering -= 1
                 self._report(job, report.outcomes)
                 if not report.reached:
                     # The next hop cannot be reached now: that holds for
@@ -260,11 +287,53 @@ class Scheduler:
             else:
                 self._slots.leave(wake)
             destination.lanes -= 1
+            if lease is not None:
+                destination.leased -= 1
+            if destination.jobs and not destination.lanes and not self._stopping:
+                # Only a lease lost or never given leaves jobs behind: they wait for a slot.
+                self._defer_all(destination, result.transient(
+                    451, "4.7.0", f"{hop}: the deployment's {self.shaper.state(name).allowance} connections "
+                                  "to it are all in use; next try later"))
             if self.courier is not None:
-                await self.courier.release(hop, keep=destination.lanes)
+                # Open connections stay within the slots still held: idle ones beyond are closed.
+                await self.courier.release(hop, keep=max(0, destination.leased - destination.delivering))
+            if lease is not None:
+                await self._end_lease(name, lease)
             # While release() awaited, the hop may have been queued for anew under a new record.
             if not destination.jobs and destination.lanes == 0 and self._destinations.get(hop) is destination:
                 del self._destinations[hop]
+
+    async def _connection_slot(self, destination: Destination) -> Lease | None:
+        """One of the deployment's connection slots for ``destination``
+        (``mta.limits``), renewed until ``_end_lease``; None when this lane is
+        not needed: no jobs left, or slots held by this pod's other lanes,
+        which take the jobs."""
+        name = destination.hop.name
+        holder = f"{self._holder}:{next(self._lane_numbers)}"
+        deadline = time.monotonic() + LEASE_WAIT
+        while not self._stopping and destination.jobs:
+            if await self.shaper.lease(name, holder):
+                destination.leased += 1
+                lease = Lease(holder)
+                lease.renewal = asyncio.ensure_future(self._renew(name, lease))
+                return lease
+            if destination.leased or time.monotonic() >= deadline:
+                return None  # _lane's end defers what no lane is left to take
+            await asyncio.sleep(LEASE_POLL)  # other pods hold every slot
+        return None
+
+    async def _renew(self, name: str, lease: Lease) -> None:
+        while not lease.lost.is_set():
+            await asyncio.sleep(self.shaper.lease_ttl / 3)
+            if not await self.shaper.lease(name, lease.holder):
+                lease.lost.set()
+
+    async def _end_lease(self, name: str, lease: Lease) -> None:
+        if lease.renewal is not None:
+            lease.renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lease.renewal
+        await self.shaper.release(name, lease.holder)
 
     async def _deliver(self, hop: NextHop, job: Job, per_connection: int) -> Report:
         if self.courier is None:
@@ -279,7 +348,7 @@ class Scheduler:
             return False
         delivered = any(o.kind is Kind.DELIVERED for o in report.outcomes.values())
         name = destination.hop.name
-        if not self.shaper.sent(name, first.reply, delivered):
+        if not await self.shaper.sent(name, first.reply, delivered):
             return False
         event("throttled", level=logging.WARNING, destination=str(destination.hop), reply=str(first.reply),
               cooldown=round(self.shaper.wait(name)))
@@ -372,9 +441,9 @@ class Scheduler:
 
 
 def assemble(spool: Spool, config: Config, courier: Courier | None, *, clock: Any = time.time,
-             rng: random.Random | None = None) -> tuple[Scheduler, Intake]:
+             rng: random.Random | None = None, limits: LimitsStore | None = None) -> tuple[Scheduler, Intake]:
     """A scheduler and the intake that feeds it, bounces included, in one process."""
-    scheduler = Scheduler(spool, config, courier, clock=clock, rng=rng)
+    scheduler = Scheduler(spool, config, courier, clock=clock, rng=rng, limits=limits)
     intake = Intake(spool, scheduler.accept, config.queue.lifetime, clock=clock)
     scheduler.bouncer = Bouncer(intake, spool.message, config.hostname, config.queue.bounce_lifetime,
                                 config.queue.delay_warning)

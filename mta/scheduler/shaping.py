@@ -13,6 +13,15 @@ time.  Replies arrive typed (``mta.replies.Reply``), so this reads their
 codes, not their text.  The per-egress-address daily cap counts delivered
 messages per UTC day, for warming up a new IP.
 
+What must hold for the whole deployment goes through the limits store
+(``mta.limits``: in this process, or shared by every pod in Redis): each
+delivery connection holds a lease on one of its destination's
+``max_connections`` slots, renewed while it lives (``lease``), messages a
+minute are taken from a shared window before each message (``rate_wait``),
+and the daily cap counts under the egress address's name.  The adaptive
+part — the allowance a throttle reply halves and its cool-down — stays
+with each pod: it reacts to what that pod was told.
+
 Routes through an email service provider add the provider's quota
 (``routes[].messages_per_second/_minute/_day``, keyed by the relay's
 ``host:port``) and its own "slow down" reply texts.  A quota counts each
@@ -35,12 +44,14 @@ from dataclasses import dataclass, field
 
 from mta.config import RouteConfig, ShapingConfig, ShapingRule
 from mta.domains import DomainMap
+from mta.limits.store import LimitsStore, LocalStore
 from mta.replies import Reply
 from mta.sliding_window import SlidingWindow
 
 MIN_COOLDOWN, MAX_COOLDOWN = 30.0, 900.0
 RATE_WINDOW = 60.0  # messages_per_minute
 MX_PREFIX = "mx:"
+DAY = 86400.0
 
 
 def is_throttle_reply(reply: Reply, texts: tuple[str, ...] = ()) -> bool:
@@ -87,7 +98,6 @@ class DestinationState:
     allowance: int = 0
     cooldown: float = MIN_COOLDOWN
     blocked_until: float = 0.0
-    sent: SlidingWindow = field(default_factory=lambda: SlidingWindow(RATE_WINDOW))
     quotas: list[Quota] = field(default_factory=list)
     throttle_texts: tuple[str, ...] = ()
 
@@ -98,8 +108,12 @@ class DestinationState:
 class Shaper:
     def __init__(self, config: ShapingConfig, default_connections: int, default_per_connection: int,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 routes: list[RouteConfig] | None = None) -> None:
+                 routes: list[RouteConfig] | None = None, store: LimitsStore | None = None,
+                 egress: str = "default", lease_ttl: float = 30.0) -> None:
         self.config = config
+        self.store: LimitsStore = store or LocalStore(clock)
+        self.egress = egress  # the daily cap's name: the address receivers see, or this host's name
+        self.lease_ttl = lease_ttl
         # Relays named by more than one route share the first one's quota: hop names are host:port.
         self._routes: dict[str, RouteConfig] = {}
         for route in routes or []:
@@ -110,8 +124,6 @@ class Shaper:
         self.clock, self.wall = clock, wall
         self._states: dict[str, DestinationState] = {}
         self._alias: dict[str, str] = {}  # destination -> "mx:<pattern>" whose budget it shares
-        self._day = ""
-        self._delivered_today = 0
         # Where one pattern appears in two rules, the first rule keeps it.
         self._domain_rules: DomainMap[ShapingRule] = DomainMap(
             (pattern, rule) for rule in config.rules for pattern in rule.match if not pattern.startswith(MX_PREFIX))
@@ -133,8 +145,12 @@ class Shaper:
         if pattern is not None:
             self._alias[destination] = pattern
 
+    def key(self, destination: str) -> str:
+        """The name ``destination``'s budget is kept under: its own, or an MX rule's it shares."""
+        return self._alias.get(destination, destination)
+
     def state(self, destination: str) -> DestinationState:
-        key = self._alias.get(destination, destination)
+        key = self.key(destination)
         state = self._states.get(key)
         if state is None:
             rule = self._rule(key)
@@ -157,15 +173,30 @@ class Shaper:
         return 0 if self.clock() < state.blocked_until else state.allowance
 
     def wait(self, destination: str) -> float:
-        """Seconds until the next message may go to ``destination``."""
+        """Seconds until the next message may go to ``destination`` for this
+        pod's reasons: a cool-down, or a route's quota (``rate_wait`` asks the rest)."""
         state = self.state(destination)
         now = self.clock()
         if now < state.blocked_until:
             return state.blocked_until - now
-        quota_wait = max((quota.wait(now) for quota in state.quotas), default=0.0)
-        if state.messages_per_minute is None or state.sent.count(now) < state.messages_per_minute:
-            return quota_wait
-        return max(quota_wait, state.sent.oldest_leaves_in(now))
+        return max((quota.wait(now) for quota in state.quotas), default=0.0)
+
+    async def rate_wait(self, destination: str) -> float:
+        """0, and one message counted against ``destination``'s messages a
+        minute; or the seconds until the deployment may send it another."""
+        state = self.state(destination)
+        if state.messages_per_minute is None:
+            return 0.0
+        return await self.store.take(f"rate:{self.key(destination)}", state.messages_per_minute, RATE_WINDOW)
+
+    async def lease(self, destination: str, holder: str) -> bool:
+        """Take (or renew) one of ``destination``'s connection slots for
+        ``holder``; False when the deployment holds them all."""
+        return await self.store.lease(f"conn:{self.key(destination)}", holder,
+                                      self.state(destination).allowance, self.lease_ttl)
+
+    async def release(self, destination: str, holder: str) -> None:
+        await self.store.release(f"conn:{self.key(destination)}", holder)
 
     def quota_reached(self, destination: str) -> str | None:
         """The route quota holding ``destination``'s mail back now, said for
@@ -194,14 +225,13 @@ class Shaper:
                 quota.in_flight -= 1
                 quota.window.add(now)
 
-    def sent(self, destination: str, reply: Reply, delivered: bool) -> bool:
+    async def sent(self, destination: str, reply: Reply, delivered: bool) -> bool:
         """Record one transaction and the server's ``reply`` to it; True when
         the reply was a throttle."""
         state = self.state(destination)
         now = self.clock()
-        state.sent.add(now)
-        if delivered:
-            self._count_delivery()
+        if delivered and self.config.daily_cap is not None:
+            await self.store.add(self._daily_key(), 2 * DAY)
         if is_throttle_reply(reply, state.throttle_texts):
             state.allowance = max(1, state.allowance // 2)
             state.blocked_until = now + state.cooldown
@@ -212,18 +242,11 @@ class Shaper:
             state.allowance = min(state.max_connections, state.allowance + 1)
         return False
 
-    def _roll_day(self) -> None:
-        today = time.strftime("%Y-%m-%d", time.gmtime(self.wall()))
-        if today != self._day:
-            self._day, self._delivered_today = today, 0
+    def _daily_key(self) -> str:
+        return f"daily:{self.egress}:{time.strftime('%Y-%m-%d', time.gmtime(self.wall()))}"
 
-    def _count_delivery(self) -> None:
-        self._roll_day()
-        self._delivered_today += 1
-
-    def daily_cap_reached(self) -> bool:
+    async def daily_cap_reached(self) -> bool:
         cap = self.config.daily_cap
         if cap is None:
             return False
-        self._roll_day()
-        return self._delivered_today >= cap
+        return await self.store.get(self._daily_key()) >= self.store.share(cap)

@@ -14,7 +14,11 @@ chosen per test, to stand for receivers that exist: ``hide`` removes any of
 its EHLO reply; ``size`` announces a SIZE limit; ``tls`` offers STARTTLS with
 the given context (a certificate that may or may not verify); ``refuse``
 maps recipient addresses to the reply RCPT gets for them (a provider's own
-words, to stand for Gmail or Outlook refusing).
+words, to stand for Gmail or Outlook refusing).  ``delays`` makes DATA slow
+(seconds by recipient, ``"*"`` for any), for connections that stay open;
+``concurrent``/``peak`` count the connections open now and at most, and each
+message keeps when it arrived and the client's EHLO name, so a test can
+measure the limits a deployment of senders holds together.
 
 How it fails: ``start`` raises what aiosmtpd raises when the port is taken;
 ``wait_for`` raises TimeoutError naming what it has.
@@ -22,6 +26,7 @@ How it fails: ``start`` raises what aiosmtpd raises when the port is taken;
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
 from collections.abc import Iterable
@@ -30,6 +35,7 @@ from types import TracebackType
 from typing import Any
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
 
 from tests.peers.net import free_port
 
@@ -43,6 +49,8 @@ class Received:
     rcpt_options: list[str]
     data: bytes
     tls: bool
+    at: float = 0.0  # time.monotonic() when DATA ended
+    helo: str = ""
 
 
 @dataclass
@@ -63,6 +71,9 @@ def _pipelined(server: Any) -> bool:
 class _Handler:
     hide: set[str]
     refuse: dict[str, str] = field(default_factory=dict)
+    delays: dict[str, float] = field(default_factory=dict)
+    concurrent: int = 0
+    peak: int = 0
     messages: list[Received] = field(default_factory=list)
     sessions: list[int] = field(default_factory=list)
     commands: list[Command] = field(default_factory=list)
@@ -90,28 +101,57 @@ class _Handler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
 
+    def connected(self) -> None:
+        self.concurrent += 1
+        self.peak = max(self.peak, self.concurrent)
+
+    def disconnected(self) -> None:
+        self.concurrent -= 1
+
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        delay = max((self.delays.get(r.lower(), self.delays.get("*", 0.0)) for r in envelope.rcpt_tos),
+                    default=0.0)
+        if delay:
+            await asyncio.sleep(delay)
         self.messages.append(Received(
             session=id(session), mail_from=envelope.mail_from, mail_options=list(envelope.mail_options),
             rcpt_tos=list(envelope.rcpt_tos), rcpt_options=list(envelope.rcpt_options),
             data=bytes(envelope.original_content or b""),
-            tls=server.transport.get_extra_info("sslcontext") is not None))
+            tls=server.transport.get_extra_info("sslcontext") is not None,
+            at=time.monotonic(), helo=str(session.host_name or "")))
         return "250 2.0.0 Ok: recorded"
+
+
+class _CountingSMTP(SMTP):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.event_handler.connected()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.event_handler.disconnected()
+        super().connection_lost(error)
+
+
+class _Controller(Controller):
+    def factory(self) -> SMTP:
+        return _CountingSMTP(self.handler, **self.SMTP_kwargs)
 
 
 class Recorder:
     def __init__(self, *, hide: Iterable[str] = (), size: int | None = None,
                  tls: ssl.SSLContext | None = None, port: int | None = None,
-                 refuse: dict[str, str] | None = None) -> None:
-        self.port = port or free_port()
-        self.host = "127.0.0.1"
-        self.handler = _Handler({name.upper() for name in hide}, {k.lower(): v for k, v in (refuse or {}).items()})
+                 refuse: dict[str, str] | None = None, host: str = "127.0.0.1",
+                 delays: dict[str, float] | None = None) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.handler = _Handler({name.upper() for name in hide}, {k.lower(): v for k, v in (refuse or {}).items()},
+                                {k.lower(): v for k, v in (delays or {}).items()})
         kwargs: dict[str, Any] = {"enable_SMTPUTF8": True, "decode_data": False}
         if size is not None:
             kwargs["data_size_limit"] = size
         if tls is not None:
             kwargs["tls_context"] = tls
-        self.controller = Controller(self.handler, hostname=self.host, port=self.port, **kwargs)
+        self.controller = _Controller(self.handler, hostname=self.host, port=self.port, **kwargs)
 
     @property
     def messages(self) -> list[Received]:
