@@ -14,6 +14,7 @@ variable, or the file) and the reason; ``mta`` prints it and exits 2.
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 import ipaddress
 import os
@@ -563,9 +564,44 @@ class ShapingRule(Section):
         return [_domain_pattern(item, mx_hosts=True) for item in value]
 
 
+class WarmupSchedule(Section):
+    """A new egress address's daily caps: ``days[0]`` on ``start`` (UTC), ``days[1]`` the day
+    after, and so on; none once the list ends.  With ``match``, only mail to those
+    recipient domains (or ``mx:`` hosts) counts and waits: one mailbox provider's schedule."""
+
+    start: dt.date
+    days: list[int] = Field(min_length=1)
+    match: list[str] = Field(default_factory=list)
+
+    @field_validator("days")
+    @classmethod
+    def _days(cls, value: list[int]) -> list[int]:
+        if any(cap < 1 for cap in value):
+            raise ValueError("every day's cap is at least 1")
+        return value
+
+    @field_validator("match")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        return [_domain_pattern(item, mx_hosts=True) for item in value]
+
+    def cap(self, today: dt.date) -> int | None:
+        """Today's cap; None before ``start`` (not warming up yet) and after the last day."""
+        day = (today - self.start).days
+        return self.days[day] if 0 <= day < len(self.days) else None
+
+
 class ShapingConfig(Section):
     rules: list[ShapingRule] = Field(default_factory=list)
     daily_cap: int | None = Field(None, ge=1)  # messages a day from this pod's egress address (IP warm-up)
+    warmup: list[WarmupSchedule] = Field(default_factory=list)
+
+    @field_validator("warmup")
+    @classmethod
+    def _one_overall(cls, value: list[WarmupSchedule]) -> list[WarmupSchedule]:
+        if sum(1 for schedule in value if not schedule.match) > 1:
+            raise ValueError("at most one schedule without match (the overall one)")
+        return value
 
 
 class HttpConfig(Section):

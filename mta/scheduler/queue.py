@@ -143,7 +143,7 @@ class Scheduler:
             capped = await self.shaper.daily_cap_reached()
             if capped != self._capped:
                 event("daily_cap_reached" if capped else "daily_cap_reset", level=logging.WARNING,
-                      cap=self.config.shaping.daily_cap)
+                      cap=self.shaper.daily_cap())
                 self._capped = capped
             while self._heap and self._heap[0][0] <= now and self.paused is None and not capped:
                 due, record_id = heapq.heappop(self._heap)
@@ -255,6 +255,10 @@ class Scheduler:
                         await self._slots.take()
                     busy = True
                     continue  # other lanes may have taken the jobs meanwhile
+                warmup = await self.shaper.warmup_reached(name)
+                if warmup is not None:
+                    self._defer_all(destination, result.transient(451, "4.7.0", warmup))
+                    break
                 pause = self.shaper.wait(name) or await self.shaper.rate_wait(name)
                 if pause > 60:
                     self._defer_all(destination, result.transient(

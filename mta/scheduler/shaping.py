@@ -11,7 +11,10 @@ connection allowance and sets a cool-down that doubles while throttling
 continues; each later success earns the allowance back one step at a
 time.  Replies arrive typed (``mta.replies.Reply``), so this reads their
 codes, not their text.  The per-egress-address daily cap counts delivered
-messages per UTC day, for warming up a new IP.
+messages per UTC day, for warming up a new IP; a warm-up schedule
+(``shaping.warmup``) makes that cap grow day by day from its start date, for
+all mail or, with ``match``, for one mailbox provider's, whose mail then
+waits on its own (deferred, with the schedule's day and cap as the reason).
 
 What must hold for the whole deployment goes through the limits store
 (``mta.limits``: in this process, or shared by every pod in Redis): each
@@ -38,11 +41,12 @@ Failure: none; it only counts and answers how long to wait.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from mta.config import RouteConfig, ShapingConfig, ShapingRule
+from mta.config import RouteConfig, ShapingConfig, ShapingRule, WarmupSchedule
 from mta.domains import DomainMap
 from mta.limits.store import LimitsStore, LocalStore
 from mta.replies import Reply
@@ -130,6 +134,13 @@ class Shaper:
         self._mx_patterns: DomainMap[str] = DomainMap(
             (pattern.removeprefix(MX_PREFIX), pattern) for rule in config.rules for pattern in rule.match
             if pattern.startswith(MX_PREFIX))
+        self._overall = next((w for w in config.warmup if not w.match), None)
+        # One provider's schedule: (its recipient domains, its MX hosts, the schedule).
+        self._providers = [
+            (DomainMap((p, True) for p in w.match if not p.startswith(MX_PREFIX)),
+             DomainMap((p.removeprefix(MX_PREFIX), True) for p in w.match if p.startswith(MX_PREFIX)), w)
+            for w in config.warmup if w.match]
+        self._mx_hosts: dict[str, str] = {}  # destination -> the MX host its mail last went to
 
     def _rule(self, name: str) -> ShapingRule | None:
         if name.startswith(MX_PREFIX):
@@ -139,6 +150,8 @@ class Shaper:
 
     def learn_mx(self, destination: str, mx_host: str) -> None:
         """``destination``'s mail went to ``mx_host``: share an MX rule's budget from now on."""
+        if self._providers:
+            self._mx_hosts[destination] = mx_host
         if destination in self._alias or self._rule(destination) is not None:
             return  # a rule for the domain itself wins
         pattern = self._mx_patterns.lookup(mx_host)
@@ -230,8 +243,11 @@ class Shaper:
         the reply was a throttle."""
         state = self.state(destination)
         now = self.clock()
-        if delivered and self.config.daily_cap is not None:
-            await self.store.add(self._daily_key(), 2 * DAY)
+        if delivered:
+            if self.config.daily_cap is not None or self._overall is not None:
+                await self.store.add(self._daily_key(), 2 * DAY)
+            for schedule in self._schedules_for(destination):
+                await self.store.add(self._warmup_key(schedule), 2 * DAY)
         if is_throttle_reply(reply, state.throttle_texts):
             state.allowance = max(1, state.allowance // 2)
             state.blocked_until = now + state.cooldown
@@ -242,11 +258,39 @@ class Shaper:
             state.allowance = min(state.max_connections, state.allowance + 1)
         return False
 
+    def _today(self) -> dt.date:
+        return dt.datetime.fromtimestamp(self.wall(), dt.UTC).date()
+
     def _daily_key(self) -> str:
-        return f"daily:{self.egress}:{time.strftime('%Y-%m-%d', time.gmtime(self.wall()))}"
+        return f"daily:{self.egress}:{self._today().isoformat()}"
+
+    def _warmup_key(self, schedule: WarmupSchedule) -> str:
+        return f"warmup:{self.egress}:{','.join(schedule.match)}:{self._today().isoformat()}"
+
+    def _schedules_for(self, destination: str) -> list[WarmupSchedule]:
+        mx_host = self._mx_hosts.get(destination)
+        return [schedule for domains, mx_hosts, schedule in self._providers
+                if domains.lookup(destination) or (mx_host is not None and mx_hosts.lookup(mx_host))]
+
+    def daily_cap(self) -> int | None:
+        """What the egress address may send today: ``daily_cap``, or the overall warm-up's cap of the day."""
+        caps = [cap for cap in (self.config.daily_cap, self._overall and self._overall.cap(self._today()))
+                if cap is not None]
+        return min(caps) if caps else None
 
     async def daily_cap_reached(self) -> bool:
-        cap = self.config.daily_cap
+        cap = self.daily_cap()
         if cap is None:
             return False
         return await self.store.get(self._daily_key()) >= self.store.share(cap)
+
+    async def warmup_reached(self, destination: str) -> str | None:
+        """Why ``destination``'s mail waits for tomorrow (a provider's warm-up cap of the day), or None."""
+        today = self._today()
+        for schedule in self._schedules_for(destination):
+            cap = schedule.cap(today)
+            if cap is not None and await self.store.get(self._warmup_key(schedule)) >= self.store.share(cap):
+                day = (today - schedule.start).days + 1
+                return (f"warm-up of {self.egress}: {cap} messages today (day {day} of {len(schedule.days)}) "
+                        f"to {', '.join(schedule.match)} reached; it waits for the next UTC day")
+        return None

@@ -160,3 +160,22 @@ def test_the_daily_cap_survives_a_restart(world: World, redis: RedisServer, rece
     assert [item["id"] for item in a.queue_list()] == [last]
 
 
+
+
+def test_a_providers_warmup_cap_survives_a_restart(world: World, redis: RedisServer, receiver: Recorder) -> None:
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    a = pod(world, redis, "a", {"max_connections": 2})
+    a.stop()
+    a.config["shaping"]["warmup"] = [{"start": today, "days": [2, 50], "match": ["dest.test"]}]
+    a.config_path.write_text(yaml.safe_dump(a.config))
+    a.start()
+    for n in range(2):
+        send_mail(a.port, "app@sender.test", [f"u{n}@dest.test"])
+    receiver.wait_for(2, timeout=30)
+    a.stop()
+    a.start()
+    send_mail(a.port, "app@sender.test", ["late@dest.test"])
+    [item] = a.wait_for_queue(lambda q: len(q) == 1 and q[0]["attempts"] >= 1, what="the third deferred")
+    reply = item["recipients"][0]["last_reply"]
+    assert "warm-up of" in reply and "2 messages today (day 1 of 2) to dest.test reached" in reply, reply
+    assert reply.startswith("451") and len(receiver.messages) == 2

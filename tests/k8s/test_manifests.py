@@ -378,6 +378,9 @@ def check_network_policy(docs: tuple[dict[str, Any], ...], target: str = "") -> 
     ingress: set[tuple[str, int]] = set()
     for name, spec in policies.items():
         selected = spec["podSelector"].get("matchLabels", {})
+        if selected.get("app.kubernetes.io/name") == "kubemta-redis":
+            check_limits_store_policy(name, spec)
+            continue
         assert selected.get("app.kubernetes.io/name") in ("kubemta", None) or name.startswith("mail-")
         for rule in spec.get("ingress", []):
             ports = _ports(rule)
@@ -414,6 +417,9 @@ def check_network_policy(docs: tuple[dict[str, Any], ...], target: str = "") -> 
                 elif ("UDP", 53) in ports:
                     assert ports == {("UDP", 53), ("TCP", 53)}
                     assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}
+                elif peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name") == \
+                        "kubemta-redis":
+                    assert ports == {("TCP", 6379)}, f"{name}: {ports} to the limits store"
                 else:
                     assert ports <= {("TCP", 8025), ("TCP", 1025)}, f"{name}: {ports} to {peer}"
     assert ingress == {("TCP", 2525), ("TCP", 2587), ("TCP", 2465), ("TCP", 8080), ("TCP", 8025)}
@@ -424,6 +430,30 @@ def check_network_policy(docs: tuple[dict[str, Any], ...], target: str = "") -> 
         assert ("TCP", 1025) in egress and ("TCP", 25) not in egress and ("TCP", 587) not in egress
     else:
         assert ("TCP", 25) in egress or ("TCP", 587) in egress
+
+
+def check_limits_store_policy(name: str, spec: dict[str, Any]) -> None:
+    """The example Redis: only the MTA pods reach it, on its port; it reaches nothing."""
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"} and not spec.get("egress"), name
+    [rule] = spec["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": LABELS}}] and _ports(rule) == {("TCP", 6379)}, name
+
+
+def test_shared_limits_point_every_pod_at_the_store(tmp_path: Path) -> None:
+    docs = render_dir(str(ROOT / "kustomize/tests/shared-limits-redis"))
+    config = check_config(docs, tmp_path)
+    store = config["limits"]["store"]
+    assert store["url"] == "redis://kubemta-redis:6379/0" and store["password_file"].endswith("/password")
+    [redis] = find(docs, "StatefulSet", "kubemta-redis")
+    [container] = redis["spec"]["template"]["spec"]["containers"]
+    [secret] = [e["valueFrom"]["secretKeyRef"] for e in container["env"] if e["name"] == "REDIS_PASSWORD"]
+    [sts] = find(docs, "StatefulSet", "kubemta")
+    [volume] = [v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == "limits-store"]
+    assert secret["name"] == volume["secret"]["secretName"] == "kubemta-limits-store"
+    assert "--appendonly" in container["args"] and "$(REDIS_PASSWORD)" in container["args"]
+    [service] = find(docs, "Service", "kubemta-redis")
+    assert service["spec"]["selector"] == redis["spec"]["selector"]["matchLabels"]
+    assert find(docs, "NetworkPolicy", "kubemta-redis") and find(docs, "NetworkPolicy", "kubemta-egress-limits-store")
 
 
 def test_dev_captures_mail_in_mailpit_with_probes_and_its_own_network_policy() -> None:

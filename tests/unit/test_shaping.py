@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 
-from mta.config import RouteConfig, ShapingConfig, ShapingRule
+from mta.config import RouteConfig, ShapingConfig, ShapingRule, WarmupSchedule
 from mta.replies import Reply
 from mta.scheduler.shaping import MIN_COOLDOWN, Shaper, is_throttle_reply
 
@@ -157,3 +158,26 @@ def test_a_providers_throttling_text_backs_off_whatever_its_code() -> None:
     assert s.connections("esp.example:587") == 0
     assert not sent(s, "other.example:587", Reply(454, "", "Throttling failure: Maximum sending rate exceeded"),
                       False)
+
+
+def test_warmup_caps_grow_day_by_day_overall_and_per_provider() -> None:
+    clock = Clock()
+    day0 = dt.datetime.fromtimestamp(86400 * 20000 + clock.now, dt.UTC).date()
+    s = shaper(clock, warmup=[WarmupSchedule(start=day0, days=[3, 5]),
+                              WarmupSchedule(start=day0, days=[1, 2], match=["gmail.test", "mx:*.google.test"])])
+    assert s.daily_cap() == 3
+    assert run(s.warmup_reached("gmail.test")) is None
+    sent(s, "gmail.test", OK, delivered=True)
+    reason = run(s.warmup_reached("gmail.test"))
+    assert reason and "1 messages today (day 1 of 2) to gmail.test, mx:*.google.test reached" in str(reason)
+    assert run(s.warmup_reached("other.test")) is None  # another provider's mail is not held
+    s.learn_mx("hosted.test", "aspmx.l.google.test")  # a domain Google hosts counts as Google's
+    assert run(s.warmup_reached("hosted.test")) is not None
+    sent(s, "other.test", OK, delivered=True)
+    sent(s, "other.test", OK, delivered=True)
+    assert run(s.daily_cap_reached())  # 3 overall on day 1
+    clock.now += 86400
+    assert s.daily_cap() == 5 and not run(s.daily_cap_reached())
+    assert run(s.warmup_reached("gmail.test")) is None
+    clock.now += 86400
+    assert s.daily_cap() is None and run(s.warmup_reached("gmail.test")) is None  # the schedule is over
