@@ -175,7 +175,7 @@ class App:
         # With workers, they serve the listeners without AUTH; this process delivers.
         delegated = {item.name for item in shared(config)} if config.workers else set()
         # One gate for every AUTH listener and the HTTP API; the control socket clears its lockouts.
-        services = AuthServices.build(config.limits)
+        services = AuthServices.build(config.limits, limits)
         control = ControlServer(socket_path(config.spool.path), Operator(scheduler), services.gate, reporter)
         report_task: asyncio.Task[None] | None = None
         try:
@@ -226,6 +226,7 @@ class App:
                     await report_task
             await identity.stop()
             await self._shutdown(scheduler, scheduler_task, control, health, workers)
+            await limits.close()  # after the last session and delivery that counted in it
 
     async def _replicas(self) -> int:
         """How many pods share the limits: the StatefulSet's ``spec.replicas``

@@ -75,7 +75,7 @@ async def handle(operator: Operator, request: dict[str, Any],
             return {"ok": False, "error": "this server has no AUTH listener: nothing to unlock"}
         if len(ids) != 1 or not (ip is None or isinstance(ip, str)):
             return {"ok": False, "error": "unlock takes one user name and at most one address"}
-        return {"ok": True, "result": gate.unlock(ids[0], ip)}
+        return {"ok": True, "result": await gate.unlock(ids[0], ip)}
     work = asyncio.ensure_future(operator.act(action, ids))
     done, _ = await asyncio.wait({work}, timeout=answer_within)
     if work in done:

@@ -29,6 +29,7 @@ from tests.harness import MtaServer, merge
 from tests.peers.dns import DnsServer
 from tests.peers.net import free_port
 from tests.peers.postfix import PostfixServer
+from tests.peers.redis import RedisServer
 from tests.peers.sink import SmtpSink
 from tests.session import SessionServer
 
@@ -145,6 +146,25 @@ def world(peer_dir: Path) -> Iterator[World]:
         yield w
     finally:
         w.close()
+
+
+@pytest.fixture
+def redis(world: World) -> Iterator[RedisServer]:
+    """A real Redis for the shared limits store, with a password."""
+    server = RedisServer(world.root / "redis", password="limits-test-password")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def limits_store(world: World, redis: RedisServer, name: str) -> dict[str, Any]:
+    """``limits.store`` for a server ``name`` of ``world``: ``redis``, its password in a file of the server's."""
+    secret = world.root / f"{name}-redis-password"
+    secret.write_text(f"{redis.password}\n")
+    secret.chmod(0o600)
+    return {"url": redis.url, "password_file": str(secret), "lease_ttl": "3s", "retry": "1s", "replicas": 2}
 
 
 class Fronts:

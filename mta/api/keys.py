@@ -95,19 +95,19 @@ class ApiKeys:
 
     async def _check(self, account: str, secret: str, client: str) -> None:
         """One scrypt check through the gate, as SMTP AUTH does it; ``ApiError`` 401 when it fails."""
-        if self.gate.client_locked(client):
+        if await self.gate.client_locked(client):
             event("auth_throttled", level=logging.WARNING, listener="http_api", client=client, scope="client")
             raise ApiError(401, "unauthenticated", "4.7.0", "too many failed authentications, try again later")
         async with self.gate.attempt(client), self.gate.checking(account):
-            if self.gate.user_locked(account, client):
+            if await self.gate.user_locked(account, client):
                 event("auth_throttled", level=logging.WARNING, listener="http_api", client=client, user=account,
                       scope="user")
                 raise ApiError(401, "unauthenticated", "4.7.0", "too many failed authentications, try again later")
             ok = await self.gate.verify(self.credentials.verify, account, secret)
             if ok:
-                self.gate.succeeded(account, client)
+                await self.gate.succeeded(account, client)
             else:
-                self.gate.failed(account, client)
+                await self.gate.failed(account, client)
         if not ok:
             event("auth_failed", level=logging.WARNING, listener="http_api", client=client, user=account,
                   mechanism="bearer")

@@ -47,12 +47,12 @@ class AuthGate:
         # Which addresses failed as which user: an unlock of the user clears them too.
         self._failed_from: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()
 
-    def client_locked(self, ip: str) -> bool:
-        """Too many failures, counting the attempts still running, from this client."""
-        return self.throttle.failures(f"ip:{ip}") + self._in_flight[ip] >= self.throttle.max_failures
+    async def client_locked(self, ip: str) -> bool:
+        """Too many failures, counting the attempts still running here, from this client."""
+        return await self.throttle.failures(f"ip:{ip}") + self._in_flight[ip] >= self.throttle.limit()
 
-    def user_locked(self, user: str, ip: str) -> bool:
-        return self.throttle.blocked(f"user:{user}") and self.throttle.failures(f"ip:{ip}") > 0
+    async def user_locked(self, user: str, ip: str) -> bool:
+        return await self.throttle.blocked(f"user:{user}") and await self.throttle.failures(f"ip:{ip}") > 0
 
     @contextlib.asynccontextmanager
     async def attempt(self, ip: str) -> AsyncIterator[None]:
@@ -80,9 +80,9 @@ class AuthGate:
     async def verify(self, check: Callable[[str, str], bool], user: str, password: str) -> bool:
         return await asyncio.get_running_loop().run_in_executor(self._pool, check, user, password)
 
-    def failed(self, user: str, ip: str) -> None:
-        self.throttle.fail(f"ip:{ip}")
-        self.throttle.fail(f"user:{user}")
+    async def failed(self, user: str, ip: str) -> None:
+        await self.throttle.fail(f"ip:{ip}")
+        await self.throttle.fail(f"user:{user}")
         addresses = self._failed_from.setdefault(user, OrderedDict())
         self._failed_from.move_to_end(user)
         addresses[ip] = None
@@ -92,27 +92,28 @@ class AuthGate:
         while len(self._failed_from) > UNLOCK_USERS:
             self._failed_from.popitem(last=False)
 
-    def unlock(self, user: str, ip: str | None = None) -> dict[str, object]:
-        """Clear a lockout: ``ip`` only, or the user and every address that failed as it.
+    async def unlock(self, user: str, ip: str | None = None) -> dict[str, object]:
+        """Clear a lockout: ``ip`` only, or the user and every address that failed as it
+        (those that failed through this pod: a shared store's others are cleared with ``ip``).
 
         Says what was locked before: the user's failures and the addresses cleared."""
-        was_locked = self.throttle.blocked(f"user:{user}")
+        was_locked = await self.throttle.blocked(f"user:{user}")
         if ip is not None:
-            cleared = [ip] if self.throttle.failures(f"ip:{ip}") else []
-            self.throttle.succeed(f"ip:{ip}")
+            cleared = [ip] if await self.throttle.failures(f"ip:{ip}") else []
+            await self.throttle.succeed(f"ip:{ip}")
             addresses = self._failed_from.get(user)
             if addresses is not None:
                 addresses.pop(ip, None)
             return {"user": user, "user_locked": was_locked, "addresses": cleared}
-        cleared = [a for a in self._failed_from.pop(user, {}) if self.throttle.failures(f"ip:{a}")]
-        self.throttle.succeed(f"user:{user}")
+        cleared = [a for a in self._failed_from.pop(user, {}) if await self.throttle.failures(f"ip:{a}")]
+        await self.throttle.succeed(f"user:{user}")
         for address in cleared:
-            self.throttle.succeed(f"ip:{address}")
+            await self.throttle.succeed(f"ip:{address}")
         return {"user": user, "user_locked": was_locked, "addresses": cleared}
 
-    def succeeded(self, user: str, ip: str) -> None:
-        self.throttle.succeed(f"ip:{ip}")
-        self.throttle.succeed(f"user:{user}")
+    async def succeeded(self, user: str, ip: str) -> None:
+        await self.throttle.succeed(f"ip:{ip}")
+        await self.throttle.succeed(f"user:{user}")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,55 +1,50 @@
-"""Brute-force throttling of AUTH across connections.
+"""Brute-force throttling of AUTH across connections, processes and pods.
 
-Failures are counted per client IP and per user name over a sliding window
-(``mta.sliding_window``).  Past ``max_failures`` in the window the source
+Failures are counted per client IP and per user name over a sliding window,
+in the limits store (``mta.limits``: this process, or the Redis every pod
+shares, so a guesser who spreads over the pods behind a Service gets one
+budget, not one per pod).  Past ``max_failures`` in the window the source
 is locked out until its oldest failure leaves the window.  Memory is
-bounded: only the most recent ``MAX_KEYS`` sources are remembered, each
-with at most ``max_failures`` failures.  Failure: none; it only counts.
+bounded: at most ``max_failures`` failures are kept per source, and the
+store in this process keeps a bounded number of sources.  While a shared
+store is unreachable each pod allows its share of ``max_failures``.
+
+Failure: none; it only counts (the store's fallback answers when Redis does not).
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 
-from mta.sliding_window import SlidingWindow
-
-MAX_KEYS = 100_000
+from mta.limits.store import LimitsStore, LocalStore
 
 
 class Throttle:
-    def __init__(self, max_failures: int, window: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, max_failures: int, window: float, clock: Callable[[], float] = time.monotonic,
+                 store: LimitsStore | None = None) -> None:
         self.max_failures = max_failures
         self.window = window
-        self.clock = clock
-        self._failures: OrderedDict[str, SlidingWindow] = OrderedDict()
+        self.store: LimitsStore = store or LocalStore(clock)
 
-    def _recent(self, key: str) -> int:
-        failures = self._failures.get(key)
-        if failures is None:
-            return 0
-        count = failures.count(self.clock())
-        if not count:
-            del self._failures[key]
-        return count
+    @staticmethod
+    def _key(key: str) -> str:
+        return f"auth:{key}"
 
-    def failures(self, key: str) -> int:
+    async def failures(self, key: str) -> int:
         """Failures of ``key`` in the window (at most ``max_failures`` are kept)."""
-        return self._recent(key)
+        return await self.store.count(self._key(key), self.window)
 
-    def blocked(self, key: str) -> bool:
-        return self._recent(key) >= self.max_failures
+    def limit(self) -> int:
+        """The failures that lock a source out, as this pod may allow them now."""
+        return self.store.share(self.max_failures)
 
-    def fail(self, key: str) -> None:
-        failures = self._failures.get(key)
-        if failures is None:
-            # More than max_failures tell nothing more: "blocked" asks for at least that many.
-            failures = self._failures[key] = SlidingWindow(self.window, max_events=self.max_failures)
-        self._failures.move_to_end(key)
-        failures.add(self.clock())
-        while len(self._failures) > MAX_KEYS:
-            self._failures.popitem(last=False)
+    async def blocked(self, key: str) -> bool:
+        return await self.failures(key) >= self.limit()
 
-    def succeed(self, key: str) -> None:
-        self._failures.pop(key, None)
+    async def fail(self, key: str) -> None:
+        # More than max_failures tell nothing more: "blocked" asks for at least that many.
+        await self.store.take(self._key(key), self.max_failures, self.window)
+
+    async def succeed(self, key: str) -> None:
+        await self.store.clear(self._key(key))

@@ -81,6 +81,13 @@ class FallbackStore:
         return await self._either(lambda: self.shared.take(key, limit, window),
                                   lambda: self.local.take(key, self.share(limit), window))
 
+    async def count(self, key: str, window: float) -> int:
+        return await self._either(lambda: self.shared.count(key, window), lambda: self.local.count(key, window))
+
+    async def clear(self, key: str) -> None:
+        await self.local.clear(key)
+        await self._either(lambda: self.shared.clear(key), lambda: self.local.clear(key))
+
     async def add(self, key: str, ttl: float, amount: int = 1) -> int:
         return await self._either(lambda: self.shared.add(key, ttl, amount),
                                   lambda: self.local.add(key, ttl, amount))

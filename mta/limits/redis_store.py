@@ -64,6 +64,12 @@ local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return tostring(math.max(tonumber(oldest[2]) + window - now, 0.001))
 """
 
+# KEYS[1] event set; ARGV: window seconds.  The events in the window.
+COUNT = _NOW + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
+return redis.call('ZCARD', KEYS[1])
+"""
+
 # KEYS[1] counter; ARGV: amount, ttl seconds.  The new value.
 ADD = """
 local value = redis.call('INCRBY', KEYS[1], ARGV[1])
@@ -87,6 +93,7 @@ class RedisStore:
         self._lease = self.client.register_script(LEASE)
         self._take = self.client.register_script(TAKE)
         self._add = self.client.register_script(ADD)
+        self._count = self.client.register_script(COUNT)
         # Rate events need unique members: this client and a sequence number.
         self._events = itertools.count()
         self._me = f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -114,6 +121,13 @@ class RedisStore:
         member = f"{self._me}:{next(self._events)}"
         keys, args = [self._key("rate", key)], [limit, window, member]
         return float(await self._call(lambda: self._take(keys=keys, args=args)))
+
+    async def count(self, key: str, window: float) -> int:
+        keys, args = [self._key("rate", key)], [window]
+        return int(await self._call(lambda: self._count(keys=keys, args=args)))
+
+    async def clear(self, key: str) -> None:
+        await self._call(lambda: self.client.delete(self._key("rate", key)))
 
     async def add(self, key: str, ttl: float, amount: int = 1) -> int:
         keys, args = [self._key("count", key)], [amount, ttl]

@@ -12,6 +12,11 @@ Three kinds of counter express every shared limit:
 - a **counter** (``add``/``get``): a number that lives ``ttl`` seconds from its
   first increment (messages a day from one egress address).
 
+A rate's events can also be counted without adding one (``count``) and
+forgotten (``clear``): AUTH failures per client address and per user name.
+In this process at most ``MAX_RATES`` rates are kept, the least recently
+used forgotten first, so a flood of client addresses cannot grow memory.
+
 ``LocalStore`` keeps them in this process, with the same semantics as the
 shared store (``mta.limits.redis_store``), so a single pod needs nothing
 else.  Every operation is a coroutine because the shared one goes over the
@@ -25,10 +30,13 @@ into local counting.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
 from mta.sliding_window import SlidingWindow
+
+MAX_RATES = 100_000
 
 
 class LimitsStoreError(Exception):
@@ -46,6 +54,12 @@ class LimitsStore(Protocol):
         """Count one event when fewer than ``limit`` lie in the last ``window``
         seconds and answer 0; otherwise count nothing and answer the seconds
         until one leaves the window."""
+
+    async def count(self, key: str, window: float) -> int:
+        """The events of the last ``window`` seconds under ``key``."""
+
+    async def clear(self, key: str) -> None:
+        """Forget every event under ``key``."""
 
     async def add(self, key: str, ttl: float, amount: int = 1) -> int:
         """Add ``amount`` to a counter that lives ``ttl`` seconds from its creation; its new value."""
@@ -66,7 +80,7 @@ class LocalStore:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._leases: dict[str, dict[str, float]] = {}  # key -> holder -> expiry
-        self._rates: dict[str, SlidingWindow] = {}
+        self._rates: OrderedDict[str, SlidingWindow] = OrderedDict()
         self._counters: dict[str, tuple[int, float]] = {}  # key -> (value, expiry)
 
     async def lease(self, key: str, holder: str, limit: int, ttl: float) -> bool:
@@ -91,10 +105,25 @@ class LocalStore:
         events = self._rates.get(key)
         if events is None or events.span != window:
             events = self._rates[key] = SlidingWindow(window, max_events=limit)
+            while len(self._rates) > MAX_RATES:
+                self._rates.popitem(last=False)
+        self._rates.move_to_end(key)
         if events.count(now) < limit:
             events.add(now)
             return 0.0
         return max(events.oldest_leaves_in(now), 1e-3)
+
+    async def count(self, key: str, window: float) -> int:
+        events = self._rates.get(key)
+        if events is None:
+            return 0
+        found = events.count(self.clock())
+        if not found:
+            del self._rates[key]
+        return found
+
+    async def clear(self, key: str) -> None:
+        self._rates.pop(key, None)
 
     async def add(self, key: str, ttl: float, amount: int = 1) -> int:
         now = self.clock()

@@ -181,7 +181,6 @@ class Scheduler:
             await asyncio.wait(set(self._tasks), timeout=5)
         if self.courier is not None:
             await self.courier.close()
-        await self.shaper.store.close()
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)

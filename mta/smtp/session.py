@@ -32,6 +32,7 @@ from mta.auth.throttle import Throttle
 from mta.config import Config, LimitsConfig, ListenerConfig
 from mta.intake import Envelope as QueuedEnvelope
 from mta.intake import Intake
+from mta.limits.store import LimitsStore
 from mta.obs.log import event
 from mta.policy import account, address, relay
 from mta.policy.admission import Admission
@@ -51,8 +52,8 @@ class AuthServices:
     rates: account.RateLimits
 
     @classmethod
-    def build(cls, limits: LimitsConfig) -> AuthServices:
-        throttle = Throttle(limits.max_auth_failures, limits.auth_failure_window)
+    def build(cls, limits: LimitsConfig, store: LimitsStore | None = None) -> AuthServices:
+        throttle = Throttle(limits.max_auth_failures, limits.auth_failure_window, store=store)
         return cls(AuthGate(throttle), account.RateLimits())
 
 
@@ -118,7 +119,7 @@ class SessionHandler(DispatchNames):
             return str(replies.AUTH_IN_TRANSACTION)
         ip = client_address(session)
         gate = self.services.gate
-        if gate.client_locked(ip):
+        if await gate.client_locked(ip):
             event("auth_throttled", level=logging.WARNING, listener=self.listener.name, client=ip, scope="client")
             await server.push(str(replies.AUTH_CLIENT_LOCKED))
             if server.transport is not None:
@@ -135,15 +136,15 @@ class SessionHandler(DispatchNames):
             except Rejected as exc:
                 return str(exc.reply)
             async with gate.checking(user):
-                if gate.user_locked(user, ip):
+                if await gate.user_locked(user, ip):
                     event("auth_throttled", level=logging.WARNING, listener=self.listener.name, client=ip,
                           user=user, scope="user")
                     return str(replies.AUTH_USER_LOCKED)
                 ok = await gate.verify(self.credentials.verify, user, password)
                 if ok:
-                    gate.succeeded(user, ip)
+                    await gate.succeeded(user, ip)
                 else:
-                    gate.failed(user, ip)
+                    await gate.failed(user, ip)
         if not ok:
             event("auth_failed", level=logging.WARNING, listener=self.listener.name, client=ip, user=user,
                   mechanism=mechanism)

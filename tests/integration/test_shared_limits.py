@@ -13,24 +13,12 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import HOSTS, World
+from tests.conftest import HOSTS, World, limits_store
 from tests.harness import MtaServer, send_mail
 from tests.obs.logs import wait_for_event
 from tests.obs.scrape import wait_for_sample
 from tests.peers.recorder import Recorder
 from tests.peers.redis import RedisServer
-
-PASSWORD = "limits-test-password"
-
-
-@pytest.fixture
-def redis(world: World) -> Iterator[RedisServer]:
-    server = RedisServer(world.root / "redis", password=PASSWORD)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -46,12 +34,7 @@ def receiver(world: World) -> Iterator[Recorder]:
 
 def pod(world: World, redis: RedisServer, name: str, rule: dict[str, Any], shaping: dict[str, Any] | None = None,
         **extra: Any) -> MtaServer:
-    secret = world.root / f"{name}-redis-password"
-    secret.write_text(PASSWORD + "\n")
-    secret.chmod(0o600)
-    config = {"hostname": f"{name}.kubemta.test",
-              "limits": {"store": {"url": redis.url, "password_file": str(secret), "lease_ttl": "3s",
-                                   "retry": "1s", "replicas": 2}},
+    config = {"hostname": f"{name}.kubemta.test", "limits": {"store": limits_store(world, redis, name)},
               "shaping": {"rules": [{"match": ["dest.test"], **rule}], **(shaping or {})}, **extra}
     return world.mta(config, name=name)
 

@@ -66,17 +66,18 @@ def write_cert(ca: trustme.CA, directory: Path) -> tuple[Path, Path]:
 
 
 def make_secure(place: World | Fronts, extra: dict[str, Any] | None = None,
-                users: dict[str, str] | None = None) -> Secure:
-    """A real ``mta serve`` in ``place`` when it is a World; the listeners in process when it is ``front``."""
+                users: dict[str, str] | None = None, name: str = "mta") -> Secure:
+    """A real ``mta serve`` in ``place`` when it is a World; the listeners in process when it is ``front``.
+    ``name``: another server in the same World, with its own certificate and credentials."""
     ca = trustme.CA()
-    tls_dir = place.root / "tls"
+    tls_dir = place.root / ("tls" if name == "mta" else f"tls-{name}")
     tls_dir.mkdir(exist_ok=True)
     cert, key = write_cert(ca, tls_dir)
-    creds = place.root / "credentials"
+    creds = place.root / ("credentials" if name == "mta" else f"credentials-{name}")
     creds.write_text("")
     # Hashed in process as `mta user add` hashes them; the CLI itself is tested in test_tls_auth.
-    for name, password in (users or {"app": PASSWORD}).items():
-        set_password(creds, name, password, create=True)
+    for user, password in (users or {"app": PASSWORD}).items():
+        set_password(creds, user, password, create=True)
     ports = [free_port() for _ in range(3)]
     tls = {"cert_file": str(cert), "key_file": str(key)}
     auth = {"credentials_file": str(creds)}
@@ -96,7 +97,7 @@ def make_secure(place: World | Fronts, extra: dict[str, Any] | None = None,
     if isinstance(place, Fronts):
         front = place(merge(config, extra or {}))
         return Secure(None, front, ports[0], ports[1], front.port, ports[2], ca, cert, key)
-    server = place.mta(merge(config, extra or {}))
+    server = place.mta(merge(config, extra or {}), name=name)
     return Secure(place, server, ports[0], ports[1], server.port, ports[2], ca, cert, key)
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import smtplib
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.security.conftest import PASSWORD, Secure
+from tests.conftest import World, limits_store
+from tests.peers.redis import RedisServer
+from tests.security.conftest import PASSWORD, Secure, make_secure
 
 GUESSES = 60
 
@@ -43,3 +45,21 @@ def test_parallel_guesses_get_at_most_the_budget_of_checks(secure: Secure) -> No
     # The guessed user is locked for the address that failed, not for a clean one.
     assert guess(secure, PASSWORD, source="127.0.0.1") in ("421", "closed", "454")
     assert guess(secure, PASSWORD, source="127.0.0.2") == "235"
+
+
+def test_two_pods_sharing_the_limits_store_share_one_failure_budget(world: World, redis: RedisServer) -> None:
+    """A guesser that spreads over the pods behind a Service gets one budget, not one per pod."""
+    pods = [make_secure(world, {"limits": {"store": limits_store(world, redis, name)}}, name=name)
+            for name in ("a", "b")]
+    answers = [guess(pods[n % 2], f"wrong-{n}") for n in range(12)]  # one after another, a, b, a, ...
+    assert answers[:5] == ["535"] * 5, answers  # limits.max_auth_failures: 5, counted once for both
+    assert set(answers[5:]) <= {"421", "closed"}, answers
+    for secure in pods:
+        assert guess(secure, PASSWORD, source="127.0.0.1") in ("421", "closed")
+        assert guess(secure, PASSWORD, source="127.0.0.2") == "235"  # the user is not locked out of a clean address
+    # In parallel, each pod counts its own attempts in flight: at most the budget per pod.
+    with ThreadPoolExecutor(max_workers=GUESSES) as pool:
+        burst = list(pool.map(lambda n: guess(pods[n % 2], f"wrong-{n}", source="127.0.0.3"), range(GUESSES)))
+    assert 1 <= burst.count("535") <= 2 * 5, sorted(burst)
+    assert guess(pods[0], PASSWORD, source="127.0.0.3") in ("421", "closed")
+    assert guess(pods[1], PASSWORD, source="127.0.0.3") in ("421", "closed")

@@ -2,47 +2,53 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from mta.auth import gate as gate_module
 from mta.auth.gate import AuthGate
 from mta.auth.throttle import Throttle
+
+
+def run(coroutine: object) -> object:
+    return asyncio.run(coroutine)  # type: ignore[arg-type]
 
 
 def locked_gate() -> AuthGate:
     gate = AuthGate(Throttle(max_failures=3, window=600.0), threads=1)
     for address in ("192.0.2.1", "192.0.2.2"):
         for _ in range(3):
-            gate.failed("app", address)
+            run(gate.failed("app", address))
     return gate
 
 
 def test_unlock_of_the_user_clears_it_and_the_addresses_that_failed_as_it() -> None:
     gate = locked_gate()
-    gate.failed("other", "192.0.2.3")
-    assert gate.user_locked("app", "192.0.2.1") and gate.client_locked("192.0.2.2")
-    result = gate.unlock("app")
+    run(gate.failed("other", "192.0.2.3"))
+    assert run(gate.user_locked("app", "192.0.2.1")) and run(gate.client_locked("192.0.2.2"))
+    result = run(gate.unlock("app"))
     assert result == {"user": "app", "user_locked": True, "addresses": ["192.0.2.1", "192.0.2.2"]}
-    assert not gate.user_locked("app", "192.0.2.1") and not gate.client_locked("192.0.2.2")
-    assert gate.throttle.failures("ip:192.0.2.3") == 1  # another user's guesser is left alone
-    assert gate.unlock("app")["addresses"] == []
+    assert not run(gate.user_locked("app", "192.0.2.1")) and not run(gate.client_locked("192.0.2.2"))
+    assert run(gate.throttle.failures("ip:192.0.2.3")) == 1  # another user's guesser is left alone
+    assert run(gate.unlock("app"))["addresses"] == []
     gate.close()
 
 
 def test_unlock_of_one_address_leaves_the_others_locked() -> None:
     gate = locked_gate()
-    assert gate.unlock("app", "192.0.2.1")["addresses"] == ["192.0.2.1"]
-    assert not gate.user_locked("app", "192.0.2.1") and not gate.client_locked("192.0.2.1")
-    assert gate.user_locked("app", "192.0.2.2") and gate.client_locked("192.0.2.2")
-    assert gate.unlock("app")["addresses"] == ["192.0.2.2"]
+    assert run(gate.unlock("app", "192.0.2.1"))["addresses"] == ["192.0.2.1"]
+    assert not run(gate.user_locked("app", "192.0.2.1")) and not run(gate.client_locked("192.0.2.1"))
+    assert run(gate.user_locked("app", "192.0.2.2")) and run(gate.client_locked("192.0.2.2"))
+    assert run(gate.unlock("app"))["addresses"] == ["192.0.2.2"]
     gate.close()
 
 
 def test_the_addresses_remembered_for_unlock_are_bounded() -> None:
     gate = AuthGate(Throttle(max_failures=3, window=600.0), threads=1)
     for n in range(gate_module.UNLOCK_ADDRESSES + 50):
-        gate.failed("app", f"10.0.{n // 256}.{n % 256}")
+        run(gate.failed("app", f"10.0.{n // 256}.{n % 256}"))
     assert len(gate._failed_from["app"]) == gate_module.UNLOCK_ADDRESSES
     for n in range(gate_module.UNLOCK_USERS + 10):
-        gate.failed(f"user{n}", "192.0.2.9")
+        run(gate.failed(f"user{n}", "192.0.2.9"))
     assert len(gate._failed_from) == gate_module.UNLOCK_USERS
     gate.close()
 

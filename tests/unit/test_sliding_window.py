@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from mta import replies
@@ -52,18 +54,18 @@ def test_throttle_locks_out_until_the_oldest_failure_leaves() -> None:
     clock = Clock()
     throttle = Throttle(max_failures=3, window=60, clock=clock)
     for _ in range(3):
-        assert not throttle.blocked("ip:192.0.2.1")
-        throttle.fail("ip:192.0.2.1")
+        assert not asyncio.run(throttle.blocked("ip:192.0.2.1"))
+        asyncio.run(throttle.fail("ip:192.0.2.1"))
         clock.now += 10
-    assert throttle.blocked("ip:192.0.2.1") and not throttle.blocked("user:app")
+    assert asyncio.run(throttle.blocked("ip:192.0.2.1")) and not asyncio.run(throttle.blocked("user:app"))
     clock.now = 1060  # the first failure is exactly one window old: still counted
-    assert throttle.blocked("ip:192.0.2.1")
+    assert asyncio.run(throttle.blocked("ip:192.0.2.1"))
     clock.now = 1060.1
-    assert not throttle.blocked("ip:192.0.2.1")
-    throttle.fail("ip:192.0.2.1")
-    assert throttle.blocked("ip:192.0.2.1")
-    throttle.succeed("ip:192.0.2.1")
-    assert not throttle.blocked("ip:192.0.2.1")
+    assert not asyncio.run(throttle.blocked("ip:192.0.2.1"))
+    asyncio.run(throttle.fail("ip:192.0.2.1"))
+    assert asyncio.run(throttle.blocked("ip:192.0.2.1"))
+    asyncio.run(throttle.succeed("ip:192.0.2.1"))
+    assert not asyncio.run(throttle.blocked("ip:192.0.2.1"))
 
 
 def test_account_rates_count_messages_a_minute_and_recipients_a_day() -> None:
