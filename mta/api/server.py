@@ -244,8 +244,8 @@ class ApiServer:
         account.check_message(policy, checked.data)
         holder = object()  # this request's reservation of the account's rates
         try:
-            self.rates.hold_message(policy, user, holder)
-            self.rates.hold_recipients(policy, user, holder, len(unique))
+            await self.rates.hold_message(policy, user, holder)
+            await self.rates.hold_recipients(policy, user, holder, len(unique))
             tls = request.transport is not None and request.transport.get_extra_info("sslcontext") is not None
             arrival = receive.Arrival(queue_id=queue_id, helo="http-api", client_ip=client,
                                       hostname=self.config.hostname, protocol="HTTPS" if tls else "HTTP",
@@ -261,7 +261,7 @@ class ApiServer:
                 stored = self.records[queue_id]
             else:
                 stored = await self.intake.put(envelope, prepared, queue_id=queue_id)
-            self.rates.commit(holder, len(stored.recipients))
+            await self.rates.commit(holder, len(stored.recipients))
         finally:
             self.rates.release(holder)
         event("received", queue_id=queue_id, listener=LISTENER, client=client, user=user, tls=tls,

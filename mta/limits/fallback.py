@@ -77,9 +77,9 @@ class FallbackStore:
         await self.local.release(key, holder)
         await self._either(lambda: self.shared.release(key, holder), lambda: self.local.release(key, holder))
 
-    async def take(self, key: str, limit: int, window: float) -> float:
-        return await self._either(lambda: self.shared.take(key, limit, window),
-                                  lambda: self.local.take(key, self.share(limit), window))
+    async def take(self, key: str, limit: int, window: float, weight: int = 1) -> float:
+        return await self._either(lambda: self.shared.take(key, limit, window, weight),
+                                  lambda: self.local.take(key, self.share(limit), window, weight))
 
     async def count(self, key: str, window: float) -> int:
         return await self._either(lambda: self.shared.count(key, window), lambda: self.local.count(key, window))

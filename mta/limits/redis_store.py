@@ -8,7 +8,7 @@ so nothing outlives its use:
 
 - a lease is a sorted set of holders scored by their expiry;
 - a rate is a sorted set of events scored by their time (the member is
-  unique per event);
+  unique per event; an event of weight w is w members);
 - a counter is a plain integer with ``EXPIRE`` set at its creation.
 
 Connection: a URL (``redis://``, ``rediss://`` for TLS with ``ca_file``,
@@ -50,13 +50,14 @@ end
 return 0
 """
 
-# KEYS[1] event set; ARGV: limit, window seconds, unique member.  "0" or the wait, as a string
-# (a Lua number would come back as an integer).
+# KEYS[1] event set; ARGV: limit, window seconds, unique member, weight (that many members).
+# "0" or the wait, as a string (a Lua number would come back as an integer).
 TAKE = _NOW + """
 local window = tonumber(ARGV[2])
+local weight = tonumber(ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
-  redis.call('ZADD', KEYS[1], now, ARGV[3])
+if redis.call('ZCARD', KEYS[1]) + weight <= tonumber(ARGV[1]) then
+  for i = 1, weight do redis.call('ZADD', KEYS[1], now, ARGV[3] .. ':' .. i) end
   redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000))
   return '0'
 end
@@ -117,9 +118,9 @@ class RedisStore:
     async def release(self, key: str, holder: str) -> None:
         await self._call(lambda: self.client.zrem(self._key("lease", key), holder))
 
-    async def take(self, key: str, limit: int, window: float) -> float:
+    async def take(self, key: str, limit: int, window: float, weight: int = 1) -> float:
         member = f"{self._me}:{next(self._events)}"
-        keys, args = [self._key("rate", key)], [limit, window, member]
+        keys, args = [self._key("rate", key)], [limit, window, member, weight]
         return float(await self._call(lambda: self._take(keys=keys, args=args)))
 
     async def count(self, key: str, window: float) -> int:

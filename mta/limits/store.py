@@ -7,8 +7,9 @@ Three kinds of counter express every shared limit:
   again; a holder that dies stops renewing, and its slot comes back when
   the ttl runs out (a delivery connection: ``mta.scheduler.shaping``);
 - a **rate** (``take``): at most ``limit`` events in any ``window`` seconds;
-  ``take`` counts one and answers 0, or counts nothing and answers how long
-  until the oldest leaves the window (messages a minute per destination);
+  ``take`` counts one (or ``weight``) and answers 0, or counts nothing and
+  answers how long until the oldest leaves the window (messages a minute
+  per destination; an account's recipients a day, weighted by message);
 - a **counter** (``add``/``get``): a number that lives ``ttl`` seconds from its
   first increment (messages a day from one egress address).
 
@@ -50,10 +51,10 @@ class LimitsStore(Protocol):
     async def release(self, key: str, holder: str) -> None:
         """Give ``holder``'s slot back (nothing when it holds none)."""
 
-    async def take(self, key: str, limit: int, window: float) -> float:
-        """Count one event when fewer than ``limit`` lie in the last ``window``
-        seconds and answer 0; otherwise count nothing and answer the seconds
-        until one leaves the window."""
+    async def take(self, key: str, limit: int, window: float, weight: int = 1) -> float:
+        """Count ``weight`` events when that leaves at most ``limit`` in the last
+        ``window`` seconds and answer 0; otherwise count nothing and answer
+        the seconds until the oldest leaves the window."""
 
     async def count(self, key: str, window: float) -> int:
         """The events of the last ``window`` seconds under ``key``."""
@@ -100,7 +101,7 @@ class LocalStore:
             if not holders:
                 del self._leases[key]
 
-    async def take(self, key: str, limit: int, window: float) -> float:
+    async def take(self, key: str, limit: int, window: float, weight: int = 1) -> float:
         now = self.clock()
         events = self._rates.get(key)
         if events is None or events.span != window:
@@ -108,8 +109,8 @@ class LocalStore:
             while len(self._rates) > MAX_RATES:
                 self._rates.popitem(last=False)
         self._rates.move_to_end(key)
-        if events.count(now) < limit:
-            events.add(now)
+        if events.total(now) + weight <= limit:
+            events.add(now, weight)
             return 0.0
         return max(events.oldest_leaves_in(now), 1e-3)
 
@@ -117,7 +118,7 @@ class LocalStore:
         events = self._rates.get(key)
         if events is None:
             return 0
-        found = events.count(self.clock())
+        found = events.total(self.clock())
         if not found:
             del self._rates[key]
         return found

@@ -1,11 +1,12 @@
 """What an authenticated client may send: its senders, From: addresses, sizes and rates.
 
 Patterns are an exact address, ``@domain`` (any address at that domain) or
-``*``.  Rates are counted per user name in this process: messages in the
-last minute and recipients in the last 24 hours (``mta.sliding_window``).
-A transaction reserves its share at MAIL (one message) and RCPT (its
+``*``.  Rates are counted per user name in the limits store (``mta.limits``:
+this process, or the Redis every pod shares): messages in the last minute
+and recipients in the last 24 hours.  A transaction reserves its share at MAIL (one message) and RCPT (its
 recipients so far), so transactions running in parallel see each other's
-reservations; the reservation becomes a count at ``250`` (``commit``) and is
+reservations (those of this pod: other pods see a reservation once it is
+a count); the reservation becomes a count at ``250`` (``commit``) and is
 given back when the transaction ends any other way (``release``: RSET,
 HELO/EHLO, a refused DATA, a disconnect).  Memory: one reservation per
 open transaction.
@@ -24,11 +25,12 @@ from email.utils import getaddresses
 
 from mta import message, replies
 from mta.config import AccountPolicy
+from mta.limits.store import LimitsStore, LocalStore
 from mta.replies import Rejected
-from mta.sliding_window import SlidingWindow
 
 MESSAGE_WINDOW = 60.0  # messages_per_minute
 RECIPIENT_WINDOW = 86400.0  # recipients_per_day
+COUNTED = 1 << 30  # what is committed always counts: a limit no rate reaches
 
 
 def allowed(address: str, patterns: Iterable[str]) -> bool:
@@ -77,55 +79,56 @@ def check_recipient_count(policy: AccountPolicy, count: int) -> None:
 
 
 class RateLimits:
-    """Sliding-window counters per user name, and the reservations of transactions under way.
+    """Sliding-window counts per user name, and the reservations of transactions under way.
 
     A reservation is keyed by its ``holder`` (the SMTP session): a session
     has at most one transaction, so a new MAIL replaces what it held."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self._messages: dict[str, SlidingWindow] = {}
-        self._recipients: dict[str, SlidingWindow] = {}  # weighted by recipients per message
+    def __init__(self, clock: Callable[[], float] = time.monotonic, store: LimitsStore | None = None) -> None:
+        self.store: LimitsStore = store or LocalStore(clock)
         self._holds: dict[object, _Hold] = {}
         self._held_messages: collections.Counter[str] = collections.Counter()
         self._held_recipients: collections.Counter[str] = collections.Counter()
 
-    def hold_message(self, policy: AccountPolicy, user: str, holder: object) -> None:
+    async def hold_message(self, policy: AccountPolicy, user: str, holder: object) -> None:
         """At MAIL: reserve one message of ``user``'s rate, or raise ``Rejected`` (451 4.7.1)."""
         self.release(holder)
         if policy.messages_per_minute is not None:
-            messages = self._messages.get(user)
-            sent = messages.count(self.clock()) if messages is not None else 0
-            if sent + self._held_messages[user] >= policy.messages_per_minute:
+            sent = await self.store.count(f"account-messages:{user}", MESSAGE_WINDOW)
+            # No await from here to the reservation: sessions of this process see each other's.
+            if sent + self._held_messages[user] >= self.store.share(policy.messages_per_minute):
                 raise Rejected(replies.RATE_MESSAGES, f"user {user}")
         self._holds[holder] = _Hold(user)
         self._held_messages[user] += 1
 
-    def hold_recipients(self, policy: AccountPolicy, user: str, holder: object, count: int) -> None:
+    async def hold_recipients(self, policy: AccountPolicy, user: str, holder: object, count: int) -> None:
         """At RCPT: reserve ``count`` recipients in all for this transaction, or raise ``Rejected``."""
+        used = 0
+        if policy.recipients_per_day is not None:
+            used = await self.store.count(f"account-recipients:{user}", RECIPIENT_WINDOW)
         hold = self._holds.get(holder)
         if hold is None or hold.user != user:  # no MAIL of this user held: nothing to add to
             hold = _Hold(user)
             self._holds[holder] = hold
             self._held_messages[user] += 1
         if policy.recipients_per_day is not None:
-            recipients = self._recipients.get(user)
-            used = recipients.total(self.clock()) if recipients is not None else 0
             others = self._held_recipients[user] - hold.recipients
-            if used + others + count > policy.recipients_per_day:
+            if used + others + count > self.store.share(policy.recipients_per_day):
                 raise Rejected(replies.RATE_RECIPIENTS, f"user {user}")
         self._held_recipients[user] += count - hold.recipients
         hold.recipients = count
 
-    def commit(self, holder: object, recipients: int) -> None:
+    async def commit(self, holder: object, recipients: int) -> None:
         """At ``250``: the held message counts now, with the recipients it was queued for."""
         hold = self._holds.get(holder)
         if hold is None:
             return
-        self.release(holder)
-        now = self.clock()
-        self._messages.setdefault(hold.user, SlidingWindow(MESSAGE_WINDOW)).add(now)
-        self._recipients.setdefault(hold.user, SlidingWindow(RECIPIENT_WINDOW)).add(now, recipients)
+        # Counted before the reservation goes: a MAIL meanwhile sees one or the other, never neither.
+        await self.store.take(f"account-messages:{hold.user}", COUNTED, MESSAGE_WINDOW)
+        if recipients:
+            await self.store.take(f"account-recipients:{hold.user}", COUNTED, RECIPIENT_WINDOW, recipients)
+        if self._holds.get(holder) is hold:
+            self.release(holder)
 
     def release(self, holder: object) -> None:
         """The transaction ended without ``250``: give its reservation back (nothing held: no-op)."""

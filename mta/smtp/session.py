@@ -54,7 +54,7 @@ class AuthServices:
     @classmethod
     def build(cls, limits: LimitsConfig, store: LimitsStore | None = None) -> AuthServices:
         throttle = Throttle(limits.max_auth_failures, limits.auth_failure_window, store=store)
-        return cls(AuthGate(throttle), account.RateLimits())
+        return cls(AuthGate(throttle), account.RateLimits(store=store))
 
 
 def client_address(session: Session) -> str:
@@ -201,7 +201,7 @@ class SessionHandler(DispatchNames):
             policy = self.config.accounts.policy(user)
             try:
                 account.check_sender(policy, address_text)
-                self.services.rates.hold_message(policy, user, session)
+                await self.services.rates.hold_message(policy, user, session)
             except Rejected as exc:
                 self._rejected(session, exc, sender=address_text, user=user)
                 raise
@@ -220,7 +220,7 @@ class SessionHandler(DispatchNames):
             else:
                 policy = self.config.accounts.policy(user)
                 account.check_recipient_count(policy, len(envelope.rcpt_tos))
-                self.services.rates.hold_recipients(policy, user, session, len(envelope.rcpt_tos) + 1)
+                await self.services.rates.hold_recipients(policy, user, session, len(envelope.rcpt_tos) + 1)
         except Rejected as exc:
             self._rejected(session, exc, recipient=address_text, user=user)
             raise
@@ -304,7 +304,7 @@ class SessionHandler(DispatchNames):
                   client=client, user=user, reply=str(reply), reason=str(exc) or type(exc).__name__)
             return str(reply)
         if user is not None:
-            self.services.rates.commit(session, len(stored.recipients))
+            await self.services.rates.commit(session, len(stored.recipients))
         event("received", queue_id=queue_id, listener=self.listener.name, client=client,
               helo=session.host_name, user=user, tls=is_tls(server), sender=stored.sender or "<>",
               recipients=len(stored.recipients), size=stored.size)

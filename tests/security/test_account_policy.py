@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Fronts, World
+from tests.conftest import Fronts, World, limits_store
 from tests.obs.logs import events
+from tests.peers.redis import RedisServer
 from tests.security.conftest import PASSWORD, Secure, make_secure
 
 POLICY = {
@@ -221,3 +222,29 @@ def test_transactions_without_data_give_their_reservation_back(world: World) -> 
     second.quit()
     sink.wait_for_messages(limit, timeout=20)
     other.close()
+
+
+
+def test_two_pods_sharing_the_limits_store_share_an_accounts_rates(world: World, redis: RedisServer) -> None:
+    """An app whose submissions the Service spreads over the pods gets its rates once, not per pod."""
+    users = {"billing": {"messages_per_minute": 3}, "bulk": {"recipients_per_day": 3}}
+    pods = [make_secure(world, {"accounts": {"users": users}, "limits": {"store": limits_store(world, redis, name)}},
+                        users={"billing": PASSWORD, "bulk": PASSWORD}, name=name) for name in ("a", "b")]
+
+    def submit(secure: Secure, user: str, recipients: list[str]) -> list[tuple[int, bytes]]:
+        with secure.client(secure.submission, tls=True) as client:
+            client.login(user, PASSWORD)
+            answers = [client.docmd(f"MAIL FROM:<{user}@sender.test>")]
+            for rcpt in recipients:
+                if answers[-1][0] == 250:
+                    answers.append(client.docmd(f"RCPT TO:<{rcpt}>"))
+            if answers[-1][0] == 250:
+                answers.append(client.data(message(f"{user}@sender.test")))
+            return answers
+
+    first = [submit(pods[n % 2], "billing", ["a@dest.test"])[0] for n in range(5)]  # a, b, a, b, a
+    assert [code for code, _ in first] == [250, 250, 250, 451, 451], first
+    assert first[3][1].startswith(b"4.7.1 Message rate limit")
+    assert [code for code, _ in submit(pods[0], "bulk", ["a@dest.test", "b@dest.test"])] == [250, 250, 250, 250]
+    on_b = submit(pods[1], "bulk", ["c@dest.test", "d@dest.test"])  # the day's third fits, the fourth not
+    assert [code for code, _ in on_b] == [250, 250, 451], on_b

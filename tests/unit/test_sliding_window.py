@@ -73,23 +73,23 @@ def test_account_rates_count_messages_a_minute_and_recipients_a_day() -> None:
     rates = RateLimits(clock)
     policy = AccountPolicy(messages_per_minute=2, recipients_per_day=5)
     for session in ("s1", "s2"):
-        rates.hold_message(policy, "app", session)
-        rates.hold_recipients(policy, "app", session, 2)
-        rates.commit(session, 2)
+        asyncio.run(rates.hold_message(policy, "app", session))
+        asyncio.run(rates.hold_recipients(policy, "app", session, 2))
+        asyncio.run(rates.commit(session, 2))
     with pytest.raises(Rejected) as refused:
-        rates.hold_message(policy, "app", "s3")
+        asyncio.run(rates.hold_message(policy, "app", "s3"))
     assert refused.value.reply == replies.RATE_MESSAGES
-    rates.hold_message(policy, "other", "s4")
+    asyncio.run(rates.hold_message(policy, "other", "s4"))
     clock.now += 61
-    rates.hold_message(policy, "app", "s3")
-    rates.hold_recipients(policy, "app", "s3", 1)
+    asyncio.run(rates.hold_message(policy, "app", "s3"))
+    asyncio.run(rates.hold_recipients(policy, "app", "s3", 1))
     with pytest.raises(Rejected) as refused:
-        rates.hold_recipients(policy, "app", "s3", 2)
+        asyncio.run(rates.hold_recipients(policy, "app", "s3", 2))
     assert refused.value.reply == replies.RATE_RECIPIENTS
     rates.release("s3")
     clock.now += 86400
-    rates.hold_message(policy, "app", "s3")
-    rates.hold_recipients(policy, "app", "s3", 5)
+    asyncio.run(rates.hold_message(policy, "app", "s3"))
+    asyncio.run(rates.hold_recipients(policy, "app", "s3", 5))
 
 
 def test_account_reservations_count_for_parallel_transactions_until_released() -> None:
@@ -97,32 +97,32 @@ def test_account_reservations_count_for_parallel_transactions_until_released() -
     rates = RateLimits(clock)
     policy = AccountPolicy(messages_per_minute=3, recipients_per_day=4)
     for session in ("a", "b", "c"):  # three transactions open at once, none finished
-        rates.hold_message(policy, "app", session)
+        asyncio.run(rates.hold_message(policy, "app", session))
     with pytest.raises(Rejected):
-        rates.hold_message(policy, "app", "d")
-    rates.hold_recipients(policy, "app", "a", 2)
-    rates.hold_recipients(policy, "app", "b", 2)
-    rates.hold_recipients(policy, "app", "b", 2)  # a repeated RCPT count holds nothing more
+        asyncio.run(rates.hold_message(policy, "app", "d"))
+    asyncio.run(rates.hold_recipients(policy, "app", "a", 2))
+    asyncio.run(rates.hold_recipients(policy, "app", "b", 2))
+    asyncio.run(rates.hold_recipients(policy, "app", "b", 2))  # a repeated RCPT count holds nothing more
     with pytest.raises(Rejected) as refused:
-        rates.hold_recipients(policy, "app", "c", 1)
+        asyncio.run(rates.hold_recipients(policy, "app", "c", 1))
     assert refused.value.reply == replies.RATE_RECIPIENTS
     assert rates.held("app") == (3, 4)
     rates.release("b")  # RSET, or a disconnect
     rates.release("b")  # twice is harmless
     assert rates.held("app") == (2, 2)
-    rates.hold_message(policy, "app", "d")
-    rates.hold_recipients(policy, "app", "c", 2)
-    rates.commit("a", 2)
-    rates.commit("a", 2)  # committed once only
+    asyncio.run(rates.hold_message(policy, "app", "d"))
+    asyncio.run(rates.hold_recipients(policy, "app", "c", 2))
+    asyncio.run(rates.commit("a", 2))
+    asyncio.run(rates.commit("a", 2))  # committed once only
     rates.release("c")
     rates.release("d")
     assert rates.held("app") == (0, 0)
     assert rates._held_messages == {} and rates._held_recipients == {}  # nothing left per user
-    rates.hold_message(policy, "app", "e")
-    rates.hold_message(policy, "app", "f")
+    asyncio.run(rates.hold_message(policy, "app", "e"))
+    asyncio.run(rates.hold_message(policy, "app", "f"))
     with pytest.raises(Rejected):  # one committed + two held
-        rates.hold_message(policy, "app", "g")
+        asyncio.run(rates.hold_message(policy, "app", "g"))
     with pytest.raises(Rejected):  # the day's recipients: two committed, room for two
-        rates.hold_recipients(policy, "app", "e", 3)
+        asyncio.run(rates.hold_recipients(policy, "app", "e", 3))
     clock.now += 61
-    rates.hold_message(policy, "app", "g")
+    asyncio.run(rates.hold_message(policy, "app", "g"))
