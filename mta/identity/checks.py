@@ -10,8 +10,13 @@ reason:
 - ``dkim:<selector>._domainkey.<domain>``: the published key is ours;
 - ``dmarc:<domain>``: a DMARC record exists; its policy is reported;
 - ``dnsbl:<zone>``: the egress address is not listed;
-- ``port25``: a TCP connection to the probe host on port 25 succeeds from
-  the egress address.
+- ``port25``: an SMTP session with the probe host on port 25 opens from
+  the egress address;
+- ``egress_ip``: the address the probe saw, where it echoes it (in its
+  greeting or EHLO reply, ``[203.0.113.10]``, as Gmail's and Exim's MXes do),
+  is the configured egress address: an egress gateway or SNAT that sends
+  from another address (another PTR, outside SPF) fails here.  A probe that
+  echoes nothing gives no ``egress_ip`` result (``port25`` says so).
 
 All DNS goes to the configured nameservers.  Failure: a check never raises;
 DNS errors are ``warn`` (not known) rather than ``fail`` (known bad).
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import ssl
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -37,6 +43,8 @@ from mta.dkim.keys import SigningKey, public_value
 from mta.hostport import parse_host_port
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
+ECHOED = re.compile(r"\[(?:IPv6:)?([0-9A-Fa-f:.]+)\]")
+PROBE_REPLY_LIMIT = 8192  # octets of greeting and EHLO reply read from the probe
 
 
 @dataclass(frozen=True)
@@ -161,19 +169,48 @@ class SelfChecks:
         codes = ", ".join(r.to_text() for r in answer)
         return CheckResult(name, FAIL, f"{self.ip} is listed on {zone} ({codes})")
 
-    async def port25(self) -> CheckResult:
+    async def port25(self) -> list[CheckResult]:
+        """``port25``, and ``egress_ip`` where the probe echoes the address it sees."""
         probe = self.config.identity.probe
         if not probe:
-            return CheckResult("port25", WARN, "identity.probe is not set; outbound port 25 not checked")
+            return [CheckResult("port25", WARN, "identity.probe is not set; outbound port 25 not checked")]
         host, port = parse_host_port(probe, 25)
         bind = self.config.delivery.source_address
         try:
-            _, writer = await asyncio.wait_for(
+            reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(host, port, local_addr=(str(bind), 0) if bind else None), timeout=10)
         except (OSError, TimeoutError) as exc:
-            return CheckResult("port25", FAIL, f"cannot reach {host}:{port} from {self.ip or 'this pod'}: {exc}")
-        writer.close()
-        return CheckResult("port25", PASS, f"{host}:{port} reachable from {self.ip or 'this pod'}")
+            return [CheckResult("port25", FAIL, f"cannot reach {host}:{port} from {self.ip or 'this pod'}: {exc}")]
+        try:
+            said = await asyncio.wait_for(self._greeting_and_ehlo(reader, writer), timeout=10)
+        except (OSError, TimeoutError, ValueError):
+            said = ""  # reachable is what port25 asks; the echo is a bonus
+        finally:
+            writer.close()
+        reachable = CheckResult("port25", PASS, f"{host}:{port} reachable from {self.ip or 'this pod'}")
+        seen = next((m for m in ECHOED.findall(said) if _is_address(m)), None)
+        if seen is None:
+            return [CheckResult("port25", PASS, reachable.reason + "; it does not echo the address it sees, so "
+                                                "egress_ip is not checked")]
+        return [reachable, self._egress_seen(host, seen)]
+
+    async def _greeting_and_ehlo(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
+        said = await _reply(reader)
+        writer.write(f"EHLO {self.config.hostname}\r\n".encode())
+        said += await _reply(reader)
+        writer.write(b"QUIT\r\n")
+        return said
+
+    def _egress_seen(self, host: str, seen: str) -> CheckResult:
+        if self.ip is None:
+            return CheckResult("egress_ip", WARN, f"{host} sees this pod as {seen}; no egress address is "
+                                                  "configured (identity.pods, delivery.source_address) to compare")
+        if ipaddress.ip_address(seen) != ipaddress.ip_address(self.ip):
+            return CheckResult("egress_ip", FAIL, f"{host} sees this pod's mail come from {seen}, not from the "
+                                                  f"configured egress address {self.ip}: the egress gateway or "
+                                                  "SNAT sends from another address, whose PTR and SPF are not "
+                                                  "checked here")
+        return CheckResult("egress_ip", PASS, f"{host} sees this pod's mail come from {seen}, as configured")
 
     async def https(self) -> CheckResult:
         """Whether this pod reaches https (MTA-STS fetches, TLS-RPT posts): a verified TLS handshake."""
@@ -211,10 +248,32 @@ class SelfChecks:
         checks += [self.dkim(k) for k in self.keys]
         checks += [self.dmarc(d) for d in self.domains()]
         checks += [self.dnsbl(z) for z in self.config.identity.dnsbl_zones]
-        checks.append(self.port25())
         if self.config.delivery.mta_sts or self.config.tls_reports.enabled:
             checks.append(self.https())
-        return self.configured() + list(await asyncio.gather(*checks))
+        found, probed = await asyncio.gather(asyncio.gather(*checks), self.port25())
+        return self.configured() + list(found) + probed
+
+
+async def _reply(reader: asyncio.StreamReader) -> str:
+    """One SMTP reply, all its lines; ``ValueError`` for one that is not a reply or is too long."""
+    lines: list[str] = []
+    size = 0
+    while True:
+        line = (await reader.readline()).decode("ascii", "replace")
+        size += len(line)
+        if not line or size > PROBE_REPLY_LIMIT or len(line) < 4 or not line[:3].isdigit():
+            raise ValueError(f"not an SMTP reply: {line[:40]!r}")
+        lines.append(line)
+        if line[3] != "-":
+            return "".join(lines)
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def failing(results: list[CheckResult]) -> list[CheckResult]:

@@ -13,6 +13,7 @@ from tests.conftest import HOSTS, RECORDS, ZONES, World
 from tests.fakes.kube_api import FakeKubeApi
 from tests.harness import MtaServer, send_mail
 from tests.peers.net import wait_port
+from tests.peers.recorder import Recorder
 
 EGRESS = "127.0.0.50"
 HELO = "out.sender.test"
@@ -93,6 +94,27 @@ def test_doctor_names_what_is_wrong(world: World, case: str, failing: set[str]) 
     code, results = doctor(server)
     assert code == 1
     assert {name for name, r in results.items() if r["status"] == "fail"} == failing, results
+
+
+@pytest.mark.parametrize("bind", [True, False])
+def test_doctor_compares_the_address_the_probe_sees_with_the_egress_address(world: World, bind: bool) -> None:
+    """A probe that echoes the client address (as Exim's and Gmail's MXes do in their EHLO reply).
+    Unbound, the egress address is one a gateway's SNAT should apply; none does here, so mail
+    leaves from 127.0.0.1: the drift that sends from the wrong IP with the wrong PTR."""
+    key_file, record = keygen(world)
+    publish(world, record)
+    with Recorder(host=HOSTS["dest"], port=world.port, echo=True):
+        config = identity_config(world, key_file)
+        config["identity"]["pods"]["mta-0"]["bind"] = bind
+        server = world.mta(config, start=False)
+        code, results = doctor(server)
+    seen = results["egress_ip"]
+    if bind:
+        assert seen["status"] == "pass" and f"come from {EGRESS}, as configured" in seen["reason"], seen
+    else:
+        assert seen["status"] == "fail" and code == 1, seen
+        assert f"come from 127.0.0.1, not from the configured egress address {EGRESS}" in seen["reason"]
+    assert results["port25"]["status"] == "pass"
 
 
 def keygen_other(world: World) -> tuple[str, str]:

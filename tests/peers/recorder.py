@@ -18,7 +18,9 @@ words, to stand for Gmail or Outlook refusing).  ``delays`` makes DATA slow
 (seconds by recipient, ``"*"`` for any), for connections that stay open;
 ``concurrent``/``peak`` count the connections open now and at most, and each
 message keeps when it arrived and the client's EHLO name, so a test can
-measure the limits a deployment of senders holds together.
+measure the limits a deployment of senders holds together.  ``echo`` makes
+the EHLO reply name the client's address as Exim's and Gmail's MXes do
+(``250-host Hello name [192.0.2.1]``).
 
 How it fails: ``start`` raises what aiosmtpd raises when the port is taken;
 ``wait_for`` raises TimeoutError naming what it has.
@@ -72,6 +74,7 @@ class _Handler:
     hide: set[str]
     refuse: dict[str, str] = field(default_factory=dict)
     delays: dict[str, float] = field(default_factory=dict)
+    echo: bool = False
     concurrent: int = 0
     peak: int = 0
     messages: list[Received] = field(default_factory=list)
@@ -82,6 +85,8 @@ class _Handler:
                           responses: list[str]) -> list[str]:
         session.host_name = hostname  # a handler's EHLO hook does what aiosmtpd would
         self.sessions.append(id(session))
+        if self.echo and responses:
+            responses = [f"250-{server.hostname} Hello {hostname} [{session.peer[0]}]", *responses[1:]]
         return [line for line in responses if line[4:].split(" ", 1)[0].upper() not in self.hide]
 
     async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
@@ -141,11 +146,11 @@ class Recorder:
     def __init__(self, *, hide: Iterable[str] = (), size: int | None = None,
                  tls: ssl.SSLContext | None = None, port: int | None = None,
                  refuse: dict[str, str] | None = None, host: str = "127.0.0.1",
-                 delays: dict[str, float] | None = None) -> None:
+                 delays: dict[str, float] | None = None, echo: bool = False) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.handler = _Handler({name.upper() for name in hide}, {k.lower(): v for k, v in (refuse or {}).items()},
-                                {k.lower(): v for k, v in (delays or {}).items()})
+                                {k.lower(): v for k, v in (delays or {}).items()}, echo)
         kwargs: dict[str, Any] = {"enable_SMTPUTF8": True, "decode_data": False}
         if size is not None:
             kwargs["data_size_limit"] = size
