@@ -35,15 +35,28 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.systems import DOMAIN, HOST, Kubemta, OpenDkim, Postfix, Sink, System, cpu_seconds, pss_bytes, wait_until
+from bench.systems import (
+    DOMAIN,
+    HOST,
+    Kubemta,
+    OpenDkim,
+    Postfix,
+    Redis,
+    Sink,
+    System,
+    cpu_seconds,
+    pss_bytes,
+    wait_until,
+)
 
 NEEDED = {"smtp-source": "postfix", "smtp-sink": "postfix", "postfix": "postfix", "postqueue": "postfix",
           "opendkim": "opendkim"}
 OUT = Path(__file__).parent / "results"
 
 
-def check_tools() -> None:
-    missing = [f"{tool} (Debian package {package})" for tool, package in NEEDED.items()
+def check_tools(shared_limits: bool) -> None:
+    needed = {**NEEDED, "redis-server": "redis-server"} if shared_limits else NEEDED
+    missing = [f"{tool} (Debian package {package})" for tool, package in needed.items()
                if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists()]
     if missing:
         print("bench: missing: " + ", ".join(missing), file=sys.stderr)
@@ -285,8 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=int, default=0, help="also hold this many idle sessions on kubemta")
     parser.add_argument("--long", type=int, default=0, help="also send this many messages through kubemta, "
                         "sampling its memory every tenth")
+    parser.add_argument("--shared-limits", action="store_true", help="also run kubemta with its limits in a "
+                        "Redis (limits.store) and a daily cap, to measure the store's cost on the hot path")
     args = parser.parse_args(argv)
-    check_tools()
+    check_tools(args.shared_limits)
     if args.smoke:
         args.rounds, args.messages, args.sizes, args.sessions = 1, 200, "10240", "20"
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -301,12 +316,18 @@ def main(argv: list[str] | None = None) -> int:
                              Kubemta(root / "kubemta-dkim", sinks["kubemta-dkim"], key),
                              Postfix(root / "postfix", sinks["postfix"]),
                              Postfix(root / "postfix-opendkim", sinks["postfix-opendkim"], milter.socket)]
+    helpers: list[Any] = [*sinks.values(), milter]
+    if args.shared_limits:
+        redis = Redis(root / "redis")
+        sinks["kubemta-shared"] = Sink(root / "sink-kubemta-shared")
+        helpers += [redis, sinks["kubemta-shared"]]
+        systems.append(Kubemta(root / "kubemta-shared", sinks["kubemta-shared"], None, redis.url))
     started: list[Any] = []
     machine = f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}"
     results: dict[str, Any] = {"machine": machine, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                "runs": [], "latency": []}
     try:
-        for item in [*sinks.values(), milter, *systems]:
+        for item in [*helpers, *systems]:
             item.start()
             started.append(item)
         for round_no in range(args.rounds):
@@ -335,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                   "delivered_per_s"),
             "accepted: kubemta / postfix": ratios(results["runs"], "kubemta", "postfix", "accepted_per_s"),
         }
+        if args.shared_limits:
+            results["ratios"]["end to end: kubemta-shared / kubemta"] = ratios(
+                results["runs"], "kubemta-shared", "kubemta", "delivered_per_s")
     finally:
         for item in reversed(started):
             item.stop()

@@ -111,10 +111,32 @@ class System:
         raise NotImplementedError
 
 
+class Redis:
+    """redis-server for the shared limits store, nothing persisted."""
+
+    def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.port = free_port(HOST)
+        self.url = f"redis://{HOST}:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["redis-server", "--bind", HOST, "--port", str(self.port), "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.workdir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(HOST, self.port, 10, proc=self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
 class Kubemta(System):
-    def __init__(self, workdir: Path, sink: Sink, dkim_key: Path | None) -> None:
+    def __init__(self, workdir: Path, sink: Sink, dkim_key: Path | None, shared_limits: str | None = None) -> None:
         super().__init__(workdir, sink)
-        self.name = "kubemta-dkim" if dkim_key else "kubemta"
+        self.name = "kubemta-dkim" if dkim_key else "kubemta-shared" if shared_limits else "kubemta"
         self.http = free_port(HOST)
         config = {
             "hostname": "bench-mta.bench.test",
@@ -131,6 +153,11 @@ class Kubemta(System):
         }
         if dkim_key:
             config["dkim"] = {"keys": [{"domain": DOMAIN, "selector": "bench", "key_file": str(dkim_key)}]}
+        if shared_limits:
+            # The limits in Redis, and a daily cap no run reaches: every delivered message
+            # then costs a round trip to the store (its count), every delivery lane a lease.
+            config["limits"]["store"] = {"url": shared_limits}  # type: ignore[index]
+            config["shaping"] = {"daily_cap": 1_000_000_000}
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "mta.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
