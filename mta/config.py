@@ -304,8 +304,26 @@ class QueueConfig(Section):
         return self
 
 
+class BreakerConfig(Section):
+    """When a route counts as down (``mta.scheduler.breaker``): over the last ``window``, at least
+    ``min_attempts`` attempts of which ``failure_ratio`` or more failed; then its mail goes to
+    its fallback for ``cooldown``, after which one attempt probes it."""
+
+    failure_ratio: float = Field(0.5, gt=0, le=1)
+    min_attempts: int = Field(5, ge=1)
+    window: Duration = Field(120.0, gt=0)
+    cooldown: Duration = Field(60.0, gt=0)
+
+
 class RouteConfig(Section):
-    domains: list[str] = Field(min_length=1)
+    # Named: it can be another route's fallback, and names its breaker in events and metrics.
+    name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    # Empty only for a named route that is another route's fallback and nothing more.
+    domains: list[str] = Field(default_factory=list)
+    # Where its mail goes while its breaker is open, in order: route names, or "direct" (the
+    # recipients' MX hosts, only for mail whose sender's domain has a DKIM key in dkim.keys).
+    fallback: list[str] = Field(default_factory=list)
+    breaker: BreakerConfig = BreakerConfig()
     # An email service provider's preset (mta.delivery.providers) fills in the keys below the
     # route leaves out: relay (from region where the provider has regions), tls, the login's
     # user name, max_message_size and throttle_texts.
@@ -354,6 +372,11 @@ class RouteConfig(Section):
     @property
     def relay_host_port(self) -> tuple[str, int]:
         return parse_host_port(self.relay, 465 if self.tls == "implicit" else 25)
+
+    @property
+    def label(self) -> str:
+        """What events and metrics call it: its name, else its relay."""
+        return self.name or self.relay
 
 
 class LimitsStoreConfig(Section):
@@ -953,6 +976,22 @@ class Config(Section):
     bounces: BouncesConfig = BouncesConfig()
     suppression: SuppressionConfig = SuppressionConfig()
 
+    def _check_fallbacks(self) -> None:
+        named = [route.name for route in self.routes if route.name]
+        if len(set(named)) != len(named):
+            raise ValueError("route names must be unique")
+        fallbacks = {name for route in self.routes for name in route.fallback}
+        for n, route in enumerate(self.routes):
+            for name in route.fallback:
+                if name != "direct" and name not in named:
+                    raise ValueError(f"routes.{n}.fallback: no route is named {name!r} (or say 'direct')")
+                if name == route.name:
+                    raise ValueError(f"routes.{n}.fallback: a route cannot be its own fallback")
+            if len(set(route.fallback)) != len(route.fallback):
+                raise ValueError(f"routes.{n}.fallback names a route twice")
+            if not route.domains and route.name not in fallbacks:
+                raise ValueError(f"routes.{n}.domains: empty, and no route has it as fallback: it would take no mail")
+
     @property
     def suppression_path(self) -> Path:
         return self.suppression.path or self.spool.path / "suppression.db"
@@ -984,6 +1023,7 @@ class Config(Section):
                 if domain in seen:
                     raise ValueError(f"domain {domain!r} appears in more than one route")
                 seen.add(domain)
+        self._check_fallbacks()
         levels = [("delivery.tls_level", self.delivery.tls_level)] + [
             (f"tls_policy.{n}.level", rule.level) for n, rule in enumerate(self.tls_policy)]
         for key, level in levels:

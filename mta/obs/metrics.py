@@ -226,6 +226,8 @@ class Metrics:
         self.limits_store_up = Gauge("kubemta_limits_store_up", "The shared limits store answers (1) or this "
                                      "pod counts its share of the limits alone (0)", registry=r)
         self.limits_store_up.set(1)
+        self.route_breaker_open = Gauge("kubemta_route_breaker_open", "A route's circuit breaker is open (1): its "
+                                        "mail goes to its fallback", ["route"], registry=r)
         self.registry.register(_Live(self.sources))
         # Series that exist from the start, so rates and alerts see a zero, not nothing.
         for domain in [*sorted(self.domains), "other"]:
@@ -340,6 +342,8 @@ _HANDLERS: dict[str, Callable[[Metrics, dict[str, Any]], None]] = {
     "local_error": lambda m, f: m.local_errors.labels(str(f.get("reason") or "other")).inc(),
     "self_check": Metrics._selfcheck,
     "tls_policy_report": lambda m, f: m.tls_reports.labels(str(f.get("tls_policy_result") or "other")).inc(),
+    "route_breaker_opened": lambda m, f: m.route_breaker_open.labels(str(f.get("route"))).set(1),
+    "route_breaker_closed": lambda m, f: m.route_breaker_open.labels(str(f.get("route"))).set(0),
     "limits_store_down": lambda m, f: m.limits_store_up.set(0),
     "limits_store_up": lambda m, f: m.limits_store_up.set(1),
     "suppression_added": lambda m, f: m.suppressions.labels(str(f.get("reason") or "other"),

@@ -44,6 +44,7 @@ from mta.intake import Intake
 from mta.limits.store import LimitsStore
 from mta.obs.log import event
 from mta.scheduler.backoff import retry_delay
+from mta.scheduler.breaker import OPEN, Breaker, is_failure
 from mta.scheduler.destination import IDLE_CONNECTION, Destination, Job, Lease
 from mta.scheduler.shaping import Shaper
 from mta.scheduler.slots import DeliverySlots
@@ -87,6 +88,10 @@ class Scheduler:
         self.paused: str | None = None
         self.config = config
         self.router = Router(config.routes)
+        # Routes with somewhere else to go when they are down: their circuit breakers.
+        self.breakers = {route.label: Breaker(route.breaker) for route in config.routes if route.fallback}
+        self._signing_domains = {key.domain for key in config.dkim.keys}
+        self._reroute: set[str] = set()  # in a round when their route's breaker opened
         self.classifier = config.bounces.classifier()
         # Where hard bounces of a dead address go (mta.suppression); None: nowhere.
         self.suppressions: SuppressionList | None = None
@@ -191,8 +196,10 @@ class Scheduler:
 
     def _dispatch(self, record: Record) -> None:
         groups: dict[NextHop, list[str]] = {}
+        open_routes: dict[str, bool] = {}  # asked once per round: a half-open breaker's probe is one message
         for rcpt in record.pending():
-            hop = self.router.next_hop(rcpt.address.rpartition("@")[2])
+            domain = rcpt.address.rpartition("@")[2]
+            hop = self._failover(self.router.next_hop(domain), domain, record, open_routes)
             groups.setdefault(hop, []).append(rcpt.address)
         self.active.add(record.id)
         self._outcomes[record.id] = {}
@@ -215,6 +222,64 @@ class Scheduler:
             while destination.lanes < wanted:
                 destination.lanes += 1
                 self._spawn(self._lane(destination))
+
+    def _failover(self, hop: NextHop, domain: str, record: Record, open_routes: dict[str, bool]) -> NextHop:
+        """``hop``, or while its route's breaker is open the first of its fallbacks that may take the mail."""
+        if not self._is_open(hop, open_routes):
+            return hop
+        for candidate in self.router.fallbacks(hop, domain):
+            if candidate.kind == "mx" and not self._may_go_direct(record):
+                continue  # its domain's SPF and DKIM are set up for the provider, not for us
+            if not self._is_open(candidate, open_routes):
+                return candidate
+        return hop  # nowhere else to go: it waits for its route, as without a fallback
+
+    def _is_open(self, hop: NextHop, asked: dict[str, bool]) -> bool:
+        breaker = self.breakers.get(hop.route.label) if hop.route is not None else None
+        if breaker is None or hop.route is None:
+            return False
+        label = hop.route.label
+        if label not in asked:
+            asked[label] = not breaker.allows()
+        return asked[label]
+
+    def _may_go_direct(self, record: Record) -> bool:
+        """Direct delivery as a fallback only for mail it signs as its sender's domain (or a parent's)."""
+        domain = record.sender.rpartition("@")[2].lower().rstrip(".")
+        labels = domain.split(".")
+        return bool(domain) and any(".".join(labels[i:]) in self._signing_domains for i in range(len(labels)))
+
+    def _count_attempt(self, hop: NextHop, report: Report, jobs: int) -> None:
+        """Tell ``hop``'s route breaker how an attempt (and ``jobs`` deferred with it) went."""
+        route = hop.route
+        breaker = self.breakers.get(route.label) if route is not None else None
+        if breaker is None or route is None:
+            return
+        first = next(iter(report.outcomes.values()), None)
+        entered = breaker.record(is_failure(first, report.reached, tuple(route.throttle_texts)), jobs)
+        if entered is None:
+            return
+        event("route_breaker_" + ("opened" if entered == OPEN else "closed"), level=logging.WARNING,
+              route=route.label, relay=hop.name, fallback=",".join(route.fallback),
+              reply=str(first.reply) if first is not None else None)
+        if entered == OPEN:
+            self._retry_now(route.label)
+
+    def _retry_now(self, label: str) -> None:
+        """Mail waiting out a retry for a route that just opened goes to its fallback now."""
+        now = self.clock()
+        for record in self.records.values():
+            if record.state == HOLD:
+                continue
+            hops = {self.router.next_hop(r.address.rpartition("@")[2]) for r in record.pending()}
+            if not any(h.route is not None and h.route.label == label for h in hops):
+                continue
+            if record.id in self.active:
+                self._reroute.add(record.id)  # conclude() schedules it at once
+            else:
+                record.next_attempt = now
+                heapq.heappush(self._heap, (now, record.id))
+        self._wake.set()
 
     async def _lane(self, destination: Destination) -> None:
         """Hand ``destination``'s jobs to the courier one at a time, while there are any.
@@ -277,8 +342,10 @@ class Scheduler:
                 if not report.reached:
                     # The next hop cannot be reached now: that holds for
                     # every job waiting for it, not just this one.
-                    self._defer_all(destination, next(iter(report.outcomes.values())))
+                    deferred = self._defer_all(destination, next(iter(report.outcomes.values())))
+                    self._count_attempt(hop, report, 1 + deferred)
                     break
+                self._count_attempt(hop, report, 1)
                 if report.server is not None:
                     self.shaper.learn_mx(name, report.server)
                 if await self._throttled(destination, report):
@@ -361,11 +428,14 @@ class Scheduler:
             451, "4.7.0", f"{destination.hop} asked to slow down: {first.reply}"))
         return True
 
-    def _defer_all(self, destination: Destination, outcome: Outcome) -> None:
-        """Every job still waiting for ``destination`` gets ``outcome`` (it cannot be reached now)."""
+    def _defer_all(self, destination: Destination, outcome: Outcome) -> int:
+        """Every job still waiting for ``destination`` gets ``outcome`` (it cannot be reached now); how many."""
+        count = 0
         while destination.jobs:
             job = destination.jobs.popleft()
             self._report(job, dict.fromkeys(job.recipients, outcome))
+            count += 1
+        return count
 
     def _report(self, job: Job, outcomes: dict[str, Outcome]) -> None:
         record_id = job.record.id
@@ -425,8 +495,11 @@ class Scheduler:
             elif action == "hold":
                 self.records[record.id] = await self.spool.save(record, HOLD)
             else:
-                delay = retry_delay(record.attempts, self.config.queue.retry_initial, self.config.queue.retry_max,
-                                    self.config.queue.retry_jitter, self.rng)
+                rerouted = record.id in self._reroute  # its route opened during the round: fallback now
+                self._reroute.discard(record.id)
+                delay = 0.0 if rerouted else retry_delay(record.attempts, self.config.queue.retry_initial,
+                                                         self.config.queue.retry_max, self.config.queue.retry_jitter,
+                                                         self.rng)
                 # One last attempt at expiry rather than a silent expiry later.
                 record.next_attempt = max(now + 1.0, min(now + delay, record.expires))
                 saved = await self.spool.save(record, DEFERRED)
