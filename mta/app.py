@@ -28,7 +28,7 @@ from mta.api.server import ApiServer
 from mta.auth.credentials import Credentials, CredentialsError
 from mta.config import Config
 from mta.control import ControlServer, socket_path
-from mta.delivery.client import ClientSettings, Connector
+from mta.delivery.client import Connector, client_settings
 from mta.delivery.courier import Courier
 from mta.delivery.mx import MxResolver, make_resolver
 from mta.delivery.tlspolicy import TlsPolicy
@@ -82,18 +82,7 @@ class App:
     def _connector(self) -> Connector:
         config = self.config
         resolver = make_resolver(config.dns.servers, config.dns.timeout)
-        settings = ClientSettings(
-            helo_name=config.hostname,
-            port=config.delivery.port,
-            source_address=str(config.delivery.source_address) if config.delivery.source_address else None,
-            egress_address=str(config.identity.egress_address) if config.identity.egress_address else None,
-            connect_timeout=config.delivery.connect_timeout,
-            command_timeout=config.delivery.command_timeout,
-            max_mx_hosts=config.delivery.max_mx_hosts,
-            max_mx_addresses=config.delivery.max_mx_addresses,
-            dns_attempt_timeout=config.dns.attempt_timeout,
-            allowed_networks=tuple(config.delivery.allowed_networks),
-        )
+        settings = client_settings(config)
         self.tls_policy = build_tls_policy(config, resolver)
         if config.tls_reports.enabled:
             try:

@@ -127,7 +127,10 @@ def _doctor(config: Config, as_json: bool, strict: bool) -> int:
     except DkimKeyError as exc:
         print(f"mta doctor: dkim.keys: {exc}", file=sys.stderr)
         return 2
-    results = asyncio.run(SelfChecks(config, keys).run())
+    async def everything() -> list[Any]:
+        checks = SelfChecks(config, keys)
+        return await checks.run() + await checks.routes()
+    results = asyncio.run(everything())
     if as_json:
         print(json.dumps([r.to_json() for r in results], indent=1))
     else:

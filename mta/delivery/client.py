@@ -29,7 +29,7 @@ from pathlib import Path
 import aiosmtplib
 
 from mta import replies
-from mta.config import RouteConfig
+from mta.config import Config, RouteConfig
 from mta.delivery import result
 from mta.delivery.connection import Connection, StaleConnection, reply_text
 from mta.delivery.mx import LookupFailed, MxHost, MxResolver, may_connect
@@ -70,6 +70,23 @@ class ClientSettings:
     # points at loopback, a private range or a metadata address (169.254.169.254)
     # must not make the MTA a way into the cluster.  Smart hosts are exempt.
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+def client_settings(config: Config) -> ClientSettings:
+    """The delivery client's settings, from ``delivery`` and ``identity``."""
+    delivery = config.delivery
+    return ClientSettings(
+        helo_name=config.hostname,
+        port=delivery.port,
+        source_address=str(delivery.source_address) if delivery.source_address else None,
+        egress_address=str(config.identity.egress_address) if config.identity.egress_address else None,
+        connect_timeout=delivery.connect_timeout,
+        command_timeout=delivery.command_timeout,
+        max_mx_hosts=delivery.max_mx_hosts,
+        max_mx_addresses=delivery.max_mx_addresses,
+        dns_attempt_timeout=config.dns.attempt_timeout,
+        allowed_networks=tuple(delivery.allowed_networks),
+    )
 
 
 def read_credentials(path: Path, key_only_user: str | None = None, key_only: bool = False) -> tuple[str, str]:

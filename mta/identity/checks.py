@@ -16,7 +16,12 @@ reason:
   greeting or EHLO reply, ``[203.0.113.10]``, as Gmail's and Exim's MXes do),
   is the configured egress address: an egress gateway or SNAT that sends
   from another address (another PTR, outside SPF) fails here.  A probe that
-  echoes nothing gives no ``egress_ip`` result (``port25`` says so).
+  echoes nothing gives no ``egress_ip`` result (``port25`` says so);
+- ``route:<name>`` (``mta doctor`` only, ``routes``): a session with each
+  route's relay as delivery opens it — DNS, TCP, TLS as the route asks
+  with its certificate checks, AUTH with the route's credentials — then
+  QUIT, no mail sent.  Not in the periodic checks: a provider that is down
+  is the circuit breaker's business, not a reason to stop all delivery.
 
 All DNS goes to the configured nameservers.  Failure: a check never raises;
 DNS errors are ``warn`` (not known) rather than ``fail`` (known bad).
@@ -37,8 +42,10 @@ import dns.resolver
 import dns.reversename
 import spf
 
-from mta.config import Config
-from mta.delivery.mx import make_resolver
+from mta.config import Config, RouteConfig
+from mta.delivery.client import ConnectFailed, Connector, client_settings
+from mta.delivery.mx import MxResolver, make_resolver
+from mta.delivery.route import Router
 from mta.dkim.keys import SigningKey, public_value
 from mta.hostport import parse_host_port
 
@@ -230,6 +237,25 @@ class SelfChecks:
                                               "MTA-STS policies cannot be fetched, TLS-RPT https reports not sent")
         writer.close()
         return CheckResult("https", PASS, f"https://{host}:{port} reachable, certificate verified")
+
+    async def routes(self) -> list[CheckResult]:
+        """One result per route: can delivery open an authenticated session with its relay?"""
+        connector = Connector(client_settings(self.config), MxResolver(self.resolver))
+        return list(await asyncio.gather(*(self._route(connector, route) for route in self.config.routes)))
+
+    async def _route(self, connector: Connector, route: RouteConfig) -> CheckResult:
+        name = f"route:{route.label}"
+        hop = Router.relay(route)
+        try:
+            connection = await connector.open(hop)
+        except ConnectFailed as exc:
+            return CheckResult(name, FAIL, f"{hop.name}: {exc.outcome.reply}")
+        tls = connection.tls_info()
+        await connection.close()
+        said = [f"TLS {tls.version}" if tls else "no TLS (tls: none)"]
+        if route.auth_file is not None:
+            said.append("logged in")
+        return CheckResult(name, PASS, f"{hop.name} reached: {', '.join(said)}; no mail sent")
 
     def configured(self) -> list[CheckResult]:
         """Warnings for what is missing from the configuration itself, before any DNS."""

@@ -5,6 +5,7 @@ measured where the provider would measure them."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -123,3 +124,24 @@ def test_a_burst_from_parallel_clients_stays_within_the_quota_and_all_arrive(wor
         f"c{c}-{n}@dest.test" for c in range(clients) for n in range(each))  # none lost, none twice
     assert busiest <= per_second and host.throttled == 0
     server.wait_for_queue(lambda q: q == [], timeout=20, what="queue drained")
+
+
+def test_doctor_opens_each_route_up_to_auth_without_sending_mail(world: World) -> None:
+    good = provider(world, "apikey", "SG.right-key")
+    routes = [esp_route(good, {"provider": "sendgrid", "name": "good"}, secret(world, "SG.right-key"),
+                        domains=["good.test"])]
+    wrong = world.root / "wrong-secret"
+    wrong.write_text("SG.wrong-key\n")
+    routes.append(esp_route(good, {"provider": "sendgrid", "name": "wrong-key"}, wrong, domains=["wrong.test"]))
+    routes.append({"name": "down", "domains": ["down.test"], "relay": f"{HOSTS['relay']}:{free_port(HOSTS['relay'])}",
+                   "tls": "starttls"})
+    server = world.mta({"routes": routes}, start=False)
+    done = server.cli("doctor", "--json")
+    results = {item["name"]: item for item in json.loads(done.stdout)}
+    assert results["route:good"]["status"] == "pass", results["route:good"]
+    assert "TLS TLSv1" in results["route:good"]["reason"] and "logged in" in results["route:good"]["reason"]
+    assert results["route:wrong-key"]["status"] == "fail"
+    assert "authentication to smart host" in results["route:wrong-key"]["reason"]
+    assert results["route:down"]["status"] == "fail" and "cannot connect" in results["route:down"]["reason"]
+    assert done.returncode == 1
+    assert good.received == [] and good.failed_logins >= 1  # the wrong key was tried, no mail sent
