@@ -1,4 +1,4 @@
-"""The ``mta`` command: serve, check-config, user, api-key, dkim, doctor, tls, queue, suppress.
+"""The ``mta`` command: serve, check-config, user, api-key, dkim, doctor, probe, tls, queue, suppress.
 
 Every subcommand takes ``-c FILE`` (or ``$MTA_CONFIG``) and the same
 ``MTA__...`` environment overrides as the server.  ``mta queue`` talks to
@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     suppress_cli.add_parser(sub, common)
     keys_cli.add_parser(sub, common)
     queue_cli.add_parser(sub, common)
+    probe = sub.add_parser("probe", parents=[common], help="send a tagged message through a listener and wait "
+                           "for it in a mailbox over IMAP (-c names the probe's own file)")
+    probe.add_argument("--json", action="store_true", help="one JSON object")
     doctor = sub.add_parser("doctor", parents=[common], help="run the deliverability self-checks once")
     doctor.add_argument("--json", action="store_true", help="one JSON array of {name, status, reason}")
     doctor.add_argument("--strict", action="store_true", help="exit 1 on a warning too, not only on a failure")
@@ -138,6 +141,28 @@ def _doctor(config: Config, as_json: bool, strict: bool) -> int:
             print(f"{result.status.upper():<5} {result.name}: {result.reason}")
     bad = ("fail", "warn") if strict else ("fail",)
     return 1 if any(r.status in bad for r in results) else 0
+
+
+def _probe(path: str | None, as_json: bool) -> int:
+    from mta import probe
+    from mta.config import load_probe
+
+    if path is None:
+        print("mta probe: -c FILE: the probe's file (submit, sender, to, imap; see the README)", file=sys.stderr)
+        return 2
+    try:
+        config = load_probe(path)
+    except ConfigError as exc:
+        print(f"mta probe: configuration error:\n{exc}", file=sys.stderr)
+        return 2
+    result = probe.run(config)
+    if as_json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(f"{'PASS' if result.success else 'FAIL'} probe {config.name}: {result.reason}"
+              + (f" (queue id {result.queue_id})" if result.queue_id else "")
+              + (f"; pushgateway: {result.pushed}" if result.pushed else ""))
+    return 0 if result.success else 1
 
 
 def _send(config: Config, args: argparse.Namespace) -> int:
@@ -346,6 +371,8 @@ def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "worker":
         return _worker(args.channel_fd)
+    if args.command == "probe":
+        return _probe(getattr(args, "config", None), args.json)
     try:
         config = _load_config(args.config)
     except ConfigError as exc:

@@ -927,6 +927,47 @@ class SuppressionConfig(Section):
     busy_timeout: Duration = Field(5.0, gt=0)  # waiting for another process's write (workers share the file)
 
 
+class ProbeImapConfig(Section):
+    """The mailbox the probe's message must arrive in."""
+
+    address: str  # host:port
+    tls: Literal["implicit", "starttls", "none"] = "implicit"
+    ca_file: ReadableFile | None = None
+    credentials_file: ReadableFile  # "user:password" on the first line (a mounted Secret)
+    mailbox: str = "INBOX"
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parse_host_port(value, 993)
+        return value
+
+
+class ProbeConfig(Section):
+    """``mta probe``'s file: where to submit a tagged message, where it must arrive, where to report."""
+
+    submit: str  # host:port of a kubemta listener: the Service, as the apps reach it
+    submit_tls: Literal["starttls", "implicit", "none"] = "starttls"
+    submit_ca_file: ReadableFile | None = None
+    submit_credentials_file: ReadableFile | None = None  # "user:password", for a listener with AUTH
+    sender: str = Field(pattern=r"^[^@\s]+@[^@\s]+$")
+    to: str = Field(pattern=r"^[^@\s]+@[^@\s]+$")
+    imap: ProbeImapConfig
+    timeout: Duration = Field(300.0, gt=0)  # from the 250 to the message in the mailbox
+    poll: Duration = Field(5.0, gt=0)
+    # A Prometheus Pushgateway (http://pushgateway.monitoring:9091); null: printed only.
+    pushgateway: str | None = Field(None, pattern=r"^https?://[^\s]+$")
+    job: str = Field("kubemta_probe", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # The grouping label ``probe``: one series per path probed (a route, a provider).
+    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+    @field_validator("submit")
+    @classmethod
+    def _submit(cls, value: str) -> str:
+        parse_host_port(value, 587)
+        return value
+
+
 def _default_listeners() -> list[ListenerConfig]:
     return [
         ListenerConfig(
@@ -1121,6 +1162,24 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
     environ = os.environ if environ is None else environ
     if path is None and environ.get("MTA_CONFIG"):
         path = environ["MTA_CONFIG"]
+    tree, source = _read_tree(path, environ)
+    try:
+        config = Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, source)) from None
+    return with_pod_identity(config, environ)
+
+
+def load_probe(path: str | Path, environ: Mapping[str, str] | None = None) -> ProbeConfig:
+    """The synthetic probe's own file (``mta probe``), with the same environment overrides."""
+    tree, source = _read_tree(path, os.environ if environ is None else environ)
+    try:
+        return ProbeConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, source)) from None
+
+
+def _read_tree(path: str | Path | None, environ: Mapping[str, str]) -> tuple[dict[str, Any], str]:
     tree: dict[str, Any] = {}
     source = "embedded default"
     if path is not None:
@@ -1141,8 +1200,4 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
     if any(name.startswith(ENV_PREFIX) for name in environ):
         _env_overrides(tree, environ)
         source += " + environment"
-    try:
-        config = Config.model_validate(tree)
-    except ValidationError as exc:
-        raise ConfigError(_format(exc, source)) from None
-    return with_pod_identity(config, environ)
+    return tree, source

@@ -151,6 +151,8 @@ def pod_specs(docs: tuple[dict[str, Any], ...]) -> list[tuple[str, dict[str, Any
     for doc in docs:
         if doc["kind"] in ("StatefulSet", "Deployment", "Job", "DaemonSet"):
             out.append((f"{doc['kind']}/{doc['metadata']['name']}", doc["spec"]["template"]["spec"]))
+        if doc["kind"] == "CronJob":
+            out.append((f"CronJob/{doc['metadata']['name']}", doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]))
     return out
 
 
@@ -381,6 +383,9 @@ def check_network_policy(docs: tuple[dict[str, Any], ...], target: str = "") -> 
         if selected.get("app.kubernetes.io/name") == "kubemta-redis":
             check_limits_store_policy(name, spec)
             continue
+        if selected.get("app.kubernetes.io/name") == "kubemta-probe":
+            check_probe_policy(name, spec)
+            continue
         assert selected.get("app.kubernetes.io/name") in ("kubemta", None) or name.startswith("mail-")
         for rule in spec.get("ingress", []):
             ports = _ports(rule)
@@ -437,6 +442,46 @@ def check_limits_store_policy(name: str, spec: dict[str, Any]) -> None:
     assert set(spec["policyTypes"]) == {"Ingress", "Egress"} and not spec.get("egress"), name
     [rule] = spec["ingress"]
     assert rule["from"] == [{"podSelector": {"matchLabels": LABELS}}] and _ports(rule) == {("TCP", 6379)}, name
+
+
+def check_probe_policy(name: str, spec: dict[str, Any]) -> None:
+    """The probe pod: nothing reaches it; it reaches the MTA's SMTP, DNS, IMAPS and the Pushgateway."""
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"} and not spec.get("ingress"), name
+    for rule in spec["egress"]:
+        ports = _ports(rule)
+        [peer] = rule["to"]
+        if "podSelector" in peer and "namespaceSelector" not in peer:
+            assert peer["podSelector"] == {"matchLabels": LABELS} and ports == {("TCP", 2587), ("TCP", 2525)}
+        elif "ipBlock" in peer:
+            assert ports == {("TCP", 993)} and peer["ipBlock"]["cidr"] not in PRIVATE_SPACE, (name, peer)
+        else:
+            namespace = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+            assert (namespace, ports) in (("kube-system", {("UDP", 53), ("TCP", 53)}),
+                                          ("monitoring", {("TCP", 9091)})), (name, peer, ports)
+
+
+def test_the_probe_cronjob_runs_mta_probe_with_a_file_that_validates(tmp_path: Path) -> None:
+    from mta.config import load_probe
+
+    docs = render_dir(combination_dir(tmp_path, ("probe",)))
+    [cron] = find(docs, "CronJob", "kubemta-probe")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]
+    assert pod["metadata"]["labels"]["kubemta.io/mail-client"] == "true"  # the MTA's ingress policy admits it
+    [container] = pod["spec"]["containers"]
+    assert container["args"][:2] == ["probe", "-c"]
+    [configmap] = find(docs, "ConfigMap", "kubemta-probe")
+    text = configmap["data"]["probe.yaml"]
+    for path in re.findall(r"/etc/kubemta/[\w./-]+", text):  # stand-ins for the Secret's files
+        stand_in = tmp_path / "secrets" / Path(path).name
+        stand_in.parent.mkdir(exist_ok=True)
+        stand_in.write_text("user:password\n")
+        text = text.replace(path, str(stand_in))
+    (tmp_path / "probe.yaml").write_text(text)
+    config = load_probe(tmp_path / "probe.yaml", environ={})
+    assert config.submit == "kubemta:587" and config.pushgateway
+    deadline = cron["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"]
+    assert config.timeout < deadline < 300, "a run ends before the next starts"
 
 
 def test_shared_limits_point_every_pod_at_the_store(tmp_path: Path) -> None:
