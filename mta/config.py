@@ -943,6 +943,20 @@ class ProbeImapConfig(Section):
         return value
 
 
+class ProbeWebhookConfig(Section):
+    """Arrival told by the provider: its delivery event webhook POSTs here (it names the message's
+    Message-ID, which holds the probe's token)."""
+
+    listen: str  # host:port the probe listens on while it waits
+    path: str = Field("/kubemta-probe", pattern=r"^/[A-Za-z0-9/_.-]*$")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_host_port(value)
+        return value
+
+
 class ProbeConfig(Section):
     """``mta probe``'s file: where to submit a tagged message, where it must arrive, where to report."""
 
@@ -952,7 +966,9 @@ class ProbeConfig(Section):
     submit_credentials_file: ReadableFile | None = None  # "user:password", for a listener with AUTH
     sender: str = Field(pattern=r"^[^@\s]+@[^@\s]+$")
     to: str = Field(pattern=r"^[^@\s]+@[^@\s]+$")
-    imap: ProbeImapConfig
+    # Where arrival is seen: the recipient's mailbox over IMAP, or the provider's delivery webhook.
+    imap: ProbeImapConfig | None = None
+    webhook: ProbeWebhookConfig | None = None
     timeout: Duration = Field(300.0, gt=0)  # from the 250 to the message in the mailbox
     poll: Duration = Field(5.0, gt=0)
     # A Prometheus Pushgateway (http://pushgateway.monitoring:9091); null: printed only.
@@ -966,6 +982,12 @@ class ProbeConfig(Section):
     def _submit(cls, value: str) -> str:
         parse_host_port(value, 587)
         return value
+
+    @model_validator(mode="after")
+    def _one_arrival(self) -> ProbeConfig:
+        if (self.imap is None) == (self.webhook is None):
+            raise ValueError("set one of imap (the mailbox) and webhook (the provider's delivery events)")
+        return self
 
 
 def _default_listeners() -> list[ListenerConfig]:

@@ -6,7 +6,12 @@ with a random token in ``X-Kubemta-Probe:`` and the subject.  The message
 takes the normal queue and route.  The probe then logs in to the mailbox
 it was sent to over IMAP (standard library ``imaplib``, TLS verified) every
 ``poll`` seconds until it finds the token, deletes the message, and
-reports the latency from the ``250`` to the arrival.  With ``pushgateway``
+reports the latency from the ``250`` to the arrival.  Through a provider,
+arrival may instead be its delivery event: the probe listens on
+``webhook.listen`` while it waits, and the first POST to ``webhook.path``
+whose body holds the token (providers' events carry the Message-ID, which
+holds it: SendGrid's ``smtp-id``, Postmark's ``MessageID``, Mailgun's
+``message-id``) is the arrival.  With ``pushgateway``
 set the result goes to a Prometheus Pushgateway (``kubemta_probe_success``,
 ``kubemta_probe_latency_seconds``, ``kubemta_probe_last_run_timestamp_seconds``,
 grouped by ``probe``), which is how a CronJob's results reach Prometheus.
@@ -19,10 +24,12 @@ mailbox could not be read); a Pushgateway that cannot be reached is said in
 
 from __future__ import annotations
 
+import http.server
 import imaplib
 import secrets
 import smtplib
 import ssl
+import threading
 import time
 from dataclasses import asdict, dataclass
 from email.message import EmailMessage
@@ -30,7 +37,7 @@ from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any
 
-from mta.config import ProbeConfig, ProbeImapConfig
+from mta.config import ProbeConfig, ProbeImapConfig, ProbeWebhookConfig
 from mta.delivery.client import read_credentials
 from mta.hostport import parse_host_port
 
@@ -60,7 +67,8 @@ def message(config: ProbeConfig, token: str) -> EmailMessage:
     out["To"] = config.to
     out["Subject"] = f"kubemta probe {token}"
     out["Date"] = formatdate(localtime=False)
-    out["Message-ID"] = make_msgid(domain=config.sender.rpartition("@")[2])
+    # The token in the Message-ID too: a provider's delivery event names that, not our headers.
+    out["Message-ID"] = make_msgid(idstring=f"kubemta-probe-{token}", domain=config.sender.rpartition("@")[2])
     out[HEADER] = token
     out.set_content(f"A synthetic probe message from mta probe ({config.name}); it is deleted on arrival.\n")
     return out
@@ -101,13 +109,64 @@ class _Mailbox:
             pass  # the answer is known already
 
 
+class _Events:
+    """The probe's webhook while it waits: a POST to ``path`` whose body holds the token is the arrival."""
+
+    def __init__(self, config: ProbeWebhookConfig, token: str) -> None:
+        host, port = parse_host_port(config.listen)
+        arrived = self.arrived = threading.Event()
+        wanted = token.encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = min(int(self.headers.get("Content-Length") or 0), 1 << 20)
+                body = self.rfile.read(length)
+                if self.path.split("?", 1)[0] != config.path:
+                    self.send_error(404)
+                    return
+                if wanted in body:
+                    arrived.set()
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return None  # the probe prints its own result
+
+        self.server = http.server.ThreadingHTTPServer((host, port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="probe-webhook", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def run(config: ProbeConfig, clock: Any = time.monotonic) -> ProbeResult:
     token = secrets.token_hex(8)
+    events: _Events | None = None
+    if config.webhook is not None:
+        try:
+            events = _Events(config.webhook, token)  # listening before the message can arrive
+        except OSError as exc:
+            return _report(config, ProbeResult(False, token, f"webhook.listen {config.webhook.listen}: {exc}"))
     try:
         queue_id = submit_message(config, token)
     except (smtplib.SMTPException, OSError, ValueError) as exc:
+        if events is not None:
+            events.close()
         return _report(config, ProbeResult(False, token, f"submission to {config.submit} failed: {exc}"))
     sent = clock()
+    if events is not None:
+        try:
+            if events.arrived.wait(config.timeout):
+                latency = clock() - sent
+                return _report(config, ProbeResult(True, token, f"delivery event for {config.to} after "
+                                                                f"{latency:.1f}s", queue_id, latency))
+            return _report(config, ProbeResult(False, token, f"no delivery event for {config.to} after "
+                                                             f"{config.timeout:.0f}s", queue_id))
+        finally:
+            events.close()
+    assert config.imap is not None  # one of the two: the config says so
     deadline = sent + config.timeout
     try:
         mailbox = _Mailbox(config.imap)

@@ -15,7 +15,9 @@ import yaml
 from tests.conftest import HOSTS, World
 from tests.harness import MtaServer
 from tests.peers.imap import MailboxServer
+from tests.peers.net import free_port
 from tests.peers.pushgateway import Pushgateway
+from tests.peers.smarthost import SmartHost
 
 
 @pytest.fixture
@@ -95,3 +97,37 @@ def test_a_refused_submission_fails_the_probe_with_the_listeners_reply(world: Wo
                                        "trusted_networks": ["192.0.2.0/24"]}]})
     code, result = probe(probe_file(world, server, mailbox, pushgateway, "3s"))
     assert code == 1 and "submission to" in str(result["reason"]) and "5.7.1" in str(result["reason"]), result
+
+
+def test_through_a_provider_the_probe_takes_its_delivery_event_as_arrival(world: World,
+                                                                         pushgateway: Pushgateway) -> None:
+    """The route goes to a fake SendGrid that, as SendGrid does, POSTs its delivery event, naming
+    the message's Message-ID, to the probe's webhook."""
+    listen = f"127.0.0.1:{free_port()}"
+    workdir = world.root / "esp"
+    workdir.mkdir()
+    esp = SmartHost(HOSTS["relay"], free_port(HOSTS["relay"]), workdir, user="apikey", password="SG.key",
+                    events_url=f"http://{listen}/kubemta-probe")
+    esp.start()
+    world.others.append(esp)
+    secret = workdir / "credentials"
+    secret.write_text("SG.key\n")
+    server = world.mta({"routes": [{"domains": ["*"], "provider": "sendgrid", "relay": f"{esp.host}:{esp.port}",
+                                    "ca_file": str(esp.ca_file), "auth_file": str(secret)}]})
+    path = world.root / "probe-webhook.yaml"
+    path.write_text(yaml.safe_dump({
+        "submit": f"127.0.0.1:{server.port}", "submit_tls": "none", "sender": "probe@sender.test",
+        "to": "someone@gmail.test", "webhook": {"listen": listen}, "timeout": "20s",
+        "pushgateway": pushgateway.url, "name": "direct"}))
+    code, result = probe(path)
+    assert code == 0 and result["success"] is True and "delivery event" in str(result["reason"]), result
+    assert esp.events_posted == 1 and len(esp.received) == 1
+    assert sample(pushgateway, "kubemta_probe_success") == 1.0
+
+
+def test_a_probe_file_needs_exactly_one_way_to_see_arrival(world: World) -> None:
+    path = world.root / "bad-probe.yaml"
+    path.write_text(yaml.safe_dump({"submit": "127.0.0.1:25", "sender": "a@b.test", "to": "c@d.test"}))
+    done = subprocess.run([sys.executable, "-P", "-m", "mta.cli", "probe", "-c", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "set one of imap (the mailbox) and webhook" in done.stderr, done.stderr

@@ -7,14 +7,20 @@ username and password (or a few), and every accepted message kept with the user 
 sent it and when it arrived.  It also plays an email service provider: the message-size
 limit it announces in EHLO SIZE (``size_limit``), and a sending rate (``rate``: at most N
 messages in any window of S seconds) past which it answers the provider's throttling
-reply (``throttle_reply``) and counts it.  Failure: ``start`` raises if the port does not answer.
+reply (``throttle_reply``) and counts it.  With ``events_url`` it also POSTs a delivery event
+for each accepted message in SendGrid's Event Webhook format (a JSON array of events with
+``email``, ``event: delivered``, ``smtp-id``, ``timestamp``), as a provider tells its sender.
+Failure: ``start`` raises if the port does not answer.
 """
 
 from __future__ import annotations
 
+import email.parser
+import json
 import ssl
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +57,8 @@ class _Handler:
                 envelope.mail_from or "", list(envelope.rcpt_tos), envelope.original_content or b"",
                 session.auth_data.login.decode() if isinstance(session.auth_data, LoginPassword) else None,
                 session.ssl is not None, now))
+        if owner.events_url is not None:
+            threading.Thread(target=owner.post_events, args=(envelope,), daemon=True).start()
         return "250 2.0.0 accepted by the smart host"
 
 
@@ -58,7 +66,10 @@ class SmartHost:
     def __init__(self, host: str, port: int, workdir: Path, *, user: str, password: str,
                  implicit_tls: bool = False, more_users: dict[str, str] | None = None,
                  size_limit: int | None = None, rate: tuple[int, float] | None = None,
-                 throttle_reply: str = "421 4.7.0 too many messages, slow down") -> None:
+                 throttle_reply: str = "421 4.7.0 too many messages, slow down",
+                 events_url: str | None = None) -> None:
+        self.events_url = events_url
+        self.events_posted = 0
         self.size_limit, self.rate, self.throttle_reply = size_limit, rate, throttle_reply
         self.throttled = 0
         self.host, self.port = host, port
@@ -75,6 +86,20 @@ class SmartHost:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         cert.configure_cert(self.context)
         self.controller: Controller | None = None
+
+    def post_events(self, envelope: Envelope) -> None:
+        """The provider's delivery events for one message, after a moment (it delivered it)."""
+        time.sleep(0.2)
+        data = envelope.original_content or b""
+        headers = email.parser.BytesHeaderParser().parsebytes(data)
+        events = [{"email": rcpt, "event": "delivered", "smtp-id": headers.get("Message-ID", ""),
+                   "timestamp": int(time.time()), "sg_event_id": f"ev-{n}", "response": "250 OK"}
+                  for n, rcpt in enumerate(envelope.rcpt_tos)]
+        assert self.events_url is not None
+        request = urllib.request.Request(self.events_url, data=json.dumps(events).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10), self.lock:
+            self.events_posted += 1
 
     def _authenticate(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str,
                       auth_data: Any) -> AuthResult:
