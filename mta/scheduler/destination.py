@@ -1,9 +1,5 @@
 """One next hop's share of the queue: its jobs, its lanes, how idle lanes are woken.
 
-A ``Lease`` is a lane's connection slot in the limits store, renewed in
-the background while the lane lives; ``lost`` is set when a renewal finds
-the slot taken (it expired while the store was away).
-
 A ``Job`` is one message for those of its recipients that share a next hop;
 a ``Destination`` holds the jobs waiting for that hop and counts the lanes
 (``mta.scheduler.queue``) delivering them.  An idle lane waits on an event
@@ -49,18 +45,11 @@ class Job:
 
 
 @dataclass
-class Lease:
-    holder: str
-    renewal: asyncio.Task[None] | None = None
-    lost: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-@dataclass
 class Destination:
     hop: NextHop
     jobs: deque[Job] = field(default_factory=deque)
     lanes: int = 0
-    leased: int = 0  # lanes holding one of the deployment's connection slots (``Lease``)
+    leased: int = 0  # lanes holding one of the deployment's connection slots (``mta.scheduler.leases``)
     delivering: int = 0  # lanes with a transaction under way (each on a connection of its own)
     idle: set[asyncio.Event] = field(default_factory=set)  # one per lane waiting for mail
 

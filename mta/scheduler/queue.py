@@ -11,6 +11,9 @@ gives its slot to any lane that waits for one).  The courier (``mta.delivery.cou
 scheduler decides (``mta.scheduler.verdict``): recipients delivered or refused are final, the rest wait
 (exponential backoff with jitter) until the queue lifetime runs out.
 Refused and expired recipients get one DSN (``mta.bounce.bouncer``).
+A lane holds one of its destination's connection slots for the whole
+deployment (``mta.scheduler.leases``); a route that is down sends its mail
+to its fallback (``mta.scheduler.failover``).
 Operator actions (``mta.scheduler.operator``) go through here too, so they
 never race a delivery.
 
@@ -24,9 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
-import itertools
 import logging
-import os
 import random
 import time
 from collections.abc import Awaitable, Iterable
@@ -44,8 +45,9 @@ from mta.intake import Intake
 from mta.limits.store import LimitsStore
 from mta.obs.log import event
 from mta.scheduler.backoff import retry_delay
-from mta.scheduler.breaker import OPEN, Breaker, is_failure
-from mta.scheduler.destination import IDLE_CONNECTION, Destination, Job, Lease
+from mta.scheduler.destination import IDLE_CONNECTION, Destination, Job
+from mta.scheduler.failover import Failover
+from mta.scheduler.leases import ConnectionLeases, Lease
 from mta.scheduler.shaping import Shaper
 from mta.scheduler.slots import DeliverySlots
 from mta.scheduler.verdict import fail_pending, judge
@@ -54,10 +56,6 @@ from spool import Record, Spool, SpoolError
 from spool.store import DEFERRED, HOLD
 
 log = logging.getLogger(__name__)
-
-# A lane that finds every connection slot of its destination held by other
-# pods asks again this often, this long, before its jobs are deferred.
-LEASE_POLL, LEASE_WAIT = 1.0, 60.0
 
 
 class Scheduler:
@@ -80,17 +78,13 @@ class Scheduler:
                              config.delivery.max_messages_per_connection, routes=config.routes, store=limits,
                              egress=str(egress) if egress is not None else config.hostname,
                              lease_ttl=config.limits.store.lease_ttl)
-        # Connection leases are held under this process's name and a lane number.
-        self._holder = f"{config.hostname}:{os.getpid()}"
-        self._lane_numbers = itertools.count(1)
+        self.leases = ConnectionLeases(self.shaper, config.hostname)
         self._capped = False
         # Why delivery is paused (a failing self-check under identity.enforce), or None.
         self.paused: str | None = None
         self.config = config
         self.router = Router(config.routes)
-        # Routes with somewhere else to go when they are down: their circuit breakers.
-        self.breakers = {route.label: Breaker(route.breaker) for route in config.routes if route.fallback}
-        self._signing_domains = {key.domain for key in config.dkim.keys}
+        self.failover = Failover(config, self.router)
         self._reroute: set[str] = set()  # in a round when their route's breaker opened
         self.classifier = config.bounces.classifier()
         # Where hard bounces of a dead address go (mta.suppression); None: nowhere.
@@ -199,7 +193,7 @@ class Scheduler:
         open_routes: dict[str, bool] = {}  # asked once per round: a half-open breaker's probe is one message
         for rcpt in record.pending():
             domain = rcpt.address.rpartition("@")[2]
-            hop = self._failover(self.router.next_hop(domain), domain, record, open_routes)
+            hop = self.failover.next_hop(self.router.next_hop(domain), domain, record.sender, open_routes)
             groups.setdefault(hop, []).append(rcpt.address)
         self.active.add(record.id)
         self._outcomes[record.id] = {}
@@ -223,56 +217,16 @@ class Scheduler:
                 destination.lanes += 1
                 self._spawn(self._lane(destination))
 
-    def _failover(self, hop: NextHop, domain: str, record: Record, open_routes: dict[str, bool]) -> NextHop:
-        """``hop``, or while its route's breaker is open the first of its fallbacks that may take the mail."""
-        if not self._is_open(hop, open_routes):
-            return hop
-        for candidate in self.router.fallbacks(hop, domain):
-            if candidate.kind == "mx" and not self._may_go_direct(record):
-                continue  # its domain's SPF and DKIM are set up for the provider, not for us
-            if not self._is_open(candidate, open_routes):
-                return candidate
-        return hop  # nowhere else to go: it waits for its route, as without a fallback
-
-    def _is_open(self, hop: NextHop, asked: dict[str, bool]) -> bool:
-        breaker = self.breakers.get(hop.route.label) if hop.route is not None else None
-        if breaker is None or hop.route is None:
-            return False
-        label = hop.route.label
-        if label not in asked:
-            asked[label] = not breaker.allows()
-        return asked[label]
-
-    def _may_go_direct(self, record: Record) -> bool:
-        """Direct delivery as a fallback only for mail it signs as its sender's domain (or a parent's)."""
-        domain = record.sender.rpartition("@")[2].lower().rstrip(".")
-        labels = domain.split(".")
-        return bool(domain) and any(".".join(labels[i:]) in self._signing_domains for i in range(len(labels)))
-
     def _count_attempt(self, hop: NextHop, report: Report, jobs: int) -> None:
-        """Tell ``hop``'s route breaker how an attempt (and ``jobs`` deferred with it) went."""
-        route = hop.route
-        breaker = self.breakers.get(route.label) if route is not None else None
-        if breaker is None or route is None:
-            return
-        first = next(iter(report.outcomes.values()), None)
-        entered = breaker.record(is_failure(first, report.reached, tuple(route.throttle_texts)), jobs)
-        if entered is None:
-            return
-        event("route_breaker_" + ("opened" if entered == OPEN else "closed"), level=logging.WARNING,
-              route=route.label, relay=hop.name, fallback=",".join(route.fallback),
-              reply=str(first.reply) if first is not None else None)
-        if entered == OPEN:
-            self._retry_now(route.label)
+        opened = self.failover.count(hop, report, jobs)
+        if opened is not None:
+            self._retry_now(opened)
 
     def _retry_now(self, label: str) -> None:
         """Mail waiting out a retry for a route that just opened goes to its fallback now."""
         now = self.clock()
         for record in self.records.values():
-            if record.state == HOLD:
-                continue
-            hops = {self.router.next_hop(r.address.rpartition("@")[2]) for r in record.pending()}
-            if not any(h.route is not None and h.route.label == label for h in hops):
+            if record.state == HOLD or not self.failover.routed_by(record, label):
                 continue
             if record.id in self.active:
                 self._reroute.add(record.id)  # conclude() schedules it at once
@@ -294,7 +248,7 @@ class Scheduler:
         try:
             while not self._stopping:
                 if lease is None:
-                    lease = await self._connection_slot(destination)
+                    lease = await self.leases.take(destination, lambda: self._stopping)
                     if lease is None:
                         break
                     continue  # other lanes may have taken the jobs meanwhile
@@ -368,42 +322,10 @@ class Scheduler:
                 # Open connections stay within the slots still held: idle ones beyond are closed.
                 await self.courier.release(hop, keep=max(0, destination.leased - destination.delivering))
             if lease is not None:
-                await self._end_lease(name, lease)
+                await self.leases.end(destination, lease)
             # While release() awaited, the hop may have been queued for anew under a new record.
             if not destination.jobs and destination.lanes == 0 and self._destinations.get(hop) is destination:
                 del self._destinations[hop]
-
-    async def _connection_slot(self, destination: Destination) -> Lease | None:
-        """One of the deployment's connection slots for ``destination``
-        (``mta.limits``), renewed until ``_end_lease``; None when this lane is
-        not needed: no jobs left, or slots held by this pod's other lanes,
-        which take the jobs."""
-        name = destination.hop.name
-        holder = f"{self._holder}:{next(self._lane_numbers)}"
-        deadline = time.monotonic() + LEASE_WAIT
-        while not self._stopping and destination.jobs:
-            if await self.shaper.lease(name, holder):
-                destination.leased += 1
-                lease = Lease(holder)
-                lease.renewal = asyncio.ensure_future(self._renew(name, lease))
-                return lease
-            if destination.leased or time.monotonic() >= deadline:
-                return None  # _lane's end defers what no lane is left to take
-            await asyncio.sleep(LEASE_POLL)  # other pods hold every slot
-        return None
-
-    async def _renew(self, name: str, lease: Lease) -> None:
-        while not lease.lost.is_set():
-            await asyncio.sleep(self.shaper.lease_ttl / 3)
-            if not await self.shaper.lease(name, lease.holder):
-                lease.lost.set()
-
-    async def _end_lease(self, name: str, lease: Lease) -> None:
-        if lease.renewal is not None:
-            lease.renewal.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await lease.renewal
-        await self.shaper.release(name, lease.holder)
 
     async def _deliver(self, hop: NextHop, job: Job, per_connection: int) -> Report:
         if self.courier is None:
