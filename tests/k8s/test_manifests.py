@@ -33,6 +33,10 @@ OVERLAYS = sorted(p.name for p in (ROOT / "kustomize/overlays").iterdir() if p.i
 SCENARIOS = sorted(p.name for p in (ROOT / "kustomize/tests").iterdir() if p.is_dir())
 COMPONENTS = sorted(p.name for p in (ROOT / "kustomize/components").iterdir() if p.is_dir())
 EXCLUSIVE = {"direct-delivery", "smarthost-relay"}  # two ways out: never both
+# Components that add objects of their own and only an env entry and a volume to the StatefulSet:
+# rendered with every combination of the others, all of them at once or none (each alone below),
+# instead of doubling the combinations each.
+ADDITIVE = ("probe", "shared-limits")
 CRDS = {("cilium.io/v2", "CiliumEgressGatewayPolicy"), ("monitoring.coreos.com/v1", "ServiceMonitor"),
         ("monitoring.coreos.com/v1", "PrometheusRule"), ("cert-manager.io/v1", "Certificate"),
         ("cert-manager.io/v1", "Issuer")}
@@ -74,12 +78,13 @@ def combination_dir(tmp_root: Path, components: tuple[str, ...]) -> str:
 
 
 def all_combinations() -> list[tuple[str, ...]]:
-    combos = []
-    for size in range(len(COMPONENTS) + 1):
-        for combo in itertools.combinations(COMPONENTS, size):
+    core = [name for name in COMPONENTS if name not in ADDITIVE]
+    combos: list[tuple[str, ...]] = []
+    for size in range(len(core) + 1):
+        for combo in itertools.combinations(core, size):
             if not set(combo) >= EXCLUSIVE:
-                combos.append(combo)
-    return combos
+                combos += [combo, (*combo, *ADDITIVE)]
+    return combos + [(name,) for name in ADDITIVE]
 
 
 def targets() -> list[tuple[str, str]]:
@@ -119,7 +124,9 @@ def test_renders_and_validates_strictly(name: str, path: str) -> None:
 
 def test_every_component_combination_renders_and_validates(tmp_path: Path) -> None:
     combos = all_combinations()
-    assert len(combos) == 2 ** len(COMPONENTS) - 2 ** (len(COMPONENTS) - 2)
+    core = len(COMPONENTS) - len(ADDITIVE)
+    assert set(ADDITIVE) <= set(COMPONENTS)
+    assert len(combos) == 2 * (2 ** core - 2 ** (core - 2)) + len(ADDITIVE)
     for combo in combos:
         docs = render_dir(combination_dir(tmp_path, combo))
         validate(docs, "+".join(combo) or "base")
