@@ -77,7 +77,8 @@ class Scheduler:
         self.shaper = Shaper(config.shaping, config.delivery.max_per_destination,
                              config.delivery.max_messages_per_connection, routes=config.routes, store=limits,
                              egress=str(egress) if egress is not None else config.hostname,
-                             lease_ttl=config.limits.store.lease_ttl)
+                             lease_ttl=config.limits.store.lease_ttl, jitter=config.queue.retry_jitter,
+                             rng=rng)
         self.leases = ConnectionLeases(self.shaper, config.hostname)
         self._capped = False
         # Why delivery is paused (a failing self-check under identity.enforce), or None.

@@ -8,9 +8,10 @@ several patterns match, the most specific wins (``mta.domains``: exact,
 then the nearest ``*.parent``).  Every destination also adapts: a throttle
 reply (code ``421``, or a 4xx with an enhanced code ``4.7.x``) halves its
 connection allowance and sets a cool-down that doubles while throttling
-continues; each later success earns the allowance back one step at a
-time.  Replies arrive typed (``mta.replies.Reply``), so this reads their
-codes, not their text.  The per-egress-address daily cap counts delivered
+continues (``mta.scheduler.backoff``, spread by the retries' jitter); each
+later success earns the allowance back one step at a time.  Replies
+arrive typed (``mta.replies.Reply``), so this reads their codes, not their
+text.  The per-egress-address daily cap counts delivered
 messages per UTC day, for warming up a new IP; a warm-up schedule
 (``shaping.warmup``) makes that cap grow day by day from its start date, for
 all mail or, with ``match``, for one mailbox provider's, whose mail then
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -50,6 +52,7 @@ from mta.config import RouteConfig, ShapingConfig, ShapingRule, WarmupSchedule
 from mta.domains import DomainMap
 from mta.limits.store import LimitsStore, LocalStore
 from mta.replies import Reply
+from mta.scheduler.backoff import retry_delay
 from mta.sliding_window import SlidingWindow
 
 MIN_COOLDOWN, MAX_COOLDOWN = 30.0, 900.0
@@ -100,7 +103,7 @@ class DestinationState:
     messages_per_connection: int
     messages_per_minute: int | None
     allowance: int = 0
-    cooldown: float = MIN_COOLDOWN
+    throttles: int = 0  # throttle replies in a row: the cool-down doubles with each
     blocked_until: float = 0.0
     quotas: list[Quota] = field(default_factory=list)
     throttle_texts: tuple[str, ...] = ()
@@ -113,7 +116,9 @@ class Shaper:
     def __init__(self, config: ShapingConfig, default_connections: int, default_per_connection: int,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  routes: list[RouteConfig] | None = None, store: LimitsStore | None = None,
-                 egress: str = "default", lease_ttl: float = 30.0) -> None:
+                 egress: str = "default", lease_ttl: float = 30.0, jitter: float = 0.0,
+                 rng: random.Random | None = None) -> None:
+        self.jitter, self.rng = jitter, rng or random.Random()
         self.config = config
         self.store: LimitsStore = store or LocalStore(clock)
         self.egress = egress  # the daily cap's name: the address receivers see, or this host's name
@@ -250,11 +255,13 @@ class Shaper:
                 await self.store.add(self._warmup_key(schedule), 2 * DAY)
         if is_throttle_reply(reply, state.throttle_texts):
             state.allowance = max(1, state.allowance // 2)
-            state.blocked_until = now + state.cooldown
-            state.cooldown = min(MAX_COOLDOWN, state.cooldown * 2)
+            state.throttles += 1
+            # The retries' own back-off: doubling, capped, and spread so pods do not return together.
+            state.blocked_until = now + retry_delay(state.throttles, MIN_COOLDOWN, MAX_COOLDOWN, self.jitter,
+                                                    self.rng)
             return True
         if delivered:
-            state.cooldown = MIN_COOLDOWN
+            state.throttles = 0
             state.allowance = min(state.max_connections, state.allowance + 1)
         return False
 

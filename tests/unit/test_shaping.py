@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import random
 
 from mta.config import RouteConfig, ShapingConfig, ShapingRule, WarmupSchedule
 from mta.replies import Reply
@@ -181,3 +182,13 @@ def test_warmup_caps_grow_day_by_day_overall_and_per_provider() -> None:
     assert run(s.warmup_reached("gmail.test")) is None
     clock.now += 86400
     assert s.daily_cap() is None and run(s.warmup_reached("gmail.test")) is None  # the schedule is over
+
+
+def test_the_throttle_cool_down_is_spread_by_the_retries_jitter() -> None:
+    clock = Clock()
+    waits = set()
+    for seed in range(20):
+        s = Shaper(ShapingConfig(), 10, 100, clock=clock, jitter=0.2, rng=random.Random(seed))
+        sent(s, "big.example", Reply(421, "4.7.0", "slow down"), delivered=False)
+        waits.add(round(s.wait("big.example"), 3))
+    assert len(waits) > 10 and all(0.8 * MIN_COOLDOWN <= w <= 1.2 * MIN_COOLDOWN for w in waits), waits
