@@ -42,6 +42,10 @@ from mta.delivery.client import read_credentials
 from mta.hostport import parse_host_port
 
 HEADER = "X-Kubemta-Probe"
+# What a probe run pushes to the Pushgateway (not on the server's /metrics).
+SUCCESS, LATENCY, LAST_RUN = ("kubemta_probe_success", "kubemta_probe_latency_seconds",
+                              "kubemta_probe_last_run_timestamp_seconds")
+PUSHED = (SUCCESS, LATENCY, LAST_RUN)
 
 
 @dataclass
@@ -222,12 +226,12 @@ def _report(config: ProbeConfig, result: ProbeResult) -> ProbeResult:
     from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
 
     registry = CollectorRegistry()
-    Gauge("kubemta_probe_success", "The last probe's message arrived (1) or not (0)",
+    Gauge(SUCCESS, "The last probe's message arrived (1) or not (0)",
           registry=registry).set(1.0 if result.success else 0.0)
     if result.latency is not None:  # a failed probe has no latency: the last one stands
-        Gauge("kubemta_probe_latency_seconds", "The last successful probe's time from 250 to the mailbox",
+        Gauge(LATENCY, "The last successful probe's time from 250 to the mailbox",
               registry=registry).set(result.latency)
-    Gauge("kubemta_probe_last_run_timestamp_seconds", "When the last probe ended",
+    Gauge(LAST_RUN, "When the last probe ended",
           registry=registry).set_to_current_time()
     try:
         push_to_gateway(config.pushgateway, job=config.job, grouping_key={"probe": config.name},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def test_the_probe_finds_its_message_in_the_mailbox_and_pushes_the_latency(
     assert result["pushed"] == "ok"
     assert sample(pushgateway, "kubemta_probe_success") == 1.0
     assert sample(pushgateway, "kubemta_probe_latency_seconds") == pytest.approx(result["latency"])
+    assert sample(pushgateway, "kubemta_probe_last_run_timestamp_seconds") > time.time() - 120
     assert mailbox.handler.delivered == 1 and mailbox.messages() == 0  # found, then deleted over IMAP
 
 
