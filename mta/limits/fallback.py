@@ -74,8 +74,8 @@ class FallbackStore:
         return await self._either(shared, lambda: self.local.lease(key, holder, self.share(limit), ttl))
 
     async def release(self, key: str, holder: str) -> None:
-        await self.local.release(key, holder)
-        await self._either(lambda: self.shared.release(key, holder), lambda: self.local.release(key, holder))
+        await self.local.release(key, holder)  # the mirror, or the slot itself while Redis is away
+        await self._either(lambda: self.shared.release(key, holder), _nothing)
 
     async def take(self, key: str, limit: int, window: float, weight: int = 1) -> float:
         return await self._either(lambda: self.shared.take(key, limit, window, weight),
@@ -86,7 +86,7 @@ class FallbackStore:
 
     async def clear(self, key: str) -> None:
         await self.local.clear(key)
-        await self._either(lambda: self.shared.clear(key), lambda: self.local.clear(key))
+        await self._either(lambda: self.shared.clear(key), _nothing)
 
     async def add(self, key: str, ttl: float, amount: int = 1) -> int:
         return await self._either(lambda: self.shared.add(key, ttl, amount),
@@ -97,6 +97,10 @@ class FallbackStore:
 
     async def close(self) -> None:
         await self.shared.close()
+
+
+async def _nothing() -> None:
+    return None
 
 
 def open_store(config: LimitsStoreConfig, replicas: int) -> LimitsStore:

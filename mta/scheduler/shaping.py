@@ -293,6 +293,8 @@ class Shaper:
 
     async def warmup_reached(self, destination: str) -> str | None:
         """Why ``destination``'s mail waits for tomorrow (a provider's warm-up cap of the day), or None."""
+        if not self._providers:
+            return None  # the common case: nothing to look up for any message
         today = self._today()
         for schedule in self._schedules_for(destination):
             cap = schedule.cap(today)
