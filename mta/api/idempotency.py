@@ -21,9 +21,11 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from mta.keyed_lock import KeyedLock
 
 TTL = 86400.0
 MAX_KEY_LENGTH = 255
@@ -45,26 +47,15 @@ class IdempotencyStore:
                          "queue_id TEXT NOT NULL, stored INTEGER NOT NULL, created REAL NOT NULL, "
                          "PRIMARY KEY (account, key))")
         self._mutex = threading.Lock()
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self._waiting: dict[tuple[str, str], int] = {}
+        self._keys = KeyedLock()
 
     def close(self) -> None:
         with self._mutex:
             self._db.close()
 
-    @contextlib.asynccontextmanager
-    async def lock(self, account: str, key: str) -> AsyncIterator[None]:
+    def lock(self, account: str, key: str) -> contextlib.AbstractAsyncContextManager[None]:
         """One request per key at a time: a parallel retry waits for the first one's answer."""
-        name = (account, key)
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        self._waiting[name] = self._waiting.get(name, 0) + 1
-        try:
-            async with lock:
-                yield
-        finally:
-            self._waiting[name] -= 1
-            if not self._waiting[name]:
-                del self._waiting[name], self._locks[name]
+        return self._keys.hold((account, key))
 
     def _run(self, sql: str, args: tuple[object, ...]) -> list[tuple[object, ...]]:
         with self._mutex:

@@ -19,17 +19,16 @@ which part was wrong.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from mta.api.errors import UNAUTHENTICATED, ApiError
 from mta.auth.credentials import Credentials, set_password
 from mta.auth.gate import AuthGate
+from mta.keyed_lock import KeyedLock
 from mta.obs.log import event
 
 SECRET_BYTES = 32
@@ -58,8 +57,7 @@ class ApiKeys:
         # sha256 of a key verified lately -> (account, until): scrypt once per key and minute,
         # not per request (a digest, so the keys themselves are not kept in memory).
         self._verified: dict[bytes, tuple[str, float]] = {}
-        self._key_locks: dict[bytes, asyncio.Lock] = {}
-        self._key_waiting: dict[bytes, int] = {}
+        self._same_key = KeyedLock()
 
     async def authenticate(self, header: str | None, client: str) -> str:
         """The account a request's ``Authorization`` header proves, or ``ApiError`` 401."""
@@ -71,7 +69,7 @@ class ApiKeys:
         digest = hashlib.sha256(key.strip().encode()).digest()
         # Requests in parallel with one key wait for one check of it, so a
         # client sending many at once does not look like a guesser.
-        async with self._same_key(digest):
+        async with self._same_key.hold(digest):
             cached = self._verified.get(digest)
             if cached is not None and cached[1] > time.monotonic():
                 return cached[0]
@@ -80,18 +78,6 @@ class ApiKeys:
                 self._verified.clear()  # a burst of distinct keys: start over rather than track age
             self._verified[digest] = (account, time.monotonic() + CACHE_TTL)
         return account
-
-    @contextlib.asynccontextmanager
-    async def _same_key(self, digest: bytes) -> AsyncIterator[None]:
-        lock = self._key_locks.setdefault(digest, asyncio.Lock())
-        self._key_waiting[digest] = self._key_waiting.get(digest, 0) + 1
-        try:
-            async with lock:
-                yield
-        finally:
-            self._key_waiting[digest] -= 1
-            if not self._key_waiting[digest]:
-                del self._key_waiting[digest], self._key_locks[digest]
 
     async def _check(self, account: str, secret: str, client: str) -> None:
         """One scrypt check through the gate, as SMTP AUTH does it; ``ApiError`` 401 when it fails."""
