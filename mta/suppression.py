@@ -21,11 +21,14 @@ so ``add``/``remove`` may be called from a worker thread
 
 Failure: ``SuppressionError`` (naming the file) when the database cannot be
 opened, read or written — the RCPT check lets mail through then, and says so
-in the log, since a broken list must not stop all mail.
+in the log, since a broken list must not stop all mail; a bounce whose
+address cannot be added (``add_bounced``) goes on, and the log says so.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
 import threading
 import time
@@ -35,7 +38,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mta.bounce.classify import Category
 from mta.config import Config, SuppressionConfig
+from mta.obs.log import event
+
+log = logging.getLogger(__name__)
 
 GLOBAL = "global"
 REASONS = ("invalid_recipient", "invalid_domain", "complaint", "manual")
@@ -209,6 +216,20 @@ class SuppressionList:
                                (entry.address, entry.scope, entry.reason, entry.source, entry.detail,
                                 entry.created, entry.expires))
         return entry
+
+    async def add_bounced(self, queue_id: str, dead: list[tuple[str, Category, str]], scope: str) -> None:
+        """Addresses a receiver called dead (recipient, category, reply), added off the event loop.
+
+        A failure is logged and skips that address: the bounce itself goes on.
+        """
+        for address, category, reply in dead:
+            try:
+                entry = await asyncio.to_thread(self.add, address, category.value, "bounce", reply, scope)
+            except SuppressionError as exc:
+                log.error("queue_id=%s cannot suppress %s: %s", queue_id, address, exc)
+                continue
+            event("suppression_added", queue_id=queue_id, recipient=address, reason=entry.reason, source="bounce",
+                  scope=scope, expires=entry.expires)
 
     def remove(self, address: str, scope: str | None = None) -> int:
         """Remove the address's entries (in one scope, or all); the number removed."""

@@ -22,6 +22,7 @@ from typing import Any
 from mta.message import split_header
 from mta.obs.log import event
 from mta.scheduler.queue import Scheduler
+from mta.scheduler.verdict import fail_pending
 from spool import Record, SpoolError
 from spool.store import DEFERRED, HOLD
 
@@ -143,7 +144,7 @@ class Operator:
             elif action == "delete":
                 await scheduler.forget(record, "deleted by the administrator")
             else:  # bounce
-                failed = scheduler.fail_pending(record, now, expired=False)
+                failed = fail_pending(record, now, scheduler.classifier, expired=False)
                 await scheduler.conclude(record, failed, None, now)
             return "ok"
         except SpoolError as exc:

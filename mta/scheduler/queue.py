@@ -1,19 +1,17 @@
 """The scheduler: which queued message is tried when, and what follows.
 
-It keeps every queued record in memory, ordered by next attempt.  Due mail is
-split by next hop (recipient domain, or smart host); each next hop has a
-queue of jobs and up to ``max_per_destination`` lanes — coroutines that hand
-the hop's jobs to the courier one after another, so that the courier can
-reuse one connection for them — all of them under a global
-``max_concurrency`` (``mta.scheduler.slots``: a lane idle between jobs
-gives its slot to any lane that waits for one).  The courier (``mta.delivery.courier``) reports an
-``Outcome`` per recipient; when every hop of a message has reported, the
-scheduler decides (``mta.scheduler.verdict``): recipients delivered or refused are final, the rest wait
-(exponential backoff with jitter) until the queue lifetime runs out.
-Refused and expired recipients get one DSN (``mta.bounce.bouncer``).
-A lane holds one of its destination's connection slots for the whole
-deployment (``mta.scheduler.leases``); a route that is down sends its mail
-to its fallback (``mta.scheduler.failover``).
+Every queued record is kept in memory, due times in a heap
+(``mta.scheduler.due``).  Due mail is split by next hop (recipient domain,
+or smart host); each hop has a job queue and up to ``max_per_destination``
+lanes — coroutines handing its jobs to the courier (``mta.delivery.courier``)
+one after another so a connection is reused — under a global
+``max_concurrency`` (``mta.scheduler.slots``: an idle lane gives its slot to
+any lane waiting for one) and a deployment-wide lease per connection
+(``mta.scheduler.leases``).  A route that is down sends its mail to its
+fallback (``mta.scheduler.failover``).  When every hop of a message has
+reported, ``mta.scheduler.verdict`` judges the round: delivered or refused is
+final, the rest wait (backoff with jitter) until the queue lifetime runs
+out; refused and expired recipients get one DSN (``mta.bounce.bouncer``).
 Operator actions (``mta.scheduler.operator``) go through here too, so they
 never race a delivery.
 
@@ -26,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import logging
 import random
 import time
@@ -34,7 +31,6 @@ from collections.abc import Awaitable, Iterable
 from typing import Any
 
 from mta.bounce.bouncer import Bouncer
-from mta.bounce.classify import Category
 from mta.bounce.dsn import ReportedRecipient
 from mta.config import Config
 from mta.delivery import result
@@ -46,12 +42,13 @@ from mta.limits.store import LimitsStore
 from mta.obs.log import event
 from mta.scheduler.backoff import retry_delay
 from mta.scheduler.destination import IDLE_CONNECTION, Destination, Job
+from mta.scheduler.due import DueTimes
 from mta.scheduler.failover import Failover
 from mta.scheduler.leases import ConnectionLeases, Lease
 from mta.scheduler.shaping import Shaper
 from mta.scheduler.slots import DeliverySlots
 from mta.scheduler.verdict import fail_pending, judge
-from mta.suppression import SuppressionError, SuppressionList, scope_for
+from mta.suppression import SuppressionList, scope_for
 from spool import Record, Spool, SpoolError
 from spool.store import DEFERRED, HOLD
 
@@ -93,7 +90,7 @@ class Scheduler:
         self.clock = clock
         self.rng = rng or random.Random()
         self.records: dict[str, Record] = {}
-        self._heap: list[tuple[float, str]] = []
+        self._due = DueTimes()
         self.active: set[str] = set()  # in a delivery round or an operator action
         self._outstanding: dict[str, int] = {}  # jobs of the current round not yet reported
         self._outcomes: dict[str, dict[str, Outcome]] = {}
@@ -119,7 +116,7 @@ class Scheduler:
         """Keep ``record`` and try it at its ``next_attempt`` (unless it is on hold)."""
         self.records[record.id] = record
         if record.state != HOLD:
-            heapq.heappush(self._heap, (record.next_attempt, record.id))
+            self._due.push(record.next_attempt, record.id)
             self._wake.set()  # the loop may be sleeping past this due time
 
     def snapshot(self) -> tuple[dict[str, int], int, float | None]:
@@ -145,19 +142,20 @@ class Scheduler:
                 event("daily_cap_reached" if capped else "daily_cap_reset", level=logging.WARNING,
                       cap=self.shaper.daily_cap())
                 self._capped = capped
-            while self._heap and self._heap[0][0] <= now and self.paused is None and not capped:
-                due, record_id = heapq.heappop(self._heap)
-                record = self.records.get(record_id)
-                if (record is None or record_id in self.active or record.state == HOLD
-                        or record.next_attempt != due):
-                    continue  # stale heap entry
-                self._dispatch(record)
-            delay = min(60.0, self._heap[0][0] - now) if self._heap else 60.0
-            if self.paused is not None or capped:
-                delay = 60.0  # pause() wakes the loop; the cap is looked at again each minute
+            if self.paused is None and not capped:
+                for record_id in self._due.pop_due(now, self._stands):
+                    self._dispatch(self.records[record_id])
+            # pause() wakes the loop; the cap is looked at again each minute
+            delay = 60.0 if self.paused is not None or capped else self._due.wait(now, 60.0)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, delay))
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    def _stands(self, record_id: str, due: float) -> bool:
+        """Whether a due entry is still this record's next attempt (not moved on, held, gone or in a round)."""
+        record = self.records.get(record_id)
+        return (record is not None and record_id not in self.active and record.state != HOLD
+                and record.next_attempt == due)
 
     def pause(self, reason: str | None) -> None:
         """Hold all delivery (mail stays queued) while ``reason`` is set."""
@@ -219,21 +217,19 @@ class Scheduler:
                 self._spawn(self._lane(destination))
 
     def _count_attempt(self, hop: NextHop, report: Report, jobs: int) -> None:
+        """Tell the route's breaker; when it just opened, mail waiting out a retry for it goes to its fallback now."""
         opened = self.failover.count(hop, report, jobs)
-        if opened is not None:
-            self._retry_now(opened)
-
-    def _retry_now(self, label: str) -> None:
-        """Mail waiting out a retry for a route that just opened goes to its fallback now."""
+        if opened is None:
+            return
         now = self.clock()
         for record in self.records.values():
-            if record.state == HOLD or not self.failover.routed_by(record, label):
+            if record.state == HOLD or not self.failover.routed_by(record, opened):
                 continue
             if record.id in self.active:
                 self._reroute.add(record.id)  # conclude() schedules it at once
             else:
                 record.next_attempt = now
-                heapq.heappush(self._heap, (now, record.id))
+                self._due.push(now, record.id)
         self._wake.set()
 
     async def _lane(self, destination: Destination) -> None:
@@ -274,14 +270,9 @@ class Scheduler:
                         await self._slots.take()
                     busy = True
                     continue  # other lanes may have taken the jobs meanwhile
-                warmup = await self.shaper.warmup_reached(name)
-                if warmup is not None:
-                    self._defer_all(destination, result.transient(451, "4.7.0", warmup))
-                    break
-                pause = self.shaper.wait(name) or await self.shaper.rate_wait(name)
-                if pause > 60:
-                    self._defer_all(destination, result.transient(
-                        451, "4.7.0", self.shaper.quota_reached(name) or f"{hop} asked to slow down"))
+                refusal, pause = await self.shaper.hold_back(name, str(hop))
+                if refusal is not None:
+                    self._defer_all(destination, result.transient(451, "4.7.0", refusal))
                     break
                 if pause > 0:
                     await asyncio.sleep(pause)  # a messages-per-minute rule
@@ -377,33 +368,14 @@ class Scheduler:
             failed = verdict.failed
             action = self.after_round.pop(record.id, None)
             if record.pending() and (now >= record.expires or action == "bounce"):
-                failed += self.fail_pending(record, now, expired=action != "bounce")
-            if verdict.dead:
-                await self._suppress(record, verdict.dead)
+                failed += fail_pending(record, now, self.classifier, expired=action != "bounce")
+            if verdict.dead and self.suppressions is not None:
+                user = record.attrs.get("user")
+                scope = scope_for(self.config.suppression.scope, record.sender, user if isinstance(user, str) else None)
+                await self.suppressions.add_bounced(record.id, verdict.dead, scope)
             await self.conclude(record, failed, action, now, verdict.relayed)
         finally:
             self.active.discard(record.id)
-
-    def fail_pending(self, record: Record, now: float, *, expired: bool) -> list[ReportedRecipient]:
-        """Every recipient still pending fails (``mta.scheduler.verdict``): expired, or returned by an operator."""
-        return fail_pending(record, now, self.classifier, expired=expired)
-
-    async def _suppress(self, record: Record, dead: list[tuple[str, Category, str]]) -> None:
-        """Put addresses a receiver called dead on the suppression list, so they are never tried again."""
-        if self.suppressions is None:
-            return
-        user = record.attrs.get("user")
-        scope = scope_for(self.config.suppression.scope, record.sender, user if isinstance(user, str) else None)
-        for address, category, reply in dead:
-            try:
-                entry = await asyncio.to_thread(self.suppressions.add, address, category.value, "bounce", reply,
-                                                scope)
-            except SuppressionError as exc:
-                # The bounce itself goes on; only the list misses this address.
-                log.error("queue_id=%s cannot suppress %s: %s", record.id, address, exc)
-                continue
-            event("suppression_added", queue_id=record.id, recipient=address, reason=entry.reason, source="bounce",
-                  scope=scope, expires=entry.expires)
 
     async def conclude(self, record: Record, failed: list[ReportedRecipient], action: str | None,
                        now: float, relayed: list[ReportedRecipient] | None = None) -> None:

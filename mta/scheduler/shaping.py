@@ -216,6 +216,16 @@ class Shaper:
     async def release(self, destination: str, holder: str) -> None:
         await self.store.release(f"conn:{self.key(destination)}", holder)
 
+    async def hold_back(self, destination: str, label: str) -> tuple[str | None, float]:
+        """Before the next message: (why every job waits for a later round, or None; seconds to pause first)."""
+        warmup = await self.warmup_reached(destination)
+        if warmup is not None:
+            return warmup, 0.0
+        pause = self.wait(destination) or await self.rate_wait(destination)
+        if pause > 60:  # too long to hold a connection and a slot for
+            return self.quota_reached(destination) or f"{label} asked to slow down", 0.0
+        return None, pause
+
     def quota_reached(self, destination: str) -> str | None:
         """The route quota holding ``destination``'s mail back now, said for
         a deferral's reply text; None when no quota is the reason."""
