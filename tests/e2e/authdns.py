@@ -30,7 +30,7 @@ import dns.message
 import dns.query
 import dns.rdatatype
 
-from tests.peers.net import stop_process
+from tests.peers.process import PeerProcess
 
 TTL = 1
 NS = "ns.test."  # the world publishes its address
@@ -40,7 +40,7 @@ def _fqdn(name: str) -> str:
     return name if name.endswith(".") else name + "."
 
 
-class KnotServer:
+class KnotServer(PeerProcess):
     def __init__(self, address: str, workdir: Path, zones: Sequence[str], *, start_timeout: float = 15.0,
                  port: int = 53, signed: Sequence[str] = ()) -> None:
         self.address = address
@@ -174,12 +174,3 @@ class KnotServer:
         answer = dns.query.tcp(query, self.address, port=self.port, timeout=5)
         return [f"{rrset.name} {rrset.ttl} IN DNSKEY {rdata}" for rrset in answer.answer for rdata in rrset
                 if rrset.rdtype == dns.rdatatype.DNSKEY]
-
-    def stop(self) -> None:
-        stop_process(self._proc)
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""

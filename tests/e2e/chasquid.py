@@ -29,7 +29,8 @@ from pathlib import Path
 
 import trustme
 
-from tests.peers.net import stop_process, wait_port
+from tests.peers.net import wait_port
+from tests.peers.process import PeerProcess
 
 CACHE = Path("/var/tmp/kubemta-e2e-debs")
 
@@ -53,7 +54,7 @@ def fetch() -> tuple[Path | None, str]:
     return binary, ""
 
 
-class Chasquid:
+class Chasquid(PeerProcess):
     def __init__(self, binary: Path, address: str, domain: str, users: list[str], workdir: Path,
                  resolver: str, ca: trustme.CA, ports: tuple[int, int, int] = (25, 587, 465)) -> None:
         self.binary = binary
@@ -121,8 +122,6 @@ class Chasquid:
             self.stop()
             raise RuntimeError(f"chasquid did not come up: {exc}\n{self.log_text()}") from exc
 
-    def stop(self) -> None:
-        stop_process(self._proc)
 
     def log_text(self) -> str:
         parts = []

@@ -22,14 +22,14 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
 import dns.exception
 import dns.message
 import dns.query
 import dns.rdatatype
 
-from .net import free_port, stop_process
+from .net import free_port
+from .process import PeerProcess
 
 UNBOUND = "unbound"
 
@@ -85,7 +85,7 @@ def _quote(text: str) -> str:
     return f"'{text}'"
 
 
-class DnsServer:
+class DnsServer(PeerProcess):
     """unbound on 127.0.0.1:port, authoritative for `zones`, serving `records`."""
 
     host = "127.0.0.1"
@@ -223,8 +223,6 @@ class DnsServer:
         except (dns.exception.Timeout, OSError) as exc:
             raise RuntimeError(f"unbound answers UDP but not TCP on {self.address}: {exc}\n{self.log_text()}") from exc
 
-    def stop(self) -> None:
-        stop_process(self._proc)
 
     def replace_records(self, records: Sequence[str], zones: Sequence[str] | None = None) -> None:
         """Serve new data (and optionally new zones) on the same port; restarts unbound."""
@@ -233,22 +231,3 @@ class DnsServer:
         if running:
             self.stop()
             self.start()
-
-    def log_text(self) -> str:
-        """unbound's own log (stderr), including one line per query received."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def __enter__(self) -> DnsServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

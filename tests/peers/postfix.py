@@ -41,11 +41,11 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
 import trustme
 
 from .net import holds_listener, require_searchable, wait_port
+from .process import PeerProcess
 
 POSTFIX = "postfix"
 MAIL_OWNER = "postfix"
@@ -112,7 +112,7 @@ def _group_members(pgid: int, daemon_dir: str) -> list[int]:
     return members
 
 
-class PostfixServer:
+class PostfixServer(PeerProcess):
     """Postfix receiving for `domains` on host:port, delivering to Maildirs under workdir."""
 
     def __init__(
@@ -358,24 +358,3 @@ class PostfixServer:
                     f"after {timeout:.1f}s; log tail:\n{tail}"
                 )
             time.sleep(0.05)
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_lines(self) -> list[str]:
-        return self.log_text().splitlines()
-
-    def __enter__(self) -> PostfixServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

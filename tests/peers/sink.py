@@ -32,9 +32,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
-from .net import require_searchable, stop_process, wait_port
+from .net import require_searchable, wait_port
+from .process import PeerProcess
 
 SMTP_SINK = "smtp-sink"
 SINK_USER = "nobody"
@@ -91,7 +91,7 @@ def parse_dump(raw: bytes, path: Path | None = None) -> SinkMessage:
     )
 
 
-class SmtpSink:
+class SmtpSink(PeerProcess):
     """smtp-sink listening on host:port, dumping each message under workdir/dump."""
 
     def __init__(
@@ -141,8 +141,6 @@ class SmtpSink:
             self.stop()
             raise RuntimeError(f"smtp-sink {' '.join(argv)} did not come up: {exc}\nstderr:\n{self.stderr()}") from exc
 
-    def stop(self) -> None:
-        stop_process(self._proc)
 
     def restart(self, extra_args: Sequence[str] = ()) -> None:
         """Restart on the same address with other flags; earlier dumps are kept."""
@@ -211,15 +209,3 @@ class SmtpSink:
                     f"smtp-sink on {self.address} has {len(msgs)} of {n} messages after {timeout:.1f}s: {summary}"
                 )
             time.sleep(0.05)
-
-    def __enter__(self) -> SmtpSink:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

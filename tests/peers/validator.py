@@ -23,10 +23,11 @@ import dns.exception
 import dns.message
 import dns.query
 
-from tests.peers.net import free_port, stop_process
+from tests.peers.net import free_port
+from tests.peers.process import PeerProcess
 
 
-class ValidatingResolver:
+class ValidatingResolver(PeerProcess):
     host = "127.0.0.1"
 
     def __init__(self, workdir: Path, upstream: tuple[str, int], zones: Sequence[str], anchors: Sequence[str], *,
@@ -87,12 +88,3 @@ class ValidatingResolver:
                 self.stop()
                 raise RuntimeError(f"unbound did not answer on {self.address}:\n{self.log_text()}")
             time.sleep(0.05)
-
-    def stop(self) -> None:
-        stop_process(self._proc)
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
