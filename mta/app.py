@@ -22,6 +22,7 @@ import signal
 import sqlite3
 import time
 
+from mta import workload_identity
 from mta.api.idempotency import IdempotencyStore
 from mta.api.keys import ApiKeys
 from mta.api.server import ApiServer
@@ -39,12 +40,14 @@ from mta.drain.service import DrainError, DrainService
 from mta.identity.monitor import IdentityMonitor
 from mta.intake import Intake
 from mta.k8s.api import KubeError, try_event
+from mta.k8s.pods import PodDirectory
 from mta.limits.fallback import open_store
 from mta.obs.http import HealthServer
 from mta.obs.log import event
 from mta.obs.stack import Observability
 from mta.policy.admission import storage
 from mta.policy.suppressed import check_for
+from mta.policy.workloads import WorkloadIdentity
 from mta.scheduler.operator import Operator
 from mta.scheduler.queue import Scheduler, assemble
 from mta.secret_files import readable_by_others
@@ -78,6 +81,8 @@ class App:
         self.api: ApiServer | None = None
         self.tls_reports: SessionRecord | None = None  # TLS-RPT counts (tls_reports.enabled)
         self.idempotency: IdempotencyStore | None = None
+        self.workloads: WorkloadIdentity | None = None  # service_accounts / identify_pods
+        self.pods: PodDirectory | None = None
 
     def _connector(self) -> Connector:
         config = self.config
@@ -165,6 +170,7 @@ class App:
         delegated = {item.name for item in shared(config)} if config.workers else set()
         # One gate for every AUTH listener and the HTTP API; the control socket clears its lockouts.
         services = AuthServices.build(config.limits, limits)
+        self.workloads, self.pods = workload_identity.build(config, self.drain.api)
         control = ControlServer(socket_path(config.spool.path), Operator(scheduler), services.gate, reporter)
         report_task: asyncio.Task[None] | None = None
         try:
@@ -175,7 +181,8 @@ class App:
                     credentials = Credentials(item.auth.credentials_file) if item.auth else None
                     handler = SessionHandler(item, config, intake, [storage(self.obs.disk.ready, item.name)],
                                              credentials=credentials, services=services,
-                                             suppression=check_for(suppressions, item.name))
+                                             suppression=check_for(suppressions, item.name),
+                                             workloads=self.workloads)
                     listener = Listener(item, config, handler)
                 except (CredentialsError, TlsError) as exc:
                     raise StartupError(f"listener {item.name!r}: {exc}") from None
@@ -251,7 +258,7 @@ class App:
         self.api = ApiServer(self.config, intake, keys, services.rates,
                              admission=[storage(self.obs.disk.ready, "http_api")], records=scheduler.records,
                              idempotency=self.idempotency, stopping=lambda: self.stopping, tls=tls,
-                             suppression=check_for(scheduler.suppressions, "http_api"))
+                             suppression=check_for(scheduler.suppressions, "http_api"), workloads=self.workloads)
         try:
             await self.api.start()
         except OSError as exc:
@@ -289,6 +296,8 @@ class App:
         # Deliveries have stopped: a pod scaled away hands its queue to the pods that stay.
         await self.drain.drain_if_scaled_down(scheduler)
         await self.drain.stop()
+        if self.pods is not None:
+            self.pods.stop()
         await control.stop()
         await health.stop()
         await self.obs.stop()

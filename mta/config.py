@@ -153,6 +153,9 @@ class ListenerConfig(Section):
     # claim any client address with one, a trusted one included.
     proxy_sources: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list,
                                                                               validate_default=True)
+    # Clients that do not AUTH are identified by their pod (mta.k8s.pods): the
+    # source IP must be the pod's own, unchanged (no SNAT on the way).
+    identify_pods: bool = False
 
     @field_validator("address")
     @classmethod
@@ -496,9 +499,40 @@ class AccountPolicy(Section):
         return [item.lower() for item in value]
 
 
+_K8S_NAME = r"[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?"
+_WORKLOAD_KEY = re.compile(rf"^{_K8S_NAME}/(?:{_K8S_NAME}|\*)$")
+
+
+class WorkloadSelector(Section):
+    """A policy for the workloads whose namespace (and, identified by pod, whose pod) carry these labels."""
+
+    namespace_labels: dict[str, str] = Field(default_factory=dict)
+    pod_labels: dict[str, str] = Field(default_factory=dict)  # only pods identified by IP have them
+    policy: AccountPolicy
+
+    @model_validator(mode="after")
+    def _something(self) -> WorkloadSelector:
+        if not self.namespace_labels and not self.pod_labels:
+            raise ValueError("name namespace_labels or pod_labels (a selector of nothing would match every workload)")
+        return self
+
+
 class AccountsConfig(Section):
     default: AccountPolicy = AccountPolicy()
     users: dict[str, AccountPolicy] = Field(default_factory=dict)
+    # Cluster workloads (mta.policy.workloads): "namespace/serviceaccount" or
+    # "namespace/*"; then the selectors, first match; then workload_default.
+    workloads: dict[str, AccountPolicy] = Field(default_factory=dict)
+    workload_selectors: list[WorkloadSelector] = Field(default_factory=list)
+    workload_default: AccountPolicy | None = None  # None: a workload with no entry may not send
+
+    @field_validator("workloads")
+    @classmethod
+    def _workload_keys(cls, value: dict[str, AccountPolicy]) -> dict[str, AccountPolicy]:
+        for key in value:
+            if not _WORKLOAD_KEY.match(key):
+                raise ValueError(f"{key!r}: use 'namespace/serviceaccount' or 'namespace/*'")
+        return value
 
     def policy(self, user: str) -> AccountPolicy:
         return self.users.get(user, self.default)
@@ -802,6 +836,25 @@ class KubernetesConfig(Section):
 
 
 
+class ServiceAccountsConfig(Section):
+    """Workloads proving who they are with ServiceAccount tokens (``mta.auth.workload``)."""
+
+    enabled: bool = False
+    audience: str = Field("kubemta", min_length=1)  # the projected token's audience
+    # tokenreview: the API server says (revocation of a bound token is seen);
+    # jwks: checked here against the issuer's keys (no API call per token).
+    verify: Literal["tokenreview", "jwks"] = "tokenreview"
+    issuer: str = "https://kubernetes.default.svc.cluster.local"  # jwks: the iss tokens must carry
+    jwks_url: str | None = None  # jwks: default, the issuer's OIDC discovery document names it
+    ca_file: ReadableFile | None = None  # jwks: the CA of the issuer's HTTPS; default, the system's
+    token_file: ReadableFile | None = None  # jwks: a bearer token for the key fetch (the pod's own)
+    # A token checked is trusted until it expires, but never longer than this.
+    cache_ttl: Duration = 300.0
+    cache_size: int = Field(10_000, ge=1)
+    # identify_pods listeners: which namespaces' pods to watch (empty: all, a ClusterRole).
+    pod_namespaces: list[str] = Field(default_factory=list)
+
+
 class DrainTlsConfig(Section):
     """TLS for the handoff: the endpoint serves ``cert_file``, senders verify it with ``ca_file``."""
 
@@ -1033,6 +1086,7 @@ class Config(Section):
     disk: DiskConfig = DiskConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
+    service_accounts: ServiceAccountsConfig = ServiceAccountsConfig()
     drain: DrainConfig = DrainConfig()
     tls_policy: list[TlsPolicyRule] = Field(default_factory=list)
     tls_reports: TlsReportsConfig = TlsReportsConfig()
@@ -1054,6 +1108,24 @@ class Config(Section):
                 raise ValueError(f"routes.{n}.fallback names a route twice")
             if not route.domains and route.name not in fallbacks:
                 raise ValueError(f"routes.{n}.domains: empty, and no route has it as fallback: it would take no mail")
+
+    def _check_workloads(self) -> None:
+        accounts = self.service_accounts
+        if accounts.enabled and accounts.verify == "tokenreview" and not self.kubernetes.enabled:
+            raise ValueError("service_accounts.verify: 'tokenreview' calls the API server: set kubernetes.enabled "
+                             "(or verify: jwks)")
+        for n, listener in enumerate(self.listeners):
+            if not listener.identify_pods:
+                continue
+            if not self.kubernetes.enabled:
+                raise ValueError(f"listeners.{n}.identify_pods: the pods are watched through the API server: "
+                                 "set kubernetes.enabled")
+            if self.workers:
+                raise ValueError(f"listeners.{n}.identify_pods: needs workers: 0 (the pod watch runs in the main "
+                                 "process)")
+            if listener.trusted_networks:
+                raise ValueError(f"listeners.{n}.identify_pods: trusted_networks would let any address in them "
+                                 "relay without a pod: leave it empty")
 
     @property
     def suppression_path(self) -> Path:
@@ -1087,6 +1159,7 @@ class Config(Section):
                     raise ValueError(f"domain {domain!r} appears in more than one route")
                 seen.add(domain)
         self._check_fallbacks()
+        self._check_workloads()
         levels = [("delivery.tls_level", self.delivery.tls_level)] + [
             (f"tls_policy.{n}.level", rule.level) for n, rule in enumerate(self.tls_policy)]
         for key, level in levels:

@@ -87,6 +87,8 @@ RATE_RECIPIENTS = Reply(451, "4.7.1", "Daily recipient limit exceeded, try again
 ACCOUNT_TOO_BIG = Reply(552, "5.3.4", "Message too big for this account")
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_TEMPORARY = Reply(454, "4.7.0", "Temporary authentication failure: cannot check the token now, try later")
+POD_UNKNOWN_YET = Reply(451, "4.7.0", "Cannot tell which pod this connection comes from yet, try again later")
 AUTH_USER_LOCKED = Reply(454, "4.7.0", "Too many failed authentications for this user, try again later")
 AUTH_CLIENT_LOCKED = Reply(421, "4.7.0", "Too many failed authentications, closing connection")
 AUTH_UNAVAILABLE = Reply(502, "5.5.1", "AUTH not available on this listener")
@@ -129,10 +131,13 @@ def suppressed(why: str) -> Reply:
     return Reply(550, "5.1.1", why)
 
 
+def workload_without_policy(identity: str) -> Reply:
+    """A workload authenticated, but no ``accounts.workloads`` entry (nor a default) lets it send."""
+    return Reply(550, "5.7.1", f"{identity} may not send mail: no accounts.workloads entry names it")
+
+
 def for_exception(exc: BaseException) -> Reply:
     """The reply a client gets for an exception raised while serving it."""
     if isinstance(exc, Rejected):
         return exc.reply
     return LOCAL_ERROR
-
-

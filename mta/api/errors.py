@@ -40,7 +40,17 @@ def suppressed(recipient: str, reply: Reply) -> ApiError:
     return ApiError(422, "recipient_suppressed", reply.status, f"{recipient}: {reply.text}")
 
 
-UNAUTHENTICATED = ApiError(401, "unauthenticated", "5.7.8", "missing or invalid API key (Authorization: Bearer)")
+UNAUTHENTICATED = ApiError(401, "unauthenticated", "5.7.8",
+                           "missing or invalid API key or ServiceAccount token (Authorization: Bearer)")
+IDENTITY_UNAVAILABLE = ApiError(503, "identity_unavailable", "4.7.0",
+                                "the token cannot be checked now, try again later")
+
+
+def workload_not_allowed(identity: str) -> ApiError:
+    return ApiError(403, "workload_not_allowed", "5.7.1",
+                    f"{identity} may not send mail: no accounts.workloads entry names it")
+
+
 NOT_FOUND = ApiError(404, "not_found", "5.1.0", "no such message queued by this account")
 SHUTTING_DOWN = ApiError(503, "shutting_down", "4.3.2", "service shutting down, try again later")
 

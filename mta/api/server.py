@@ -1,7 +1,8 @@
 """The HTTP send API listener: ``POST /v1/messages``, ``POST /v1/messages/raw``, ``GET /v1/messages/{id}``.
 
-A submission is authenticated by an API key (``mta.api.keys``) before its
-body is read, held to the account's policy with the functions the SMTP
+A submission is authenticated by an API key (``mta.api.keys``) or a
+ServiceAccount token (a JWT as the Bearer credential, ``mta.auth.workload``,
+with ``service_accounts.enabled``) before its body is read, held to the account's policy with the functions the SMTP
 session calls (``mta.policy.account``: senders, From:, sizes, rates shared
 with SMTP AUTH of the same name), prepared like SMTP mail
 (``mta.receive``: Received, Authentication-Results, Message-ID, Date) and
@@ -38,6 +39,7 @@ from mta.api.compose import compose
 from mta.api.errors import ApiError
 from mta.api.idempotency import MAX_KEY_LENGTH, IdempotencyStore
 from mta.api.keys import ApiKeys
+from mta.auth.workload import TokenRefused, looks_like_jwt
 from mta.config import Config
 from mta.intake import Envelope, Intake
 from mta.obs.log import event
@@ -45,6 +47,7 @@ from mta.policy import account, address
 from mta.policy.account import RateLimits
 from mta.policy.admission import Admission
 from mta.policy.suppressed import SuppressionCheck, held_attrs
+from mta.policy.workloads import IdentityUnavailable, Principal, WorkloadIdentity
 from mta.replies import Rejected
 from spool import Record
 from spool.ids import new_id
@@ -68,7 +71,8 @@ class ApiServer:
                  admission: Sequence[Admission] = (), records: Mapping[str, Record] | None = None,
                  idempotency: IdempotencyStore | None = None, stopping: Callable[[], bool] = lambda: False,
                  tls: ssl.SSLContext | None = None, header_timeout: float = HEADER_TIMEOUT,
-                 body_timeout: float = BODY_TIMEOUT, suppression: SuppressionCheck | None = None) -> None:
+                 body_timeout: float = BODY_TIMEOUT, suppression: SuppressionCheck | None = None,
+                 workloads: WorkloadIdentity | None = None) -> None:
         self.config = config
         self.intake = intake
         self.keys = keys
@@ -79,6 +83,7 @@ class ApiServer:
         self.stopping = stopping
         self.tls = tls
         self.suppression = suppression
+        self.workloads = workloads
         self.header_timeout, self.body_timeout = header_timeout, body_timeout
         self.max_body = max_request_size(config)
         self.runner: web.AppRunner | None = None
@@ -133,10 +138,29 @@ class ApiServer:
 
         return await self._submit(request, parse)
 
+    async def _authenticate(self, request: web.Request, client: str) -> Principal:
+        """An API key's account, or the workload a ServiceAccount token proves; ``ApiError`` 401 or 503."""
+        header = request.headers.get("Authorization")
+        scheme, _, credential = (header or "").partition(" ")
+        credential = credential.strip()
+        if (self.workloads is not None and self.workloads.tokens is not None and scheme.lower() == "bearer"
+                and looks_like_jwt(credential)):
+            try:
+                return await self.workloads.from_token(credential)
+            except TokenRefused as exc:
+                event("auth_failed", level=logging.WARNING, listener=LISTENER, client=client, mechanism="token",
+                      reason=str(exc))
+                raise errors.UNAUTHENTICATED from None
+            except IdentityUnavailable as exc:
+                event("auth_unavailable", level=logging.WARNING, listener=LISTENER, client=client, reason=str(exc))
+                raise errors.IDENTITY_UNAVAILABLE from None
+        user = await self.keys.authenticate(header, client)
+        return Principal(user, self.config.accounts.policy(user))
+
     async def _status(self, request: web.Request) -> web.Response:
         client = request.remote or "?"
         try:
-            user = await self.keys.authenticate(request.headers.get("Authorization"), client)
+            user = (await self._authenticate(request, client)).name
         except ApiError as exc:
             return exc.response()
         record = self.records.get(request.match_info["id"])
@@ -160,9 +184,10 @@ class ApiServer:
         if length is not None and length > self.max_body:
             return self._too_large(client, length)
         try:
-            user = await self.keys.authenticate(request.headers.get("Authorization"), client)
+            principal = await self._authenticate(request, client)
         except ApiError as exc:
             return exc.response()
+        user = principal.name
         try:
             async with asyncio.timeout(self.body_timeout):
                 body = await request.read()
@@ -180,8 +205,8 @@ class ApiServer:
                                       f"Idempotency-Key must have 1 to {MAX_KEY_LENGTH} characters").response()
         try:
             if key is not None and self.idempotency is not None:
-                return await self._once(key, user, client, request, body, parse)
-            return await self._queue(user, client, request, body, parse, new_id())
+                return await self._once(key, principal, client, request, body, parse)
+            return await self._queue(principal, client, request, body, parse, new_id())
         except Exception as exc:  # every failure is answered
             error = errors.for_exception(exc)
             if not isinstance(exc, ApiError | Rejected):
@@ -198,9 +223,10 @@ class ApiServer:
         response.force_close()  # do not read the body just to throw it away
         return response
 
-    async def _once(self, key: str, user: str, client: str, request: web.Request, body: bytes,
+    async def _once(self, key: str, principal: Principal, client: str, request: web.Request, body: bytes,
                     parse: Callable[[bytes], Any]) -> web.Response:
         assert self.idempotency is not None
+        user = principal.name
         async with self.idempotency.lock(user, key):
             known = await self.idempotency.get(user, key)
             if known is not None and (known.stored or known.queue_id in self.records):
@@ -210,19 +236,22 @@ class ApiServer:
             queue_id = known.queue_id if known is not None else new_id()
             if known is None:
                 await self.idempotency.reserve(user, key, queue_id)
-            response = await self._queue(user, client, request, body, parse, queue_id)
+            response = await self._queue(principal, client, request, body, parse, queue_id)
             await self.idempotency.stored(user, key)
             return response
 
-    async def _queue(self, user: str, client: str, request: web.Request, body: bytes,
+    async def _queue(self, principal: Principal, client: str, request: web.Request, body: bytes,
                      parse: Callable[[bytes], Any], queue_id: str) -> web.Response:
+        user = principal.name
+        if principal.policy is None:
+            raise errors.workload_not_allowed(user)
+        policy = principal.policy
         sender, recipients, data = await parse(body)
         for check in self.admission:
             check()
         if len(data) > self.config.limits.max_message_size:
             raise ApiError(413, "message_too_large", "5.3.4",
                            f"the message may have at most {self.config.limits.max_message_size} bytes")
-        policy = self.config.accounts.policy(user)
         address.parse_sender(sender)
         account.check_sender(policy, sender)
         unique: list[str] = []
@@ -254,6 +283,7 @@ class ApiServer:
             prepared = receive.prepare(checked.data, arrival)
             envelope = Envelope(sender=sender, recipients=unique, attrs={
                 "listener": LISTENER, "client": client, "helo": None, "user": user,
+                **({"namespace": principal.namespace} if principal.namespace else {}),
                 "smtputf8": not "".join([sender, *unique]).isascii(), "8bitmime": checked.eight_bit,
                 "8bit": checked.eight_bit, "utf8_headers": checked.utf8_headers, "long_lines": checked.long_lines,
                 **held_attrs(held)})
@@ -264,6 +294,7 @@ class ApiServer:
             await self.rates.commit(holder, len(stored.recipients))
         finally:
             self.rates.release(holder)
-        event("received", queue_id=queue_id, listener=LISTENER, client=client, user=user, tls=tls,
+        event("received", queue_id=queue_id, listener=LISTENER, client=client, user=user,
+              namespace=principal.namespace, tls=tls,
               sender=stored.sender, recipients=len(stored.recipients), size=stored.size)
         return web.json_response({"id": queue_id}, status=202)

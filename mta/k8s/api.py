@@ -1,9 +1,13 @@
 """The API server, through the official ``kubernetes`` client.
 
-Owns the two calls the pod makes, which are all its Role allows: reading
+Owns the calls the pod makes, which are all its Role allows: reading
 its own StatefulSet (``GET /apis/apps/v1/namespaces/NS/statefulsets/NAME``)
 for ``spec.replicas``, and creating Events on its own Pod (``POST
-/api/v1/namespaces/NS/events``).  The client is configured from
+/api/v1/namespaces/NS/events``).  With ``service_accounts`` (the
+``workload-identity`` component's ClusterRole) also: TokenReviews
+(``POST /apis/authentication.k8s.io/v1/tokenreviews``), a namespace's labels
+(``GET /api/v1/namespaces/NS``), and listing and watching pods
+(``mta.k8s.pods``).  The client is configured from
 ``kubernetes.api_url`` (+ token and CA files) when given, which is how tests
 point it at a local server, else from the in-cluster service account.
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import socket
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from mta.config import KubernetesConfig
@@ -85,6 +90,7 @@ class KubeApi:
         self._client = client.ApiClient(_configuration(config))
         self._apps = client.AppsV1Api(self._client)
         self._core = client.CoreV1Api(self._client)
+        self._authn = client.AuthenticationV1Api(self._client)
 
     def close(self) -> None:
         self._client.close()
@@ -122,6 +128,62 @@ class KubeApi:
             self._core.create_namespaced_event(self.pod.namespace, body, _request_timeout=self.config.timeout)
         except _failures() as exc:
             raise KubeError(f"cannot create Event {reason}: {_reason(exc)}") from None
+
+
+    def token_review(self, token: str, audiences: list[str]) -> dict[str, Any]:
+        """The ``status`` of a TokenReview of ``token`` for ``audiences``, as the API's JSON names it."""
+        client = self._models
+        body = client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token, audiences=audiences))
+        try:
+            review = self._authn.create_token_review(body, _request_timeout=self.config.timeout)
+        except _failures() as exc:
+            raise KubeError(f"cannot review a token: {_reason(exc)}") from None
+        status = review.status
+        user = status.user if status is not None else None
+        return {"authenticated": bool(status and status.authenticated), "audiences": list(status.audiences or [])
+                if status else [], "error": status.error if status else None,
+                "user": {"username": user.username, "extra": user.extra or {}} if user is not None else {}}
+
+    def namespace_labels(self, namespace: str) -> dict[str, str]:
+        try:
+            found = self._core.read_namespace(namespace, _request_timeout=self.config.timeout)
+        except _failures() as exc:
+            raise KubeError(f"cannot read namespace {namespace}: {_reason(exc)}") from None
+        return dict(found.metadata.labels or {})
+
+    def list_pods(self, namespace: str | None) -> tuple[list[Any], str]:
+        """Every pod (of ``namespace``, or of all), and the list's resourceVersion to watch from."""
+        try:
+            if namespace is None:
+                listed = self._core.list_pod_for_all_namespaces(_request_timeout=self.config.timeout)
+            else:
+                listed = self._core.list_namespaced_pod(namespace, _request_timeout=self.config.timeout)
+        except _failures() as exc:
+            raise KubeError(f"cannot list pods{' in ' + namespace if namespace else ''}: {_reason(exc)}") from None
+        return list(listed.items), listed.metadata.resource_version
+
+    def watch_pods(self, namespace: str | None, resource_version: str, timeout: int) -> Iterator[tuple[str, Any, str]]:
+        """Pod changes since ``resource_version`` for up to ``timeout`` seconds: (type, pod, resourceVersion).
+
+        A ``BOOKMARK`` carries no pod (None), only the version to go on from.  Raises ``KubeError``
+        when the watch ends in an error (410 Gone among them: list again)."""
+        from kubernetes import watch
+
+        stream = watch.Watch()
+        kwargs: dict[str, Any] = {"resource_version": resource_version, "timeout_seconds": timeout,
+                                  "allow_watch_bookmarks": True, "_request_timeout": timeout + self.config.timeout}
+        args = () if namespace is None else (namespace,)
+        call = self._core.list_pod_for_all_namespaces if namespace is None else self._core.list_namespaced_pod
+        try:
+            for item in stream.stream(call, *args, **kwargs):
+                if item is None:
+                    continue
+                kind = item["type"]
+                yield kind, None if kind == "BOOKMARK" else item["object"], stream.resource_version
+        except _failures() as exc:
+            raise KubeError(f"pod watch ended: {_reason(exc)}") from None
+        finally:
+            stream.stop()
 
 
 def try_event(api: KubeApi | None, reason: str, message: str, kind: str = "Normal") -> None:

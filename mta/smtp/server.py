@@ -28,6 +28,7 @@ listener); a session's errors become replies, never crash the server.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import re
@@ -62,12 +63,22 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SIMPLE_PATH = re.compile(rf"<(?P<local>{_ATOM}(?:\.{_ATOM})*)@(?P<domain>[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
 
 
+AUTH_LINE_LIMIT = 12288 + 2  # RFC 4954's 12288 octets, and CRLF
+
+
 class KubemtaSMTP(DataCommand, DispatchNames, DsnParameters, SMTP):
     """aiosmtpd's protocol with our reply conventions and limits."""
 
     def __init__(self, *args: Any, sessions: set[KubemtaSMTP], config: Config, listener: ListenerConfig,
                  slot: Slot | None = None, **kwargs: Any) -> None:
+        # The stream reader's own limit is set from this at construction: an AUTH line (command
+        # or response) may have 12288 octets (RFC 4954, section 4) — a ServiceAccount token in
+        # base64 is well over aiosmtpd's 1001.  Commands keep their sizes below; DATA its own.
+        self.line_length_limit = AUTH_LINE_LIMIT
         super().__init__(*args, **kwargs)
+        # Per session (aiosmtpd's is one dict shared by every session of the process).
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit,
+                                                           {"AUTH": AUTH_LINE_LIMIT})
         self._sessions = sessions
         self._mta = config
         self._listener = listener

@@ -2,7 +2,11 @@
 
 The aiosmtpd handler for one listener.  AUTH (PLAIN, LOGIN) checks the
 credentials file off the event loop, with brute-force throttling per client
-address and per user name.  MAIL and RCPT check address syntax, the
+address and per user name; the user name ``serviceaccount`` says the
+password is a ServiceAccount token (``mta.auth.workload``).  On a listener
+with ``identify_pods`` a client that did not AUTH is known by its pod
+(``mta.k8s.pods``).  Either way the session acts as a ``Principal``
+(``mta.policy.workloads``): a name and its account policy.  MAIL and RCPT check address syntax, the
 account's policy and relay permission (a trusted network, or AUTH), and
 reserve the account's rates (``mta.policy.account``: committed at ``250``,
 given back by ``transaction_over`` when a transaction ends otherwise); DATA
@@ -29,7 +33,8 @@ from mta import content, receive, replies
 from mta.auth.credentials import Credentials
 from mta.auth.gate import AuthGate
 from mta.auth.throttle import Throttle
-from mta.config import Config, LimitsConfig, ListenerConfig
+from mta.auth.workload import SMTP_USER, TokenRefused
+from mta.config import AccountPolicy, Config, LimitsConfig, ListenerConfig
 from mta.intake import Envelope as QueuedEnvelope
 from mta.intake import Intake
 from mta.limits.store import LimitsStore
@@ -37,6 +42,7 @@ from mta.obs.log import event
 from mta.policy import account, address, relay
 from mta.policy.admission import Admission
 from mta.policy.suppressed import SuppressionCheck, held_attrs
+from mta.policy.workloads import IdentityUnavailable, Principal, WorkloadIdentity
 from mta.replies import Rejected
 from mta.smtp.dispatch import DispatchNames
 from mta.smtp.dsnparams import queued_attrs
@@ -74,14 +80,16 @@ def is_tls(server: SMTP) -> bool:
 class SessionHandler(DispatchNames):
     def __init__(self, listener: ListenerConfig, config: Config, intake: Intake,
                  admission: Sequence[Admission] = (), *, credentials: Credentials | None = None,
-                 services: AuthServices | None = None, suppression: SuppressionCheck | None = None) -> None:
+                 services: AuthServices | None = None, suppression: SuppressionCheck | None = None,
+                 workloads: WorkloadIdentity | None = None) -> None:
         self.listener = listener
+        self.workloads = workloads
         self.suppression = suppression
         self.config = config
         self.intake = intake
         self.admission = list(admission)
-        if credentials is not None and services is None:
-            raise ValueError("a listener with AUTH needs the process's AuthServices")
+        if (credentials is not None or listener.identify_pods) and services is None:
+            raise ValueError("a listener with AUTH or identify_pods needs the process's AuthServices")
         self.credentials = credentials
         self._services = services
 
@@ -135,6 +143,8 @@ class SessionHandler(DispatchNames):
                     user, password = await self._login(server, initial)
             except Rejected as exc:
                 return str(exc.reply)
+            if user == SMTP_USER and self.workloads is not None and self.workloads.tokens is not None:
+                return await self._token_login(session, ip, password)
             async with gate.checking(user):
                 if await gate.user_locked(user, ip):
                     event("auth_throttled", level=logging.WARNING, listener=self.listener.name, client=ip,
@@ -152,8 +162,30 @@ class SessionHandler(DispatchNames):
             await asyncio.sleep(self.config.limits.auth_failure_delay)
             return str(replies.AUTH_FAILED)
         session.authenticated = True
-        session.auth_data = user
+        session.auth_data = Principal(user, self.config.accounts.policy(user))
         event("auth_ok", listener=self.listener.name, client=ip, user=user, mechanism=mechanism)
+        return str(replies.AUTH_OK)
+
+    async def _token_login(self, session: Session, ip: str, token: str) -> str:
+        """AUTH as ``serviceaccount``: the password is a token; failures count as password failures do."""
+        assert self.workloads is not None
+        gate = self.services.gate
+        try:
+            principal = await self.workloads.from_token(token.strip())
+        except TokenRefused as exc:
+            await gate.failed(SMTP_USER, ip)
+            event("auth_failed", level=logging.WARNING, listener=self.listener.name, client=ip, user=SMTP_USER,
+                  mechanism="token", reason=str(exc))
+            await asyncio.sleep(self.config.limits.auth_failure_delay)
+            return str(replies.AUTH_FAILED)
+        except IdentityUnavailable as exc:
+            event("auth_unavailable", level=logging.WARNING, listener=self.listener.name, client=ip,
+                  reason=str(exc))
+            return str(replies.AUTH_TEMPORARY)
+        session.authenticated = True
+        session.auth_data = principal
+        event("auth_ok", listener=self.listener.name, client=ip, user=principal.name, mechanism="token",
+              namespace=principal.namespace, policy=principal.policy is not None)
         return str(replies.AUTH_OK)
 
     @staticmethod
@@ -188,22 +220,36 @@ class SessionHandler(DispatchNames):
 
     # -- the transaction -------------------------------------------------------------
 
-    def _user(self, session: Session) -> str | None:
-        return session.auth_data if session.authenticated and isinstance(session.auth_data, str) else None
+    async def _principal(self, session: Session) -> Principal | None:
+        """Who the session acts as: its AUTH, else (``identify_pods``) its pod; None: neither."""
+        if session.authenticated and isinstance(session.auth_data, Principal):
+            return session.auth_data
+        if self.listener.identify_pods and self.workloads is not None:
+            try:
+                return await self.workloads.from_address(client_address(session))
+            except IdentityUnavailable as exc:
+                raise Rejected(replies.POD_UNKNOWN_YET, str(exc)) from None
+        return None
+
+    @staticmethod
+    def _policy(principal: Principal) -> AccountPolicy:
+        if principal.policy is None:
+            raise Rejected(replies.workload_without_policy(principal.name), principal.name)
+        return principal.policy
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address_text: str,
                           mail_options: list[str]) -> str:
         for check in self.admission:
             check()
         address.parse_sender(address_text)
-        user = self._user(session)
-        if user is not None:
-            policy = self.config.accounts.policy(user)
+        principal = await self._principal(session)
+        if principal is not None:
             try:
+                policy = self._policy(principal)
                 account.check_sender(policy, address_text)
-                await self.services.rates.hold_message(policy, user, session)
+                await self.services.rates.hold_message(policy, principal.name, session)
             except Rejected as exc:
-                self._rejected(session, exc, sender=address_text, user=user)
+                self._rejected(session, exc, sender=address_text, user=principal.name)
                 raise
         # aiosmtpd needs a truthy mail_from to allow RCPT; "<>" stays "<>" until DATA.
         envelope.mail_from = address_text
@@ -213,14 +259,16 @@ class SessionHandler(DispatchNames):
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address_text: str,
                           rcpt_options: list[str]) -> str:
         rcpt = address.parse_recipient(address_text)
-        user = self._user(session)
+        principal = await self._principal(session)
+        user = principal.name if principal is not None else None
         try:
-            if user is None:
+            if principal is None:
                 relay.check_relay(client_address(session), self.listener.trusted_networks)
             else:
-                policy = self.config.accounts.policy(user)
+                policy = self._policy(principal)
                 account.check_recipient_count(policy, len(envelope.rcpt_tos))
-                await self.services.rates.hold_recipients(policy, user, session, len(envelope.rcpt_tos) + 1)
+                await self.services.rates.hold_recipients(policy, principal.name, session,
+                                                          len(envelope.rcpt_tos) + 1)
         except Rejected as exc:
             self._rejected(session, exc, recipient=address_text, user=user)
             raise
@@ -242,25 +290,25 @@ class SessionHandler(DispatchNames):
         event("rejected", level=logging.WARNING, listener=self.listener.name, client=client_address(session),
               reply=str(exc.reply), reason=exc.detail, **fields)
 
-    def _check_account(self, data: bytes, user: str | None) -> None:
-        if user is None:
-            return
-        account.check_message(self.config.accounts.policy(user), data)
-
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         queue_id = new_id()
-        user = self._user(session)
         client = client_address(session)
+        user: str | None = None
+        namespace: str | None = None
         try:
+            principal = await self._principal(session)
+            if principal is not None:
+                user, namespace = principal.name, principal.namespace
             checked = content.check(envelope.original_content or b"", self.config.limits)
             if checked.repairs:
                 event("repaired", queue_id=queue_id, listener=self.listener.name, client=client,
                       repairs=list(checked.repairs))
-            self._check_account(checked.data, user)
+            if principal is not None:
+                account.check_message(self._policy(principal), checked.data)
             protocol = "ESMTP" if session.extended_smtp else "SMTP"
             if is_tls(server):
                 protocol += "S"
-            if user is not None:
+            if session.authenticated:
                 protocol += "A"
             arrival = receive.Arrival(
                 queue_id=queue_id,
@@ -284,6 +332,7 @@ class SessionHandler(DispatchNames):
                     "client": client,
                     "helo": session.host_name,
                     "user": user,
+                    **({"namespace": namespace} if namespace else {}),
                     "smtputf8": bool(envelope.smtp_utf8),
                     "8bitmime": "BODY=8BITMIME" in options,
                     **held_attrs(envelope),
@@ -306,7 +355,8 @@ class SessionHandler(DispatchNames):
         if user is not None:
             await self.services.rates.commit(session, len(stored.recipients))
         event("received", queue_id=queue_id, listener=self.listener.name, client=client,
-              helo=session.host_name, user=user, tls=is_tls(server), sender=stored.sender or "<>",
+              helo=session.host_name, user=user, namespace=namespace, tls=is_tls(server),
+              sender=stored.sender or "<>",
               recipients=len(stored.recipients), size=stored.size)
         return str(replies.queued(queue_id))
 

@@ -11,6 +11,10 @@ that kubemta uses, the way the real API server does:
 - ``POST /api/v1/namespaces/NS/events``: a ``v1`` Event, answered 201 with
   the stored object (``metadata.generateName`` resolved, uid,
   resourceVersion, creationTimestamp); ``GET`` lists them as an EventList;
+- ``POST /apis/authentication.k8s.io/v1/tokenreviews``: an
+  ``authentication.k8s.io/v1`` TokenReview, answered as the API server does
+  for ServiceAccount tokens signed by ``issuer_key`` (RS256; audience, expiry
+  and the ``revoked`` set checked; ``status.error`` says why not);
 - anything else, or a missing object: a ``v1`` Status with the real
   reason and code (NotFound 404, Unauthorized 401, MethodNotAllowed 405).
 
@@ -35,6 +39,8 @@ from typing import Any
 
 STS = re.compile(r"^/apis/apps/v1/namespaces/(?P<ns>[^/]+)/statefulsets/(?P<name>[^/]+)(?P<scale>/scale)?$")
 EVENTS = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/events$")
+TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
+ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 
 def _now() -> str:
@@ -80,6 +86,12 @@ class FakeKubeApi:
         self.statefulsets: dict[tuple[str, str], dict[str, Any]] = {}
         self.events: dict[str, list[dict[str, Any]]] = {}
         self.requests: list[tuple[str, str]] = []
+        # The service-account issuer: tokens signed with it are real JWTs (tests.fakes.kube_api.issue).
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        self.issuer_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.revoked: set[str] = set()  # tokens whose pod or ServiceAccount is gone
+        self.reviews = 0
         self._versions = itertools.count(2)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -106,6 +118,23 @@ class FakeKubeApi:
         with self.lock:
             return [copy.deepcopy(e) for e in self.events.get(namespace, [])
                     if e.get("involvedObject", {}).get("name") == pod]
+
+    def issue(self, namespace: str, service_account: str, audience: str = "kubemta", lifetime: float = 600,
+              pod: str | None = None) -> str:
+        """A projected ServiceAccount token, as the kubelet mounts it (claims of a bound token)."""
+        import time
+
+        import jwt
+
+        now = int(time.time())
+        claims: dict[str, Any] = {"iss": ISSUER, "aud": [audience], "sub": f"system:serviceaccount:{namespace}:"
+                                  f"{service_account}", "iat": now, "nbf": now, "exp": int(now + lifetime),
+                                  "kubernetes.io": {"namespace": namespace,
+                                                    "serviceaccount": {"name": service_account,
+                                                                       "uid": str(uuid.uuid4())}}}
+        if pod is not None:
+            claims["kubernetes.io"]["pod"] = {"name": pod, "uid": str(uuid.uuid4())}
+        return jwt.encode(claims, self.issuer_key, algorithm="RS256", headers={"kid": "test-issuer"})
 
     # -- lifetime ----------------------------------------------------------------
 
@@ -178,6 +207,8 @@ class FakeKubeApi:
                 self._statefulset(handler, method, match["ns"], match["name"], bool(match["scale"]))
             elif match := EVENTS.match(path):
                 self._events(handler, method, match["ns"])
+            elif path == TOKEN_REVIEWS and method == "POST":
+                self._token_review(handler)
             else:
                 self._reply(handler, 404, status(404, "NotFound", "the server could not find the requested resource"))
         except (ValueError, KeyError, TypeError) as exc:
@@ -243,3 +274,34 @@ class FakeKubeApi:
         with self.lock:
             self.events.setdefault(ns, []).append(event)
         self._reply(handler, 201, event)
+
+    def _token_review(self, handler: BaseHTTPRequestHandler) -> None:
+        import jwt
+
+        review = self._body(handler)
+        spec = review.get("spec") or {}
+        token, audiences = spec.get("token") or "", spec.get("audiences") or []
+        with self.lock:
+            self.reviews += 1
+        status: dict[str, Any] = {"authenticated": False, "user": {}}
+        try:
+            claims = jwt.decode(token, self.issuer_key.public_key(), algorithms=["RS256"], issuer=ISSUER,
+                                audience=audiences or None, options={"verify_aud": bool(audiences)})
+            if token in self.revoked:
+                raise jwt.InvalidTokenError("service account token has been invalidated")
+        except jwt.PyJWTError as exc:
+            status["error"] = f"[invalid bearer token, {exc}]"
+        else:
+            extra: dict[str, list[str]] = {}
+            pod = claims.get("kubernetes.io", {}).get("pod")
+            if pod:
+                extra["authentication.kubernetes.io/pod-name"] = [pod["name"]]
+                extra["authentication.kubernetes.io/pod-uid"] = [pod["uid"]]
+            namespace = claims["kubernetes.io"]["namespace"]
+            status = {"authenticated": True, "audiences": [a for a in claims["aud"] if a in audiences] or claims["aud"],
+                      "user": {"username": claims["sub"], "uid": claims["kubernetes.io"]["serviceaccount"]["uid"],
+                               "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}",
+                                          "system:authenticated"], "extra": extra}}
+        review.update({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
+                       "metadata": {"creationTimestamp": None}, "status": status})
+        self._reply(handler, 201, review)
