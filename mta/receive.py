@@ -35,6 +35,7 @@ class Arrival:
     recipients: tuple[str, ...]
     when: datetime
     auth_user: str | None = None
+    client_pod: str | None = None  # "namespace/pod": auth_user was known by the client's pod, not by AUTH
     authserv_id: str | None = None  # ours; defaults to hostname
 
 
@@ -110,8 +111,18 @@ def strip_forged_results(header: bytes, authserv_id: str) -> bytes:
     return b"".join(f + b"\r\n" for f in kept)
 
 
-def authentication_results(authserv_id: str, user: str) -> bytes:
-    result = authres.SMTPAUTHAuthenticationResult(result="pass", smtp_auth=user)
+POD_METHOD = "x-kubernetes-pod"  # no registered method says "known by its source pod" (RFC 8601 §2.7)
+
+
+def authentication_results(authserv_id: str, user: str, pod: str | None = None) -> bytes:
+    result: authres.AuthenticationResult
+    if pod is None:
+        result = authres.SMTPAUTHAuthenticationResult(result="pass", smtp_auth=user)
+    else:
+        # No SMTP AUTH took place: smtp.auth would claim one.
+        result = authres.AuthenticationResult(method=POD_METHOD, result="pass", properties=[
+            authres.AuthenticationResultProperty("policy", "serviceaccount", user),
+            authres.AuthenticationResultProperty("policy", "pod", pod)])
     text = str(authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=[result]))
     return _clean_header(text).encode("utf-8") + b"\r\n"
 
@@ -132,7 +143,7 @@ def prepare(data: bytes, arrival: Arrival) -> bytes:
     header = strip_forged_results(header, authserv_id)
     added = [received_header(arrival)]
     if arrival.auth_user:
-        added.insert(0, authentication_results(authserv_id, arrival.auth_user))
+        added.insert(0, authentication_results(authserv_id, arrival.auth_user, arrival.client_pod))
     extra = b""
     if b"message-id" not in names:
         extra += f"Message-ID: {make_msgid(domain=arrival.hostname)}\r\n".encode("ascii")

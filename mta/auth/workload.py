@@ -18,7 +18,11 @@ password of SMTP AUTH with the user name ``serviceaccount``, or as
 A token that passed is remembered by its SHA-256 until it expires, and at
 most ``cache_ttl`` (so a revocation is seen within that time with
 ``tokenreview``); at most ``cache_size`` tokens, the least recently used
-forgotten first.  Parallel logins with one token share one check.
+forgotten first.  Parallel logins with one token share one check.  A
+refused token is remembered too, for ``REFUSED_TTL`` (at most
+``cache_ttl``), so a client repeating a bad token costs the API server one
+review a minute, not one per try; a token that could not be checked
+(``TokenUnchecked``) is not remembered.
 
 Failure: ``TokenRefused`` for a token that is not valid (AUTH answers
 ``535 5.7.8``, the API 401); ``TokenUnchecked`` when it cannot be checked now
@@ -47,6 +51,7 @@ SMTP_USER = "serviceaccount"  # the AUTH user name that says "the password is a 
 _JWT = re.compile(r"^eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 ALGORITHMS = ["RS256", "ES256", "RS384", "ES384", "RS512", "ES512"]
+REFUSED_TTL = 60.0
 
 
 class TokenRefused(Exception):
@@ -175,11 +180,12 @@ class WorkloadTokens:
     def __init__(self, check: TokenCheck, cache_ttl: float, cache_size: int,
                  clock: Callable[[], float] = time.time) -> None:
         self.check, self.cache_ttl, self.cache_size, self.clock = check, cache_ttl, cache_size, clock
-        self._cache: OrderedDict[bytes, tuple[Workload, float]] = OrderedDict()
+        # digest -> (the workload, or the refusal to repeat; until when)
+        self._cache: OrderedDict[bytes, tuple[Workload | TokenRefused, float]] = OrderedDict()
         self._same = KeyedLock()
         self.checks = 0  # made, not served from the cache (tests and metrics read it)
 
-    def _cached(self, digest: bytes) -> Workload | None:
+    def _cached(self, digest: bytes) -> Workload | TokenRefused | None:
         hit = self._cache.get(digest)
         if hit is None:
             return None
@@ -189,20 +195,30 @@ class WorkloadTokens:
         self._cache.move_to_end(digest)
         return hit[0]
 
+    def _remember(self, digest: bytes, answer: Workload | TokenRefused, until: float) -> None:
+        self._cache[digest] = (answer, until)
+        self._cache.move_to_end(digest)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
     async def verify(self, token: str) -> Workload:
         digest = hashlib.sha256(token.encode()).digest()
         async with self._same.hold(digest):
-            workload = self._cached(digest)
-            if workload is not None:
-                return workload
+            known = self._cached(digest)
+            if isinstance(known, TokenRefused):
+                raise known
+            if known is not None:
+                return known
             self.checks += 1
-            verified = await asyncio.to_thread(self.check.check, token)
             now = self.clock()
-            if verified.expires <= now:
-                raise TokenRefused("expired")
-            self._cache[digest] = (verified.workload, min(verified.expires, now + self.cache_ttl))
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            try:
+                verified = await asyncio.to_thread(self.check.check, token)
+                if verified.expires <= now:
+                    raise TokenRefused("expired")
+            except TokenRefused as exc:
+                self._remember(digest, exc, now + min(REFUSED_TTL, self.cache_ttl))
+                raise
+            self._remember(digest, verified.workload, min(verified.expires, now + self.cache_ttl))
             return verified.workload
 
 

@@ -6,7 +6,8 @@ address and per user name; the user name ``serviceaccount`` says the
 password is a ServiceAccount token (``mta.auth.workload``).  On a listener
 with ``identify_pods`` a client that did not AUTH is known by its pod
 (``mta.k8s.pods``).  Either way the session acts as a ``Principal``
-(``mta.policy.workloads``): a name and its account policy.  MAIL and RCPT check address syntax, the
+(``mta.policy.workloads``): a name and its account policy; a pod's is
+looked up once per transaction, at MAIL.  MAIL and RCPT check address syntax, the
 account's policy and relay permission (a trusted network, or AUTH), and
 reserve the account's rates (``mta.policy.account``: committed at ``250``,
 given back by ``transaction_over`` when a transaction ends otherwise); DATA
@@ -92,6 +93,8 @@ class SessionHandler(DispatchNames):
             raise ValueError("a listener with AUTH or identify_pods needs the process's AuthServices")
         self.credentials = credentials
         self._services = services
+        # identify_pods: the principal of each open transaction, found at MAIL (None: no pod has the address).
+        self._pod_principals: dict[Session, Principal | None] = {}
 
     @property
     def services(self) -> AuthServices:
@@ -224,12 +227,16 @@ class SessionHandler(DispatchNames):
         """Who the session acts as: its AUTH, else (``identify_pods``) its pod; None: neither."""
         if session.authenticated and isinstance(session.auth_data, Principal):
             return session.auth_data
-        if self.listener.identify_pods and self.workloads is not None:
-            try:
-                return await self.workloads.from_address(client_address(session))
-            except IdentityUnavailable as exc:
-                raise Rejected(replies.POD_UNKNOWN_YET, str(exc)) from None
-        return None
+        if not self.listener.identify_pods or self.workloads is None:
+            return None
+        if session in self._pod_principals:
+            return self._pod_principals[session]
+        try:
+            principal = await self.workloads.from_address(client_address(session))
+        except IdentityUnavailable as exc:
+            raise Rejected(replies.POD_UNKNOWN_YET, str(exc)) from None
+        self._pod_principals[session] = principal
+        return principal
 
     @staticmethod
     def _policy(principal: Principal) -> AccountPolicy:
@@ -283,6 +290,7 @@ class SessionHandler(DispatchNames):
 
     def transaction_over(self, session: Session) -> None:
         """The transaction ended (DATA, RSET, HELO/EHLO, disconnect): its uncommitted reservations go back."""
+        self._pod_principals.pop(session, None)
         if self._services is not None:
             self._services.rates.release(session)
 
@@ -295,10 +303,13 @@ class SessionHandler(DispatchNames):
         client = client_address(session)
         user: str | None = None
         namespace: str | None = None
+        pod: str | None = None  # the pod a client that did not AUTH was known by
         try:
             principal = await self._principal(session)
             if principal is not None:
                 user, namespace = principal.name, principal.namespace
+                if not session.authenticated and principal.workload is not None:
+                    pod = f"{principal.workload.namespace}/{principal.workload.pod}"
             checked = content.check(envelope.original_content or b"", self.config.limits)
             if checked.repairs:
                 event("repaired", queue_id=queue_id, listener=self.listener.name, client=client,
@@ -319,6 +330,7 @@ class SessionHandler(DispatchNames):
                 recipients=tuple(envelope.rcpt_tos),
                 when=receive.now(),
                 auth_user=user,
+                client_pod=pod,
                 authserv_id=self.config.authserv_id,
             )
             prepared = receive.prepare(checked.data, arrival)

@@ -15,8 +15,22 @@ that kubemta uses, the way the real API server does:
   ``authentication.k8s.io/v1`` TokenReview, answered as the API server does
   for ServiceAccount tokens signed by ``issuer_key`` (RS256; audience, expiry
   and the ``revoked`` set checked; ``status.error`` says why not);
+- ``GET /api/v1/namespaces/NS``: a ``v1`` Namespace with its labels;
+- ``GET /api/v1/pods`` and ``/api/v1/namespaces/NS/pods``: a PodList with
+  its resourceVersion, or with ``watch=true`` a stream of watch events
+  (one JSON object per line: ADDED, MODIFIED, DELETED; BOOKMARK when asked)
+  from ``resourceVersion`` on (the whole history is kept), held open until
+  ``timeoutSeconds`` (at most 30) or ``stop()``;
+- ``GET /.well-known/openid-configuration`` and ``/openid/v1/jwks``: the
+  issuer's discovery document and public keys, as the API server serves
+  them for ``--service-account-issuer`` (``issuer`` may be set to ``url`` so
+  discovery works from the issuer name);
 - anything else, or a missing object: a ``v1`` Status with the real
   reason and code (NotFound 404, Unauthorized 401, MethodNotAllowed 405).
+
+``failing`` names resources (``pods``, ``tokenreviews``, ``namespaces``, ...)
+answered ``503 ServiceUnavailable`` while listed, as an overloaded or
+restarting API server answers.
 
 With a token set, requests without ``Authorization: Bearer <token>`` get
 401, as a real server does.  Runs in a thread of the test process on
@@ -33,12 +47,18 @@ import json
 import re
 import secrets
 import threading
+import time
+import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 STS = re.compile(r"^/apis/apps/v1/namespaces/(?P<ns>[^/]+)/statefulsets/(?P<name>[^/]+)(?P<scale>/scale)?$")
 EVENTS = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/events$")
+NAMESPACE = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)$")
+PODS = re.compile(r"^/api/v1(?:/namespaces/(?P<ns>[^/]+))?/pods$")
+JWKS_PATH = "/openid/v1/jwks"
+DISCOVERY_PATH = "/.well-known/openid-configuration"
 TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 
@@ -92,6 +112,14 @@ class FakeKubeApi:
         self.issuer_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.revoked: set[str] = set()  # tokens whose pod or ServiceAccount is gone
         self.reviews = 0
+        self.issuer = ISSUER  # the iss of issued tokens; set to self.url for discovery by issuer name
+        self.namespaces: dict[str, dict[str, str]] = {}  # name -> labels
+        self.pods: dict[tuple[str, str], dict[str, Any]] = {}
+        self.changes = threading.Condition(self.lock)
+        self.pod_history: list[tuple[int, str, dict[str, Any]]] = []  # (resourceVersion, type, pod) for watches
+        self.watches = 0  # watch requests served
+        self._stopping = False
+        self.failing: set[str] = set()
         self._versions = itertools.count(2)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -119,6 +147,45 @@ class FakeKubeApi:
             return [copy.deepcopy(e) for e in self.events.get(namespace, [])
                     if e.get("involvedObject", {}).get("name") == pod]
 
+    def add_pod(self, namespace: str, name: str, ip: str, service_account: str = "default",
+                labels: dict[str, str] | None = None, phase: str = "Running") -> None:
+        pod = {"kind": "Pod", "apiVersion": "v1",
+               "metadata": {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()),
+                            "labels": dict(labels or {}), "creationTimestamp": _now()},
+               "spec": {"serviceAccountName": service_account,
+                        "containers": [{"name": "app", "image": "registry.example/app:1"}]},
+               "status": {"phase": phase, "podIP": ip, "podIPs": [{"ip": ip}]}}
+        self._pod_changed("ADDED", pod)
+
+    def label_pod(self, namespace: str, name: str, labels: dict[str, str]) -> None:
+        with self.lock:
+            pod = copy.deepcopy(self.pods[(namespace, name)])
+        pod["metadata"]["labels"] = dict(labels)
+        self._pod_changed("MODIFIED", pod)
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        with self.lock:
+            pod = copy.deepcopy(self.pods[(namespace, name)])
+        self._pod_changed("DELETED", pod)
+
+    def _pod_changed(self, kind: str, pod: dict[str, Any]) -> None:
+        with self.changes:
+            version = next(self._versions)
+            pod["metadata"]["resourceVersion"] = str(version)
+            key = (pod["metadata"]["namespace"], pod["metadata"]["name"])
+            if kind == "DELETED":
+                self.pods.pop(key, None)
+            else:
+                self.pods[key] = pod
+            self.pod_history.append((version, kind, copy.deepcopy(pod)))
+            self.changes.notify_all()
+
+    def jwks(self) -> dict[str, Any]:
+        from jwt.algorithms import RSAAlgorithm
+
+        key = RSAAlgorithm.to_jwk(self.issuer_key.public_key(), as_dict=True)
+        return {"keys": [{**key, "kid": "test-issuer", "use": "sig", "alg": "RS256"}]}
+
     def issue(self, namespace: str, service_account: str, audience: str = "kubemta", lifetime: float = 600,
               pod: str | None = None) -> str:
         """A projected ServiceAccount token, as the kubelet mounts it (claims of a bound token)."""
@@ -127,7 +194,7 @@ class FakeKubeApi:
         import jwt
 
         now = int(time.time())
-        claims: dict[str, Any] = {"iss": ISSUER, "aud": [audience], "sub": f"system:serviceaccount:{namespace}:"
+        claims: dict[str, Any] = {"iss": self.issuer, "aud": [audience], "sub": f"system:serviceaccount:{namespace}:"
                                   f"{service_account}", "iat": now, "nbf": now, "exp": int(now + lifetime),
                                   "kubernetes.io": {"namespace": namespace,
                                                     "serviceaccount": {"name": service_account,
@@ -140,8 +207,11 @@ class FakeKubeApi:
 
     def start(self) -> None:
         fake = self
+        self._stopping = False
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # a watch is a chunked stream, as the real API server sends it
+
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
@@ -166,6 +236,9 @@ class FakeKubeApi:
         self._thread.start()
 
     def stop(self) -> None:
+        with self.changes:
+            self._stopping = True
+            self.changes.notify_all()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -202,6 +275,10 @@ class FakeKubeApi:
         if self.token is not None and handler.headers.get("Authorization") != f"Bearer {self.token}":
             self._reply(handler, 401, status(401, "Unauthorized", "Unauthorized"))
             return
+        if self.failing and set(path.split("/")) & self.failing:
+            self._reply(handler, 503, status(503, "ServiceUnavailable", "the server is currently unable to handle "
+                                             "the request"))
+            return
         try:
             if match := STS.match(path):
                 self._statefulset(handler, method, match["ns"], match["name"], bool(match["scale"]))
@@ -209,6 +286,21 @@ class FakeKubeApi:
                 self._events(handler, method, match["ns"])
             elif path == TOKEN_REVIEWS and method == "POST":
                 self._token_review(handler)
+            elif (match := PODS.match(path)) and method == "GET":
+                query = urllib.parse.parse_qs(handler.path.partition("?")[2])
+                if query.get("watch", [""])[0] in ("true", "1", "True"):
+                    self._watch_pods(handler, match["ns"], query)
+                else:
+                    self._list_pods(handler, match["ns"])
+            elif (match := NAMESPACE.match(path)) and method == "GET":
+                self._namespace(handler, match["ns"])
+            elif path == DISCOVERY_PATH and method == "GET":
+                self._reply(handler, 200, {"issuer": self.issuer, "jwks_uri": self.url + JWKS_PATH,
+                                           "response_types_supported": ["id_token"],
+                                           "subject_types_supported": ["public"],
+                                           "id_token_signing_alg_values_supported": ["RS256"]})
+            elif path == JWKS_PATH and method == "GET":
+                self._reply(handler, 200, self.jwks())
             else:
                 self._reply(handler, 404, status(404, "NotFound", "the server could not find the requested resource"))
         except (ValueError, KeyError, TypeError) as exc:
@@ -275,6 +367,57 @@ class FakeKubeApi:
             self.events.setdefault(ns, []).append(event)
         self._reply(handler, 201, event)
 
+    def _namespace(self, handler: BaseHTTPRequestHandler, ns: str) -> None:
+        with self.lock:
+            labels = self.namespaces.get(ns)
+        if labels is None:
+            self._reply(handler, 404, status(404, "NotFound", f'namespaces "{ns}" not found',
+                                             {"name": ns, "kind": "namespaces"}))
+            return
+        self._reply(handler, 200, {"kind": "Namespace", "apiVersion": "v1",
+                                   "metadata": {"name": ns, "uid": str(uuid.uuid4()), "resourceVersion": "1",
+                                                "labels": {"kubernetes.io/metadata.name": ns, **labels}},
+                                   "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
+
+    def _list_pods(self, handler: BaseHTTPRequestHandler, ns: str | None) -> None:
+        with self.lock:
+            items = [copy.deepcopy(pod) for (pod_ns, _), pod in self.pods.items() if ns in (None, pod_ns)]
+            version = str(self.pod_history[-1][0] if self.pod_history else 1)
+        self._reply(handler, 200, {"kind": "PodList", "apiVersion": "v1",
+                                   "metadata": {"resourceVersion": version}, "items": items})
+
+    def _watch_pods(self, handler: BaseHTTPRequestHandler, ns: str | None, query: dict[str, list[str]]) -> None:
+        since = int(query.get("resourceVersion", ["0"])[0] or 0)
+        deadline = time.monotonic() + min(float(query.get("timeoutSeconds", ["30"])[0]), 30.0)
+        with self.lock:
+            self.watches += 1
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+
+        def chunk(data: bytes) -> None:
+            handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            handler.wfile.flush()
+
+        def send(kind: str, obj: dict[str, Any]) -> None:
+            chunk(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
+
+        try:
+            while (left := deadline - time.monotonic()) > 0 and not self._stopping:
+                with self.changes:
+                    fresh = [item for item in self.pod_history if item[0] > since]
+                    if not fresh:
+                        self.changes.wait(min(left, 0.5))
+                        continue
+                for version, kind, pod in fresh:
+                    since = version
+                    if ns in (None, pod["metadata"]["namespace"]):
+                        send(kind, pod)
+            chunk(b"")  # the end of the stream: the client watches again
+        except OSError:
+            handler.close_connection = True  # the client went away
+
     def _token_review(self, handler: BaseHTTPRequestHandler) -> None:
         import jwt
 
@@ -285,7 +428,7 @@ class FakeKubeApi:
             self.reviews += 1
         status: dict[str, Any] = {"authenticated": False, "user": {}}
         try:
-            claims = jwt.decode(token, self.issuer_key.public_key(), algorithms=["RS256"], issuer=ISSUER,
+            claims = jwt.decode(token, self.issuer_key.public_key(), algorithms=["RS256"], issuer=self.issuer,
                                 audience=audiences or None, options={"verify_aud": bool(audiences)})
             if token in self.revoked:
                 raise jwt.InvalidTokenError("service account token has been invalidated")

@@ -27,17 +27,26 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1", *, udp: bool = False) -> int:
     """Return a port on `host` that is free for TCP (and for UDP too if `udp`).
 
     The port is only free at the moment we close our probe socket, so a
-    caller should bind it soon; that small race is accepted for tests.
+    caller should bind it soon; that small race is accepted for tests.  A
+    number is never handed out twice in one test process: the kernel may
+    offer a just-closed probe's port again, and listeners with SO_REUSEPORT
+    would then share it (an HTTP probe answered by an SMTP greeting).
     """
-    for _ in range(50):
+    for _ in range(200):
         with socket.socket(_family(host), socket.SOCK_STREAM) as tcp:
             tcp.bind((host, 0))
             port: int = tcp.getsockname()[1]
+            if port in _GIVEN:
+                continue
             if not udp:
+                _GIVEN.add(port)
                 return port
             # DNS needs the same number free on UDP as well; try it while
             # the TCP probe still holds its half.
@@ -46,6 +55,7 @@ def free_port(host: str = "127.0.0.1", *, udp: bool = False) -> int:
                     dgram.bind((host, port))
                 except OSError:
                     continue
+                _GIVEN.add(port)
                 return port
     raise RuntimeError(f"no port free for both TCP and UDP on {host}")
 

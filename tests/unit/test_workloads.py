@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from mta.auth.workload import TokenRefused, Verified, WorkloadTokens
+from mta.auth.workload import REFUSED_TTL, TokenRefused, TokenUnchecked, Verified, WorkloadTokens
 from mta.config import AccountsConfig
 from mta.k8s.pods import PodDirectory
 from mta.policy.workloads import Workload, policy_for
@@ -73,8 +73,36 @@ def test_a_token_is_cached_until_it_expires_at_most_the_ttl_and_the_cache_is_bou
         assert check.calls == calls + 1
         with pytest.raises(TokenRefused):
             await tokens.verify("bad")
+        calls = check.calls
+        with pytest.raises(TokenRefused):
+            await tokens.verify("bad")  # the refusal is remembered: no second check
+        assert check.calls == calls
+        clock.now += REFUSED_TTL + 1
+        with pytest.raises(TokenRefused):
+            await tokens.verify("bad")
+        assert check.calls == calls + 1
 
     asyncio.run(main())
+
+
+def test_a_token_that_could_not_be_checked_is_not_remembered() -> None:
+    class Unreachable:
+        calls = 0
+
+        def check(self, token: str) -> Verified:
+            self.calls += 1
+            raise TokenUnchecked("connection refused")
+
+    check = Unreachable()
+    tokens = WorkloadTokens(check, cache_ttl=300, cache_size=8, clock=Clock())
+
+    async def main() -> None:
+        for _ in range(2):
+            with pytest.raises(TokenUnchecked):
+                await tokens.verify("a")
+
+    asyncio.run(main())
+    assert check.calls == 2
 
 
 def pod(uid: str, ip: str | None, labels: dict[str, str], phase: str = "Running", account: str = "orders") -> Any:
