@@ -178,7 +178,8 @@ class App:
                 if item.name in delegated:
                     continue
                 try:
-                    credentials = Credentials(item.auth.credentials_file) if item.auth else None
+                    path = item.auth.credentials_file if item.auth else None
+                    credentials = Credentials(path) if path else None
                     handler = SessionHandler(item, config, intake, [storage(self.obs.disk.ready, item.name)],
                                              credentials=credentials, services=services,
                                              suppression=check_for(suppressions, item.name),
@@ -243,9 +244,10 @@ class App:
         config = self.config.http_api
         if config.address is None:
             return
-        assert config.keys_file is not None
         try:
-            keys = ApiKeys(Credentials(config.keys_file), services.gate, self.config.limits.auth_failure_delay)
+            # No keys file: only ServiceAccount tokens are taken (the config allows it with service_accounts).
+            credentials = Credentials(config.keys_file) if config.keys_file else None
+            keys = ApiKeys(credentials, services.gate, self.config.limits.auth_failure_delay)
             tls = ServerTls(config.tls.cert_file, config.tls.key_file).current() if config.tls else None
             self.idempotency = IdempotencyStore(self.config.spool.path / "idempotency.db")
         except CredentialsError as exc:

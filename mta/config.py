@@ -129,14 +129,15 @@ class TlsConfig(Section):
 
 
 class AuthConfig(Section):
-    credentials_file: Path
+    # May be left out when service_accounts.enabled: then only ServiceAccount tokens log in.
+    credentials_file: Path | None = None
     # Plain-text AUTH only for legacy apps on a trusted network; logged loudly.
     allow_plaintext: bool = False
 
     @field_validator("credentials_file")
     @classmethod
-    def _credentials(cls, value: Path) -> Path:
-        if not value.parent.is_dir():
+    def _credentials(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.parent.is_dir():
             raise ValueError(f"directory {value.parent} does not exist")
         return value
 
@@ -682,7 +683,8 @@ class HttpApiConfig(Section):
     tls: TlsConfig | None = None  # without it the API speaks plain HTTP (behind a mesh or on loopback)
     # ``account:$scrypt$...`` lines, the credentials file's format: the key is
     # ``<account>.<secret>`` and the file holds the secret's hash (``mta api-key add``).
-    keys_file: Path | None = Field(None, validate_default=True)
+    # May be left out when service_accounts.enabled: then only ServiceAccount tokens are taken.
+    keys_file: Path | None = None
     # A request body larger than this is refused (413) before it is read;
     # None: limits.max_message_size with room for base64 and JSON.
     max_request_size: Size | None = None
@@ -696,9 +698,7 @@ class HttpApiConfig(Section):
 
     @field_validator("keys_file")
     @classmethod
-    def _keys_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if info.data.get("address") is not None and value is None:
-            raise ValueError("required when address is set: every request is authenticated by an API key")
+    def _keys_file(cls, value: Path | None) -> Path | None:
         if value is not None and not value.parent.is_dir():
             raise ValueError(f"directory {value.parent} does not exist")
         return value
@@ -1111,10 +1111,16 @@ class Config(Section):
 
     def _check_workloads(self) -> None:
         accounts = self.service_accounts
+        if self.http_api.address is not None and self.http_api.keys_file is None and not accounts.enabled:
+            raise ValueError("http_api.keys_file: required when address is set: every request is authenticated "
+                             "by an API key (or, with service_accounts.enabled, by a ServiceAccount token)")
         if accounts.enabled and accounts.verify == "tokenreview" and not self.kubernetes.enabled:
             raise ValueError("service_accounts.verify: 'tokenreview' calls the API server: set kubernetes.enabled "
                              "(or verify: jwks)")
         for n, listener in enumerate(self.listeners):
+            if listener.auth is not None and listener.auth.credentials_file is None and not accounts.enabled:
+                raise ValueError(f"listeners.{n}.auth.credentials_file: required: AUTH checks passwords in it (or, "
+                                 "with service_accounts.enabled, ServiceAccount tokens only)")
             if not listener.identify_pods:
                 continue
             if not self.kubernetes.enabled:

@@ -26,7 +26,7 @@ def secret_files(config: Config) -> list[tuple[str, Path]]:
     for n, listener in enumerate(config.listeners):
         if listener.tls is not None:
             found.append((f"listeners.{n}.tls.key_file", listener.tls.key_file))
-        if listener.auth is not None:
+        if listener.auth is not None and listener.auth.credentials_file is not None:
             found.append((f"listeners.{n}.auth.credentials_file", listener.auth.credentials_file))
     for n, key in enumerate(config.dkim.keys):
         found.append((f"dkim.keys.{n}.key_file", key.key_file))
@@ -35,8 +35,8 @@ def secret_files(config: Config) -> list[tuple[str, Path]]:
             found.append((f"routes.{n}.auth_file", route.auth_file))
     if config.http_api.keys_file is not None:
         found.append(("http_api.keys_file", config.http_api.keys_file))
-        if config.http_api.tls is not None:
-            found.append(("http_api.tls.key_file", config.http_api.tls.key_file))
+    if config.http_api.tls is not None:
+        found.append(("http_api.tls.key_file", config.http_api.tls.key_file))
     if config.drain.secret_file is not None:
         found.append(("drain.secret_file", config.drain.secret_file))
     if config.drain.tls is not None:

@@ -31,7 +31,7 @@ def problems(config: Config) -> list[str]:
                 ServerTls(listener.tls.cert_file, listener.tls.key_file)
             except TlsError as exc:
                 found.append(f"listeners.{n}.tls: {exc}")
-        if listener.auth is not None:
+        if listener.auth is not None and listener.auth.credentials_file is not None:
             try:
                 Credentials(listener.auth.credentials_file)
             except CredentialsError as exc:
@@ -42,11 +42,11 @@ def problems(config: Config) -> list[str]:
             Credentials(api.keys_file)
         except CredentialsError as exc:
             found.append(f"http_api.keys_file: {exc}")
-        if api.tls is not None:
-            try:
-                ServerTls(api.tls.cert_file, api.tls.key_file)
-            except TlsError as exc:
-                found.append(f"http_api.tls: {exc}")
+    if api.address is not None and api.tls is not None:
+        try:
+            ServerTls(api.tls.cert_file, api.tls.key_file)
+        except TlsError as exc:
+            found.append(f"http_api.tls: {exc}")
     for n, key in enumerate(config.dkim.keys):
         try:
             SigningKey.load(key.domain, key.selector, key.key_file)

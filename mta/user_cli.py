@@ -53,7 +53,8 @@ def _read_password() -> str:
 def run(config: Config, args: argparse.Namespace) -> int:
     if args.action == "unlock":
         return _unlock(config, args)
-    files = {item.name: item.auth.credentials_file for item in config.listeners if item.auth}
+    files = {item.name: item.auth.credentials_file for item in config.listeners
+             if item.auth and item.auth.credentials_file}
     if args.listener:
         if args.listener not in files:
             print(f"mta user: listener {args.listener!r} has no auth.credentials_file", file=sys.stderr)

@@ -87,7 +87,8 @@ class SessionServer:
         services = AuthServices.build(config.limits)
         try:
             for item in config.listeners:
-                credentials = Credentials(item.auth.credentials_file) if item.auth else None
+                path = item.auth.credentials_file if item.auth else None
+                credentials = Credentials(path) if path else None
                 handler = SessionHandler(item, config, intake, [storage(lambda: (True, "spool has room"), item.name)],
                                          credentials=credentials, services=services)
                 listener = Listener(item, config, handler)

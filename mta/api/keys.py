@@ -50,7 +50,7 @@ def new_key(path: Path, account: str) -> str:
 
 
 class ApiKeys:
-    def __init__(self, credentials: Credentials, gate: AuthGate, failure_delay: float = FAILURE_DELAY) -> None:
+    def __init__(self, credentials: Credentials | None, gate: AuthGate, failure_delay: float = FAILURE_DELAY) -> None:
         self.credentials = credentials
         self.gate = gate
         self.failure_delay = failure_delay
@@ -63,7 +63,7 @@ class ApiKeys:
         """The account a request's ``Authorization`` header proves, or ``ApiError`` 401."""
         scheme, _, key = (header or "").partition(" ")
         parts = split_key(key.strip()) if scheme.lower() == "bearer" else None
-        if parts is None:
+        if parts is None or self.credentials is None:
             raise UNAUTHENTICATED
         account, secret = parts
         digest = hashlib.sha256(key.strip().encode()).digest()
@@ -89,6 +89,7 @@ class ApiKeys:
                 event("auth_throttled", level=logging.WARNING, listener="http_api", client=client, user=account,
                       scope="user")
                 raise ApiError(401, "unauthenticated", "4.7.0", "too many failed authentications, try again later")
+            assert self.credentials is not None
             ok = await self.gate.verify(self.credentials.verify, account, secret)
             if ok:
                 await self.gate.succeeded(account, client)

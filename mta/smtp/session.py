@@ -89,9 +89,10 @@ class SessionHandler(DispatchNames):
         self.config = config
         self.intake = intake
         self.admission = list(admission)
-        if (credentials is not None or listener.identify_pods) and services is None:
+        if (listener.auth is not None or listener.identify_pods) and services is None:
             raise ValueError("a listener with AUTH or identify_pods needs the process's AuthServices")
-        self.credentials = credentials
+        self.credentials = credentials  # None on an AUTH listener: only ServiceAccount tokens log in
+        self.offers_auth = listener.auth is not None
         self._services = services
         # identify_pods: the principal of each open transaction, found at MAIL (None: no pod has the address).
         self._pod_principals: dict[Session, Principal | None] = {}
@@ -112,10 +113,10 @@ class SessionHandler(DispatchNames):
                           responses: list[str]) -> list[str]:
         session.host_name = hostname
         # aiosmtpd lists SIZE, 8BITMIME, SMTPUTF8, STARTTLS and AUTH; AUTH only
-        # where credentials are configured, and PIPELINING,
+        # on listeners with ``auth``, and PIPELINING,
         # ENHANCEDSTATUSCODES and DSN (``mta.smtp.dsnparams``) are ours to announce.
         last = responses.pop()  # "250 HELP"
-        if self.credentials is None:
+        if not self.offers_auth:
             responses = [r for r in responses if not r.startswith("250-AUTH")]
         responses += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN", last]
         return responses
@@ -124,7 +125,7 @@ class SessionHandler(DispatchNames):
 
     async def handle_AUTH(self, server: SMTP, session: Session, envelope: Envelope, args: list[str]) -> str | None:
         """Both mechanisms, run here so that scrypt never blocks the event loop (``mta.auth.gate``)."""
-        if self.credentials is None:
+        if not self.offers_auth:
             return str(replies.AUTH_UNAVAILABLE)
         if envelope.mail_from:
             return str(replies.AUTH_IN_TRANSACTION)
@@ -153,7 +154,7 @@ class SessionHandler(DispatchNames):
                     event("auth_throttled", level=logging.WARNING, listener=self.listener.name, client=ip,
                           user=user, scope="user")
                     return str(replies.AUTH_USER_LOCKED)
-                ok = await gate.verify(self.credentials.verify, user, password)
+                ok = self.credentials is not None and await gate.verify(self.credentials.verify, user, password)
                 if ok:
                     await gate.succeeded(user, ip)
                 else:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import json
 import smtplib
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from tests.conftest import World
 from tests.fakes.kube_api import ISSUER, JWKS_PATH, FakeKubeApi
 from tests.integration.test_http_api import api_mta, post, url
 from tests.obs.logs import wait_for_event
+from tests.peers.net import free_port
 from tests.peers.recorder import Recorder
 from tests.security.conftest import Secure, make_secure
 
@@ -267,3 +269,30 @@ def test_a_legacy_client_is_known_by_its_pod_through_a_live_watch(world: World) 
         code, text = eventually(lambda: mail_from(POD_IP), lambda answer: b"batch:runner" in answer[1])
         assert (code, text[:5]) == (550, b"5.7.1") and b"system:serviceaccount:batch:runner" in text
         assert kube.watches >= 1
+
+
+def test_tokens_alone_need_no_password_file_and_no_key_file(world: World) -> None:
+    """With service_accounts on, ``auth`` and ``http_api`` may leave out their files: no shared secret at all."""
+    with FakeKubeApi() as kube, Recorder() as recorder:
+        secure = make_secure(world, {"kubernetes": kubernetes(kube), "service_accounts": {"enabled": True},
+                                     "accounts": {"workloads": WORKLOADS}})
+        secure.server.stop()
+        api_port = free_port()
+        config = secure.server.config
+        for listener in config["listeners"]:
+            listener.get("auth", {}).pop("credentials_file", None)
+        config["http_api"] = {"address": f"127.0.0.1:{api_port}"}
+        config["routes"] = [{"domains": ["*"], "relay": f"127.0.0.1:{recorder.port}", "tls": "none"}]
+        secure.server.config_path.write_text(json.dumps(config))
+        secure.server.start()
+        token = kube.issue("shop", "orders")
+        assert login_code(secure, token)[0] == 235
+        code, text = login_code(secure, "correct horse battery", source="127.0.0.51")  # a password: nothing to check
+        assert (code, text[:5]) == (535, b"5.7.8")
+        body = {"from": "orders@shop.example", "to": ["alice@dest.test"], "subject": "s", "text": "t\n"}
+        base = f"http://127.0.0.1:{api_port}"
+        status, answer = asyncio.run(post(base, "/v1/messages", token, body=body))
+        assert status == 202, answer
+        status, answer = asyncio.run(post(base, "/v1/messages", "billing.not-a-key", body=body))
+        assert (status, answer["error"]["code"]) == (401, "unauthenticated")
+        assert len(recorder.wait_for(1, timeout=30)) == 1

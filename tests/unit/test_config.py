@@ -67,6 +67,8 @@ def test_mta_config_variable_names_the_file(tmp_path: Path) -> None:
         ("- just a list\n", {}, "the top level must be a mapping"),
         ("key: [unclosed\n", {}, "not valid YAML"),
         ("http_api: {address: '0.0.0.0:8443'}\n", {}, "http_api.keys_file: required when address is set"),
+        ("listeners: [{name: a, address: '127.0.0.1:2587', mode: submission, auth: {}}]\n", {},
+         "listeners.0.auth.credentials_file: required"),
         ("http_api: {address: 'nowhere', keys_file: /tmp/keys}\n", {}, "http_api.address"),
         ("http_api: {address: '0.0.0.0:8443', keys_file: /nonexistent/dir/keys}\n", {},
          "http_api.keys_file: directory /nonexistent/dir does not exist"),
