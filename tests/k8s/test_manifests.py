@@ -36,7 +36,7 @@ EXCLUSIVE = {"direct-delivery", "smarthost-relay"}  # two ways out: never both
 # Components that add objects of their own and only an env entry and a volume to the StatefulSet:
 # rendered with every combination of the others, all of them at once or none (each alone below),
 # instead of doubling the combinations each.
-ADDITIVE = ("probe", "shared-limits")
+ADDITIVE = ("pod-identity", "probe", "shared-limits", "workload-identity")
 CRDS = {("cilium.io/v2", "CiliumEgressGatewayPolicy"), ("monitoring.coreos.com/v1", "ServiceMonitor"),
         ("monitoring.coreos.com/v1", "PrometheusRule"), ("cert-manager.io/v1", "Certificate"),
         ("cert-manager.io/v1", "Issuer")}
@@ -401,10 +401,10 @@ def check_network_policy(docs: tuple[dict[str, Any], ...], target: str = "") -> 
             assert rule.get("from"), f"{name}: an ingress rule without 'from' admits everyone"
             for peer in rule["from"]:
                 assert "ipBlock" not in peer, f"{name}: ingress by address"
-                if ports & {("TCP", 2525), ("TCP", 2587), ("TCP", 2465)}:
+                if ports & {("TCP", 2525), ("TCP", 2587), ("TCP", 2465), ("TCP", 8443)}:
                     labels = {**peer.get("namespaceSelector", {}).get("matchLabels", {}),
                               **peer.get("podSelector", {}).get("matchLabels", {})}
-                    assert labels == {"kubemta.io/mail-client": "true"}, f"{name}: SMTP from {peer}"
+                    assert labels == {"kubemta.io/mail-client": "true"}, f"{name}: SMTP or the API from {peer}"
                 if ("TCP", 8080) in ports:
                     assert peer == {"namespaceSelector": {"matchLabels": {
                         "kubernetes.io/metadata.name": "monitoring"}}}, f"{name}: metrics from {peer}"
@@ -434,7 +434,8 @@ def check_network_policy(docs: tuple[dict[str, Any], ...], target: str = "") -> 
                     assert ports == {("TCP", 6379)}, f"{name}: {ports} to the limits store"
                 else:
                     assert ports <= {("TCP", 8025), ("TCP", 1025)}, f"{name}: {ports} to {peer}"
-    assert ingress == {("TCP", 2525), ("TCP", 2587), ("TCP", 2465), ("TCP", 8080), ("TCP", 8025)}
+    base = {("TCP", 2525), ("TCP", 2587), ("TCP", 2465), ("TCP", 8080), ("TCP", 8025)}
+    assert base <= ingress <= base | {("TCP", 8443)}  # 8443: the HTTP API (workload-identity)
     egress = {port for spec in policies.values() for rule in spec.get("egress", []) for port in _ports(rule)}
     assert ("UDP", 53) in egress and ("TCP", 53) in egress and ("TCP", 8025) in egress
     if target == "overlays/dev":  # nothing leaves the cluster: Mailpit is the only way out
@@ -558,3 +559,58 @@ def test_cilium_egress_policy_names_are_unique_across_overlays_and_scenarios() -
             assert policy_name not in seen, f"{policy_name} in both {seen[policy_name]} and {name}"
             seen[policy_name] = name
     assert len(seen) >= 6  # production and the direct-everything scenario
+
+
+def test_workload_identity_takes_tokens_and_pods_instead_of_trusted_networks(tmp_path: Path) -> None:
+    docs = render_dir(str(ROOT / "kustomize/tests/workload-identity"))
+    config = check_config(docs, tmp_path)
+    assert config["service_accounts"]["enabled"] and config["service_accounts"]["verify"] == "tokenreview"
+    relay, submission = config["listeners"][:2]
+    assert relay["identify_pods"] and relay["trusted_networks"] == []
+    assert submission["trusted_networks"] == [] and submission["auth"]["credentials_file"] is None
+    assert submission["tls"]["cert_file"].endswith("tls.crt") and config["http_api"]["tls"]
+    assert config["http_api"]["address"].endswith(":8443") and config["http_api"]["keys_file"] is None
+    assert config["accounts"]["workloads"] and config["accounts"]["workload_selectors"]
+    # RBAC: exactly the two verbs the features use, bound to the pod's ServiceAccount in its namespace.
+    roles = {r["metadata"]["name"]: r["rules"] for r in find(docs, "ClusterRole")}
+    assert roles == {
+        "kubemta-tokenreview": [{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
+                                 "verbs": ["create"]}],
+        "kubemta-pod-identity": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+                                 {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"]}]}
+    for binding in find(docs, "ClusterRoleBinding"):
+        assert binding["roleRef"]["name"] == binding["metadata"]["name"] in roles
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubemta", "namespace": "mail-test"}]
+    [sts] = find(docs, "StatefulSet", "kubemta")
+    [mta] = [c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "mta"]
+    ports = {p["name"]: p["containerPort"] for p in mta["ports"]}
+    [service] = find(docs, "Service", "kubemta")
+    assert {"name": "api", "port": 8443, "targetPort": "api"} in service["spec"]["ports"] and ports["api"] == 8443
+    [certificate] = find(docs, "Certificate", "kubemta-submission")
+    assert "kubemta.mail-test.svc" in certificate["spec"]["dnsNames"]
+    # Without the components, no ClusterRole at all: the base asks for nothing cluster-wide.
+    assert not find(render_dir(str(ROOT / "manifests")), "ClusterRole")
+
+
+def test_the_example_app_sends_with_a_projected_token_for_kubemtas_audience(tmp_path: Path) -> None:
+    docs = render_dir(str(ROOT / "kustomize/components/workload-identity/example-app"))
+    validate(docs, "workload-identity/example-app")
+    check_pod_policy(docs, "workload-identity/example-app")
+    [namespace] = find(docs, "Namespace")
+    assert namespace["metadata"]["labels"]["kubemta.io/mail-client"] == "true"  # kubemta's ingress admits it
+    [account] = find(docs, "ServiceAccount")
+    [deployment] = find(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == account["metadata"]["name"] and pod["automountServiceAccountToken"] is False
+    [volume] = pod["volumes"]
+    [token] = [s["serviceAccountToken"] for s in volume["projected"]["sources"] if "serviceAccountToken" in s]
+    config = check_config(render_dir(str(ROOT / "kustomize/tests/workload-identity")), tmp_path)
+    assert token["audience"] == config["service_accounts"]["audience"]
+    assert 600 <= token["expirationSeconds"] <= 86400  # the API server's bounds for a projected token
+    # The identity it sends as is the one the component's example policy names.
+    identity = f"{namespace['metadata']['name']}/{account['metadata']['name']}"
+    assert identity in config["accounts"]["workloads"]
+    [container] = pod["containers"]
+    assert "Authorization: Bearer $(cat /var/run/secrets/kubemta/token)" in container["args"][0]
+    [policy] = find(docs, "NetworkPolicy")
+    assert {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]} == {8443, 53}

@@ -24,13 +24,18 @@ from __future__ import annotations
 import asyncio
 import email
 import json
+import os
+import re
 import smtplib
+import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from tests.conftest import World
 from tests.fakes.kube_api import ISSUER, JWKS_PATH, FakeKubeApi
@@ -296,3 +301,31 @@ def test_tokens_alone_need_no_password_file_and_no_key_file(world: World) -> Non
         status, answer = asyncio.run(post(base, "/v1/messages", "billing.not-a-key", body=body))
         assert (status, answer["error"]["code"]) == (401, "unauthenticated")
         assert len(recorder.wait_for(1, timeout=30)) == 1
+
+
+def test_the_readme_token_example_works_as_written(world: World) -> None:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text.split("<!-- token-example -->")[1].split("<!-- /token-example -->")[0]
+    [command] = re.findall(r"```sh\n(.*?)```", section, re.S)
+    ca = trustme.CA()
+    directory = world.root / "token-example"
+    directory.mkdir()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_pem.write_to_path(str(directory / "tls.key"))
+    cert.cert_chain_pems[0].write_to_path(str(directory / "tls.crt"))
+    ca.cert_pem.write_to_path(str(directory / "ca.crt"))
+    with FakeKubeApi() as kube, Recorder() as recorder:
+        server, _keys = api_mta(world, recorder, {
+            "kubernetes": kubernetes(kube), "service_accounts": {"enabled": True},
+            "accounts": {"workloads": WORKLOADS}},
+            tls={"cert_file": str(directory / "tls.crt"), "key_file": str(directory / "tls.key")})
+        token_file = directory / "token"  # where the pod's projected volume puts it
+        token_file.write_text(kube.issue("shop", "orders"))
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c",
+                               command.replace("/var/run/secrets/kubemta/token", str(token_file))],
+                              cwd=directory, env={**os.environ, "MTA_API": url(server)},
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (done.stdout, done.stderr)
+        assert json.loads(done.stdout)["id"]
+        [received] = recorder.wait_for(1, timeout=30)
+    assert received.mail_from == "orders@shop.example" and received.rcpt_tos == ["alice@example.org"]
