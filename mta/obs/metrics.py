@@ -173,6 +173,11 @@ class Metrics:
         r = self.registry
         self.received = Counter("kubemta_messages_received", "Messages offered at DATA, by listener and result",
                                 ["listener", "result"], registry=r)
+        # The namespace, never the pod or ServiceAccount name: a label with as many values as the cluster has
+        # namespaces, not one per pod restart.
+        self.workload_messages = Counter("kubemta_workload_messages", "Messages accepted from cluster workloads "
+                                         "(ServiceAccount token or pod identity), by namespace", ["namespace"],
+                                         registry=r)
         self.rejections = Counter("kubemta_rejections", "Refused commands and connections, by reason",
                                   ["listener", "reason"], registry=r)
         self.attempts = Counter("kubemta_delivery_attempts", "Delivery transactions started, by destination",
@@ -267,6 +272,8 @@ class Metrics:
 
     def _received(self, fields: dict[str, Any]) -> None:
         self.received.labels(str(fields.get("listener", "unknown")), "accepted").inc()
+        if fields.get("namespace"):
+            self.workload_messages.labels(str(fields["namespace"])).inc()
 
     def _rejected(self, fields: dict[str, Any]) -> None:
         listener = str(fields.get("listener", "unknown"))

@@ -47,7 +47,8 @@ def judge(record: Record, outcomes: Mapping[str, Outcome], now: float, classifie
             continue
         tried.append(_attempted(rcpt.address, outcome))
         rcpt.last_reply, rcpt.remote, rcpt.updated = str(outcome.reply), outcome.remote, now
-        fields = {"queue_id": record.id, "sender": record.sender or "<>", "recipient": rcpt.address,
+        fields = {"queue_id": record.id, **_submitter(record), "sender": record.sender or "<>",
+                  "recipient": rcpt.address,
                   **outcome.log_fields(), "delay": round(now - record.created, 3),
                   "size": record.size, "attempts": record.attempts}
         if outcome.kind is Kind.DELIVERED:
@@ -70,6 +71,11 @@ def judge(record: Record, outcomes: Mapping[str, Outcome], now: float, classifie
     if tried:
         record.remember(now, tried)
     return verdict
+
+
+def _submitter(record: Record) -> dict[str, str]:
+    """Who submitted it (the account or workload, and its namespace), for the events that follow the message."""
+    return {key: str(record.attrs[key]) for key in ("user", "namespace") if record.attrs.get(key)}
 
 
 def _attempted(address: str, outcome: Outcome) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from tests.conftest import World
 from tests.fakes.kube_api import ISSUER, JWKS_PATH, FakeKubeApi
 from tests.integration.test_http_api import api_mta, post, url
 from tests.obs.logs import wait_for_event
+from tests.obs.scrape import wait_for_sample
 from tests.peers.net import free_port
 from tests.peers.recorder import Recorder
 from tests.security.conftest import Secure, make_secure
@@ -97,6 +98,10 @@ def test_a_valid_token_authenticates_the_workload_and_its_sender_binding_applies
         assert token.encode() not in secure.server.log().encode()
         [received] = wait_for_event(secure.server, "received", namespace="shop")
         assert received["user"] == "system:serviceaccount:shop:orders"
+        # The identity follows the message into its delivery events and a bounded metric label.
+        [delivered] = wait_for_event(secure.server, "delivered", queue_id=received["queue_id"])
+        assert (delivered["user"], delivered["namespace"]) == ("system:serviceaccount:shop:orders", "shop")
+        wait_for_sample(secure.server, "kubemta_workload_messages_total", 1, namespace="shop")
 
 
 @pytest.mark.parametrize("case", ["expired", "audience", "revoked", "garbage"])
