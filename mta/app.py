@@ -37,6 +37,7 @@ from mta.delivery.tlspolicy import build as build_tls_policy
 from mta.dkim.keys import DkimKeyError, SigningKey
 from mta.dkim.signer import Signer
 from mta.drain.service import DrainError, DrainService
+from mta.feedback import receiver as feedback_receiver
 from mta.identity.monitor import IdentityMonitor
 from mta.intake import Intake
 from mta.k8s.api import KubeError, try_event
@@ -148,7 +149,12 @@ class App:
             suppressions = open_list(config)
         except SuppressionError as exc:
             raise StartupError(f"suppression.path: {exc}") from None
-        courier = Courier(self._connector().open, self.spool.message, signer)
+        try:
+            return_paths, feedback = feedback_receiver.build(config, suppressions)
+        except OSError as exc:
+            raise StartupError(f"feedback.secret_file: {exc.strerror or exc}") from None
+        courier = Courier(self._connector().open, self.spool.message, signer,
+                          return_paths.sender if return_paths is not None else None)
         limits = open_store(config.limits.store, await self._replicas())
         scheduler, intake = assemble(self.spool, config, courier, limits=limits)
         scheduler.suppressions = suppressions
@@ -180,7 +186,9 @@ class App:
                 try:
                     path = item.auth.credentials_file if item.auth else None
                     credentials = Credentials(path) if path else None
-                    handler = SessionHandler(item, config, intake, [storage(self.obs.disk.ready, item.name)],
+                    # A feedback listener's mail is a report to read, not mail to queue (mta.feedback).
+                    taker = feedback if item.mode == "feedback" and feedback is not None else intake
+                    handler = SessionHandler(item, config, taker, [storage(self.obs.disk.ready, item.name)],
                                              credentials=credentials, services=services,
                                              suppression=check_for(suppressions, item.name),
                                              workloads=self.workloads)

@@ -145,7 +145,8 @@ class AuthConfig(Section):
 class ListenerConfig(Section):
     name: str = Field(min_length=1)
     address: str
-    mode: Literal["relay", "submission", "submissions"] = "relay"
+    # feedback: takes only reports (DSNs, complaints) for feedback.domain (mta.feedback)
+    mode: Literal["relay", "submission", "submissions", "feedback"] = "relay"
     trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
     tls: TlsConfig | None = None
     auth: AuthConfig | None = None
@@ -764,7 +765,7 @@ class DiskConfig(Section):
     check_interval: Duration = 1.0
 
 
-WEBHOOK_EVENTS = ("delivered", "deferred", "bounced", "expired", "rejected")
+WEBHOOK_EVENTS = ("delivered", "deferred", "bounced", "expired", "rejected", "complained")
 _ENDPOINT_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 
@@ -773,7 +774,7 @@ class WebhookEndpoint(Section):
     url: str
     secret_file: ReadableFile  # the HMAC-SHA256 key: the file's first line
     # Not "rejected" by default: any client can cause those (and they are rate-limited).
-    events: list[Literal["delivered", "deferred", "bounced", "expired", "rejected"]] = Field(
+    events: list[Literal["delivered", "deferred", "bounced", "expired", "rejected", "complained"]] = Field(
         default_factory=lambda: [name for name in WEBHOOK_EVENTS if name != "rejected"], min_length=1)
     timeout: Duration = 10.0
 
@@ -834,6 +835,21 @@ class KubernetesConfig(Section):
     ca_file: ReadableFile | None = None  # with api_url: the API server's CA bundle
     timeout: Duration = 5.0
 
+
+
+class FeedbackConfig(Section):
+    """Reports that come back later (``mta.feedback``): signed VERP return paths and the feedback listener."""
+
+    # The return-path domain: its MX points at a listener with mode feedback.  None: no VERP, no reports.
+    domain: str | None = None
+    secret_file: ReadableFile | None = None  # the key that signs return paths; the same on every pod
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, value: str | None) -> str | None:
+        if value is not None and (not _HOSTNAME.match(value) or "." not in value.strip(".")):
+            raise ValueError(f"{value!r} is not a domain name")
+        return value.lower().rstrip(".") if value is not None else None
 
 
 class ServiceAccountsConfig(Section):
@@ -1091,6 +1107,7 @@ class Config(Section):
     tls_policy: list[TlsPolicyRule] = Field(default_factory=list)
     tls_reports: TlsReportsConfig = TlsReportsConfig()
     bounces: BouncesConfig = BouncesConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
     suppression: SuppressionConfig = SuppressionConfig()
 
     def _check_fallbacks(self) -> None:
@@ -1108,6 +1125,22 @@ class Config(Section):
                 raise ValueError(f"routes.{n}.fallback names a route twice")
             if not route.domains and route.name not in fallbacks:
                 raise ValueError(f"routes.{n}.domains: empty, and no route has it as fallback: it would take no mail")
+
+    def _check_feedback(self) -> None:
+        if self.feedback.domain is not None and self.feedback.secret_file is None:
+            raise ValueError("feedback.secret_file: required with domain: return paths are signed so that nobody "
+                             "can forge a bounce")
+        for n, listener in enumerate(self.listeners):
+            if listener.mode != "feedback":
+                continue
+            if self.feedback.domain is None:
+                raise ValueError(f"listeners.{n}.mode: 'feedback' takes reports for feedback.domain: set it")
+            if listener.auth is not None or listener.trusted_networks or listener.identify_pods:
+                raise ValueError(f"listeners.{n}: a feedback listener relays nothing: no auth, trusted_networks "
+                                 "or identify_pods")
+            if self.workers:
+                raise ValueError(f"listeners.{n}.mode: 'feedback' needs workers: 0 (reports are read in the main "
+                                 "process)")
 
     def _check_workloads(self) -> None:
         accounts = self.service_accounts
@@ -1166,6 +1199,7 @@ class Config(Section):
                 seen.add(domain)
         self._check_fallbacks()
         self._check_workloads()
+        self._check_feedback()
         levels = [("delivery.tls_level", self.delivery.tls_level)] + [
             (f"tls_policy.{n}.level", rule.level) for n, rule in enumerate(self.tls_policy)]
         for key, level in levels:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from spool import Recipient, Record, Spool
 from spool.ids import new_id
@@ -35,6 +35,12 @@ class Envelope:
     attrs: dict[str, Any] = field(default_factory=dict)
     lifetime: float | None = None  # seconds in the queue; None: queue.lifetime
     recipient_attrs: Mapping[str, dict[str, Any]] = field(default_factory=dict)  # by address, where any
+
+
+class Taker(Protocol):
+    """What a listener hands a finished message to: this queue intake, or a feedback listener's receiver."""
+
+    async def put(self, envelope: Envelope, data: bytes, *, queue_id: str | None = None) -> Record: ...
 
 
 class Intake:

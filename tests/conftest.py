@@ -53,6 +53,9 @@ ZONES = ["dest.test", "sender.test", "pref.test", "amx.test", "nullmx.test", "mi
 RECORDS = [
     "dest.test. IN MX 10 mx.dest.test.",
     f"mx.dest.test. IN A {HOSTS['dest']}",
+    # SPF for the receiver that sends reports back (tests.integration.test_feedback_reports)
+    f'dest.test. IN TXT "v=spf1 ip4:{HOSTS["dest"]} -all"',
+    f'mx.dest.test. IN TXT "v=spf1 ip4:{HOSTS["dest"]} -all"',
     "sender.test. IN MX 10 mx.sender.test.",
     f"mx.sender.test. IN A {HOSTS['sender']}",
     # the preferred MX does not answer; the second one does

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 Opener = Callable[[NextHop], Awaitable[Connection]]
 Content = Callable[[str], Awaitable[bytes]]  # the stored message by queue id
+ReturnPath = Callable[[str, list[str]], str]  # (queue id, recipients) -> the envelope sender to send
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,12 @@ def connection_outcome(connection: Connection | None, code: int, enhanced: str, 
 
 
 class Courier:
-    def __init__(self, opener: Opener, content: Content, signer: Signer | None = None) -> None:
+    def __init__(self, opener: Opener, content: Content, signer: Signer | None = None,
+                 return_path: ReturnPath | None = None) -> None:
         self.opener = opener
         self.content = content
         self.signer = signer
+        self.return_path = return_path  # feedback.domain: the signed VERP sender (mta.feedback.verp)
         self._idle: dict[NextHop, list[Connection]] = {}
 
     async def deliver(self, hop: NextHop, parcel: Parcel, per_connection: int) -> Report:
@@ -163,7 +166,11 @@ class Courier:
         event("attempt", queue_id=parcel.queue_id, remote=connection.remote, **tls_fields,
               recipients=len(parcel.recipients), size=parcel.size, domain=domain)
         started = time.monotonic()
-        outcomes = await connection.send(parcel.sender, parcel.recipients, data, smtputf8=parcel.smtputf8,
+        # The null sender (a DSN of ours) stays null: a bounce is never answered with a bounce.
+        sender = parcel.sender
+        if sender and self.return_path is not None:
+            sender = self.return_path(parcel.queue_id, parcel.recipients)
+        outcomes = await connection.send(sender, parcel.recipients, data, smtputf8=parcel.smtputf8,
                                          eight_bit=parcel.eight_bit, dsn=parcel.dsn,
                                          recipient_dsn=parcel.recipient_dsn)
         event("attempt_done", level=logging.DEBUG, queue_id=parcel.queue_id, remote=connection.remote,

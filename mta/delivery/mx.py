@@ -81,6 +81,15 @@ def may_connect(address: str, allowed: Sequence[ipaddress.IPv4Network | ipaddres
     return (ip.is_global and not ip.is_multicast) or any(ip in network for network in allowed)
 
 
+def make_sync_resolver(nameservers: list[tuple[str, int]], timeout: float) -> dns.resolver.Resolver:
+    """A blocking resolver aimed at the same servers, for libraries that resolve on their own (pyspf, dkimpy)."""
+    resolver = dns.resolver.Resolver(configure=not nameservers)
+    if nameservers:
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in nameservers]
+    resolver.lifetime = timeout * 2
+    return resolver
+
+
 def make_resolver(nameservers: list[tuple[str, int]], timeout: float) -> dns.asyncresolver.Resolver:
     """A resolver aimed at the configured servers (the system's when empty)."""
     if nameservers:

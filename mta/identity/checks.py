@@ -44,7 +44,7 @@ import spf
 
 from mta.config import Config, RouteConfig
 from mta.delivery.client import ConnectFailed, Connector, client_settings
-from mta.delivery.mx import MxResolver, make_resolver
+from mta.delivery.mx import MxResolver, make_resolver, make_sync_resolver
 from mta.delivery.route import Router
 from mta.dkim.keys import SigningKey, public_value
 from mta.hostport import parse_host_port
@@ -62,14 +62,6 @@ class CheckResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _sync_resolver(config: Config) -> dns.resolver.Resolver:
-    resolver = dns.resolver.Resolver(configure=not config.dns.servers)
-    if config.dns.servers:
-        resolver.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in config.dns.servers]
-    resolver.lifetime = config.dns.timeout * 2
-    return resolver
 
 
 class SelfChecks:
@@ -122,7 +114,7 @@ class SelfChecks:
 
     def _spf_sync(self, domain: str) -> tuple[str, str]:
         # pyspf looks up through dnspython's default resolver: aim it at ours.
-        dns.resolver.default_resolver = _sync_resolver(self.config)
+        dns.resolver.default_resolver = make_sync_resolver(self.config.dns.servers, self.config.dns.timeout)
         return spf.check2(i=self.ip, s=f"postmaster@{domain}", h=self.config.hostname)
 
     async def spf(self, domain: str) -> CheckResult:

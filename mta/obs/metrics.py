@@ -165,10 +165,12 @@ class _Live(Collector):
 
 class Metrics:
     def __init__(self, domains: Sequence[str] = (), listeners: Sequence[str] = (),
-                 registry: CollectorRegistry | None = None, webhook_endpoints: Sequence[str] = ()) -> None:
+                 registry: CollectorRegistry | None = None, webhook_endpoints: Sequence[str] = (),
+                 sending_domains: Sequence[str] = ()) -> None:
         disable_created_metrics()  # the *_created series only add noise to every scrape
         self.registry = registry or CollectorRegistry()
         self.domains = {d.lower() for d in domains}
+        self.sending_domains = {d.lower() for d in sending_domains}  # labels of complaint counts; others: "other"
         self.sources = Sources()
         r = self.registry
         self.received = Counter("kubemta_messages_received", "Messages offered at DATA, by listener and result",
@@ -178,6 +180,11 @@ class Metrics:
         self.workload_messages = Counter("kubemta_workload_messages", "Messages accepted from cluster workloads "
                                          "(ServiceAccount token or pod identity), by namespace", ["namespace"],
                                          registry=r)
+        self.complaints = Counter("kubemta_complaints", "Complaints (ARF reports) received, by the complained-about "
+                                  "mail's sending domain and whether SPF or DKIM passed", ["sending_domain", "trusted"],
+                                  registry=r)
+        self.feedback_reports = Counter("kubemta_feedback_reports", "Reports taken by feedback listeners, by what "
+                                        "they matched", ["result"], registry=r)
         self.rejections = Counter("kubemta_rejections", "Refused commands and connections, by reason",
                                   ["listener", "reason"], registry=r)
         self.attempts = Counter("kubemta_delivery_attempts", "Delivery transactions started, by destination",
@@ -291,7 +298,8 @@ class Metrics:
 
     def _outcome(self, name: str, fields: dict[str, Any]) -> None:
         domain = self.domain_label(fields.get("recipient"))
-        self.outcomes.labels(domain, name).inc()
+        if fields.get("source") != "report":  # a later report: its delivery was counted when it happened
+            self.outcomes.labels(domain, name).inc()
         if fields.get("tls_policy"):
             self.tls_policy.labels(str(fields["tls_policy"]), str(fields.get("tls_policy_result", "ok")), name).inc()
         delay = _number(fields.get("delay"))
@@ -300,6 +308,12 @@ class Metrics:
         if name in ("bounced", "expired"):
             category = str(fields.get("category") or "other")
             self.bounces.labels(category if category in CATEGORIES else "other", domain).inc()
+
+    def _complained(self, fields: dict[str, Any]) -> None:
+        self.feedback_reports.labels("complaint").inc()
+        sending = str(fields.get("sending_domain") or "")
+        self.complaints.labels(sending if sending in self.sending_domains else "other",
+                               "true" if fields.get("trusted") else "false").inc()
 
     def _queued(self, fields: dict[str, Any]) -> None:
         if fields.get("dsn_for"):
@@ -338,6 +352,9 @@ _HANDLERS: dict[str, Callable[[Metrics, dict[str, Any]], None]] = {
     "attempt": Metrics._attempt,
     "attempt_done": Metrics._attempt_done,
     "delivered": lambda m, f: m._outcome("delivered", f),
+    "complained": lambda m, f: m._complained(f),
+    "feedback_unmatched": lambda m, f: m.feedback_reports.labels("unmatched").inc(),
+    "feedback_ignored": lambda m, f: m.feedback_reports.labels("ignored").inc(),
     "deferred": lambda m, f: m._outcome("deferred", f),
     "bounced": lambda m, f: m._outcome("bounced", f),
     "expired": lambda m, f: m._outcome("expired", f),

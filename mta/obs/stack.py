@@ -31,7 +31,8 @@ class Observability:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics(config.metrics.domains, [item.name for item in config.listeners],
-                               webhook_endpoints=[item.name for item in config.webhooks.endpoints]) \
+                               webhook_endpoints=[item.name for item in config.webhooks.endpoints],
+                               sending_domains=[k.domain for k in config.dkim.keys] + config.identity.sending_domains) \
             if config.metrics.enabled else None
         self.disk = DiskGuard(config.spool.path, config.disk)
         self.webhooks = Webhooks(config.webhooks, config.spool.path / "webhooks", config.hostname, self.metrics)

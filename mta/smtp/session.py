@@ -37,7 +37,7 @@ from mta.auth.throttle import Throttle
 from mta.auth.workload import SMTP_USER, TokenRefused
 from mta.config import AccountPolicy, Config, LimitsConfig, ListenerConfig
 from mta.intake import Envelope as QueuedEnvelope
-from mta.intake import Intake
+from mta.intake import Taker
 from mta.limits.store import LimitsStore
 from mta.obs.log import event
 from mta.policy import account, address, relay
@@ -79,7 +79,7 @@ def is_tls(server: SMTP) -> bool:
 
 
 class SessionHandler(DispatchNames):
-    def __init__(self, listener: ListenerConfig, config: Config, intake: Intake,
+    def __init__(self, listener: ListenerConfig, config: Config, intake: Taker,
                  admission: Sequence[Admission] = (), *, credentials: Credentials | None = None,
                  services: AuthServices | None = None, suppression: SuppressionCheck | None = None,
                  workloads: WorkloadIdentity | None = None) -> None:
@@ -267,6 +267,8 @@ class SessionHandler(DispatchNames):
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address_text: str,
                           rcpt_options: list[str]) -> str:
         rcpt = address.parse_recipient(address_text)
+        if self.listener.mode == "feedback":
+            return self._feedback_recipient(session, envelope, address_text, rcpt_options)
         principal = await self._principal(session)
         user = principal.name if principal is not None else None
         try:
@@ -287,6 +289,20 @@ class SessionHandler(DispatchNames):
         if str(rcpt).lower() not in {r.lower() for r in envelope.rcpt_tos}:
             envelope.rcpt_tos.append(address_text)
             envelope.rcpt_options.extend(rcpt_options)
+        return str(replies.RECIPIENT_OK)
+
+    def _feedback_recipient(self, session: Session, envelope: Envelope, address_text: str,
+                            rcpt_options: list[str]) -> str:
+        """A feedback listener takes any local part of feedback.domain (return paths, fbl@, abuse@) and nothing else."""
+        domain = address_text.strip("<>").rpartition("@")[2].lower().rstrip(".")
+        if domain != self.config.feedback.domain:
+            exc = Rejected(replies.RELAY_DENIED, f"not the feedback domain: {domain}")
+            self._rejected(session, exc, recipient=address_text)
+            raise exc
+        if len(envelope.rcpt_tos) >= self.config.limits.max_recipients:
+            raise Rejected(replies.TOO_MANY_RECIPIENTS)
+        envelope.rcpt_tos.append(address_text)
+        envelope.rcpt_options.extend(rcpt_options)
         return str(replies.RECIPIENT_OK)
 
     def transaction_over(self, session: Session) -> None:

@@ -69,6 +69,12 @@ def test_mta_config_variable_names_the_file(tmp_path: Path) -> None:
         ("http_api: {address: '0.0.0.0:8443'}\n", {}, "http_api.keys_file: required when address is set"),
         ("listeners: [{name: a, address: '127.0.0.1:2587', mode: submission, auth: {}}]\n", {},
          "listeners.0.auth.credentials_file: required"),
+        ("feedback: {domain: bounces.example.com}\n", {}, "feedback.secret_file: required with domain"),
+        ("listeners: [{name: f, address: '127.0.0.1:2526', mode: feedback}]\n", {},
+         "listeners.0.mode: 'feedback' takes reports for feedback.domain: set it"),
+        ("feedback: {domain: bounces.example.com, secret_file: /etc/hostname}\n"
+         "listeners: [{name: f, address: '127.0.0.1:2526', mode: feedback, trusted_networks: [10.0.0.0/8]}]\n", {},
+         "listeners.0: a feedback listener relays nothing"),
         ("http_api: {address: 'nowhere', keys_file: /tmp/keys}\n", {}, "http_api.address"),
         ("http_api: {address: '0.0.0.0:8443', keys_file: /nonexistent/dir/keys}\n", {},
          "http_api.keys_file: directory /nonexistent/dir does not exist"),
