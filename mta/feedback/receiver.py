@@ -28,9 +28,6 @@ nothing; a suppression error is logged and the rest goes on.
 from __future__ import annotations
 
 import asyncio
-import email
-import email.policy
-import email.utils
 import logging
 import time
 from collections.abc import Callable
@@ -77,9 +74,9 @@ class FeedbackReceiver:
         if tagged is None:
             event("feedback_unmatched", level=logging.WARNING, kind=report.kind, **fields)
         elif report.kind == "bounce":
-            await self._bounce(report, tagged, fields, data)
+            await self._bounce(report, tagged, fields)
         elif report.kind == "complaint":
-            await self._complaint(report, tagged, fields, data)
+            await self._complaint(report, tagged, fields)
         else:
             event("feedback_ignored", kind=report.kind, queue_id=tagged.queue_id, **fields)
         now = self.clock()
@@ -97,8 +94,7 @@ class FeedbackReceiver:
                 return tagged
         return None
 
-    async def _bounce(self, report: reports.Report, tagged: Tagged, fields: dict[str, object],
-                      data: bytes) -> None:
+    async def _bounce(self, report: reports.Report, tagged: Tagged, fields: dict[str, object]) -> None:
         notices = report.notices
         if tagged.recipient is not None:
             # A return path given to one recipient is about that one, whatever the report's text says.
@@ -114,22 +110,22 @@ class FeedbackReceiver:
                 continue
             event("bounced", level=logging.WARNING, **common)
             if category in ADDRESS_CATEGORIES and fields["trusted"]:
-                await self._suppress(notice.recipient, category.value, tagged.queue_id, str(reply), data)
+                await self._suppress(notice.recipient, category.value, tagged.queue_id, str(reply), report)
 
-    async def _complaint(self, report: reports.Report, tagged: Tagged, fields: dict[str, object],
-                         data: bytes) -> None:
+    async def _complaint(self, report: reports.Report, tagged: Tagged, fields: dict[str, object]) -> None:
         recipient = tagged.recipient or report.complained
         event("complained", level=logging.WARNING, queue_id=tagged.queue_id, recipient=recipient,
-              feedback_type=report.feedback_type or "abuse", sending_domain=_sending_domain(data), **fields)
+              feedback_type=report.feedback_type or "abuse", sending_domain=report.sending_domain, **fields)
         if recipient and fields["trusted"]:
-            await self._suppress(recipient, "complaint", tagged.queue_id, report.feedback_type or "abuse", data)
+            await self._suppress(recipient, "complaint", tagged.queue_id, report.feedback_type or "abuse", report)
 
-    async def _suppress(self, address: str, reason: str, queue_id: str, detail: str, data: bytes) -> None:
+    async def _suppress(self, address: str, reason: str, queue_id: str, detail: str,
+                        report: reports.Report) -> None:
         if self.suppressions is None:
             return
         scope = GLOBAL
         if self.scope == "sending_domain":
-            domain = _sending_domain(data)
+            domain = report.sending_domain
             if domain is None:
                 event("feedback_unscoped", level=logging.WARNING, queue_id=queue_id, recipient=address,
                       reason="the report does not carry the original From: its sending domain is unknown")
@@ -160,14 +156,6 @@ def _reply(notice: reports.Notice) -> Reply:
     if body.startswith(enhanced):
         body = body[len(enhanced):].strip()
     return Reply(code, enhanced, body or "no diagnostic given")
-
-
-def _sending_domain(data: bytes) -> str | None:
-    """The From domain of the original message the report carries."""
-    message = email.message_from_bytes(data, policy=email.policy.compat32)
-    original = reports.included(message)
-    sender = email.utils.parseaddr(original.get("From") or "")[1] if original is not None else ""
-    return sender.rpartition("@")[2].lower() or None
 
 
 def build(config: Config, suppressions: SuppressionList | None) -> tuple[ReturnPaths | None, FeedbackReceiver | None]:

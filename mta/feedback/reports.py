@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import email.utils
 import re
 from dataclasses import dataclass, field
 from email.message import Message
@@ -47,6 +48,7 @@ class Report:
     complained: str | None = None  # the recipient who complained
     return_paths: list[str] = field(default_factory=list)  # where the report says the original came from
     reporter: str | None = None  # Reporting-MTA / Reported-Domain / User-Agent, for the log
+    sending_domain: str | None = None  # the From domain of the original message the report includes
 
 
 def _address(value: str | None) -> str | None:
@@ -66,7 +68,7 @@ def _fields(part: Message) -> list[Message]:
     return [email.message_from_bytes(block) for block in blocks if block.strip()]
 
 
-def included(report: Message) -> Message | None:
+def _included(report: Message) -> Message | None:
     """The original message (or its header) the report carries, as its third part."""
     for part in report.walk():
         kind = part.get_content_type()
@@ -83,13 +85,17 @@ def read(data: bytes) -> Report:
     message = email.message_from_bytes(data, policy=email.policy.compat32)
     report_type = (message.get_param("report-type") or "").lower() if message.get_content_type() == \
         "multipart/report" else ""
-    original = included(message)
+    original = _included(message)
     return_paths = [found for found in [_address(original.get("Return-Path")) if original else None] if found]
     if report_type == "delivery-status":
-        return _dsn(message, return_paths, data)
-    if report_type == "feedback-report":
-        return _arf(message, original, return_paths)
-    return Report("other", return_paths=return_paths)
+        report = _dsn(message, return_paths, data)
+    elif report_type == "feedback-report":
+        report = _arf(message, original, return_paths)
+    else:
+        report = Report("other", return_paths=return_paths)
+    sender = email.utils.parseaddr(original.get("From") or "")[1] if original is not None else ""
+    report.sending_domain = sender.rpartition("@")[2].lower() or None
+    return report
 
 
 def _blocks(data: bytes) -> list[Message]:

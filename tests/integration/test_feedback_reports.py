@@ -14,12 +14,14 @@ test DNS (unbound):
 - a return path with a forged tag matches nothing; mail for any other
   domain is not taken;
 - an ARF complaint (RFC 5965) sent to the feedback address, not the return
-  path, is matched by its Original-Mail-From and suppresses as a complaint.
+  path, is matched by its Original-Mail-From and suppresses as a complaint;
+- eight receivers reporting at once each suppress their own recipient.
 """
 
 from __future__ import annotations
 
 import smtplib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,20 @@ def test_a_complaint_to_the_feedback_address_is_matched_and_suppresses_when_trus
         assert added["reason"] == "complaint"
     else:
         assert not events(server, "suppression_added", recipient="erin@dest.test")
+
+
+def test_reports_in_parallel_each_suppress_their_own_recipient(world: World) -> None:
+    world.sink("dest")
+    server, port = feedback_mta(world)
+    recipients = [f"user{n}@dest.test" for n in range(8)]
+    paths = [delivered_return_path(world, server, rcpt, n + 1) for n, rcpt in enumerate(recipients)]
+
+    def send(pair: tuple[str, str]) -> int:
+        path, rcpt = pair
+        return report(port, HOSTS["dest"], "", path, dsn(path, rcpt, "5.1.1", f"550 5.1.1 <{rcpt}>: no such user"))[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(send, zip(paths, recipients, strict=True))) == [250] * 8
+    added = wait_for_event(server, "suppression_added", count=8, source="report")
+    assert sorted(item["recipient"] for item in added) == sorted(recipients)
+    assert len(list((Path(server.config["spool"]["path"]) / "feedback").glob("*.eml"))) == 8
