@@ -23,6 +23,8 @@ import sqlite3
 import time
 
 from mta import workload_identity
+from mta.api import esp_events
+from mta.api.esp_events import EspEvents
 from mta.api.idempotency import IdempotencyStore
 from mta.api.keys import ApiKeys
 from mta.api.server import ApiServer
@@ -38,6 +40,7 @@ from mta.dkim.keys import DkimKeyError, SigningKey
 from mta.dkim.signer import Signer
 from mta.drain.service import DrainError, DrainService
 from mta.feedback import receiver as feedback_receiver
+from mta.feedback.actions import FeedbackActions
 from mta.identity.monitor import IdentityMonitor
 from mta.intake import Intake
 from mta.k8s.api import KubeError, try_event
@@ -80,6 +83,7 @@ class App:
         self.drain = DrainService(config, self.spool)  # handoff endpoint and scale-down drain
         self.tls_policy: TlsPolicy | None = None  # outbound TLS for direct delivery, built with the connector
         self.api: ApiServer | None = None
+        self.esp_events: EspEvents | None = None
         self.tls_reports: SessionRecord | None = None  # TLS-RPT counts (tls_reports.enabled)
         self.idempotency: IdempotencyStore | None = None
         self.workloads: WorkloadIdentity | None = None  # service_accounts / identify_pods
@@ -149,10 +153,18 @@ class App:
             suppressions = open_list(config)
         except SuppressionError as exc:
             raise StartupError(f"suppression.path: {exc}") from None
+        # Reports to the feedback listener and providers' event webhooks act alike (mta.feedback.actions).
+        actions = FeedbackActions(config.bounces.classifier(), suppressions, config.suppression.scope)
         try:
-            return_paths, feedback = feedback_receiver.build(config, suppressions)
+            return_paths, feedback = feedback_receiver.build(config, actions)
         except OSError as exc:
             raise StartupError(f"feedback.secret_file: {exc.strerror or exc}") from None
+        try:
+            self.esp_events = esp_events.build(config, actions)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        except OSError as exc:
+            raise StartupError(f"feedback.esp: {exc.filename}: {exc.strerror or exc}") from None
         courier = Courier(self._connector().open, self.spool.message, signer,
                           return_paths.sender if return_paths is not None else None)
         limits = open_store(config.limits.store, await self._replicas())
@@ -268,7 +280,8 @@ class App:
         self.api = ApiServer(self.config, intake, keys, services.rates,
                              admission=[storage(self.obs.disk.ready, "http_api")], records=scheduler.records,
                              idempotency=self.idempotency, stopping=lambda: self.stopping, tls=tls,
-                             suppression=check_for(scheduler.suppressions, "http_api"), workloads=self.workloads)
+                             suppression=check_for(scheduler.suppressions, "http_api"), workloads=self.workloads,
+                             esp_events=self.esp_events)
         try:
             await self.api.start()
         except OSError as exc:

@@ -837,12 +837,69 @@ class KubernetesConfig(Section):
 
 
 
+class EspSendgridConfig(Section):
+    # The Signed Event Webhook's verification key: base64 of the DER key, as the console shows it, or PEM.
+    public_key_file: ReadableFile
+    max_age: Duration = Field(600.0, gt=0)  # a signed timestamp older than this is a replay
+
+
+class EspMailgunConfig(Section):
+    signing_key_file: ReadableFile  # the HTTP webhook signing key
+    max_age: Duration = Field(600.0, gt=0)
+
+
+class EspSesConfig(Section):
+    """Amazon SES notifications through an SNS topic (HTTPS subscription, raw message delivery off)."""
+
+    topic_arns: list[str] = Field(min_length=1)  # only these topics are taken
+    # Signing certificates are fetched over HTTPS only from hosts matching this.
+    cert_hosts: str = r"^sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$"
+    ca_file: ReadableFile | None = None  # for that HTTPS; default, the system's CAs
+    confirm_subscriptions: bool = True  # visit the SubscribeURL of a signed confirmation for a listed topic
+
+    @field_validator("topic_arns")
+    @classmethod
+    def _arns(cls, value: list[str]) -> list[str]:
+        for arn in value:
+            if not re.match(r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}$", arn):
+                raise ValueError(f"{arn!r} is not an SNS topic ARN (arn:aws:sns:REGION:ACCOUNT:NAME)")
+        return value
+
+    @field_validator("cert_hosts")
+    @classmethod
+    def _hosts(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"{value!r} is not a regular expression: {exc}") from None
+        return value
+
+
+class EspPostmarkConfig(Section):
+    # "user:password" on the first line: the basic-auth credentials put in the webhook's URL.
+    credentials_file: ReadableFile
+
+
+class EspEventsConfig(Section):
+    """Event webhooks of email service providers, on the HTTP API: ``POST /v1/events/<provider>``."""
+
+    sendgrid: EspSendgridConfig | None = None
+    mailgun: EspMailgunConfig | None = None
+    ses: EspSesConfig | None = None
+    postmark: EspPostmarkConfig | None = None
+
+    @property
+    def providers(self) -> list[str]:
+        return [name for name in ("sendgrid", "mailgun", "ses", "postmark") if getattr(self, name) is not None]
+
+
 class FeedbackConfig(Section):
     """Reports that come back later (``mta.feedback``): signed VERP return paths and the feedback listener."""
 
     # The return-path domain: its MX points at a listener with mode feedback.  None: no VERP, no reports.
     domain: str | None = None
     secret_file: ReadableFile | None = None  # the key that signs return paths; the same on every pod
+    esp: EspEventsConfig = EspEventsConfig()  # what providers a smart-host route relays through report
 
     @field_validator("domain")
     @classmethod
@@ -1130,6 +1187,8 @@ class Config(Section):
         if self.feedback.domain is not None and self.feedback.secret_file is None:
             raise ValueError("feedback.secret_file: required with domain: return paths are signed so that nobody "
                              "can forge a bounce")
+        if self.feedback.esp.providers and self.http_api.address is None:
+            raise ValueError("feedback.esp: provider events are posted to the HTTP API: set http_api.address")
         for n, listener in enumerate(self.listeners):
             if listener.mode != "feedback":
                 continue

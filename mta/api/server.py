@@ -1,5 +1,8 @@
 """The HTTP send API listener: ``POST /v1/messages``, ``POST /v1/messages/raw``, ``GET /v1/messages/{id}``.
 
+With ``feedback.esp`` it also takes providers' event webhooks, ``POST /v1/events/{provider}``
+(``mta.api.esp_events``: each provider's own authentication, not an API key).
+
 A submission is authenticated by an API key (``mta.api.keys``) or a
 ServiceAccount token (a JWT as the Bearer credential, ``mta.auth.workload``,
 with ``service_accounts.enabled``) before its body is read, held to the account's policy with the functions the SMTP
@@ -37,6 +40,7 @@ from mta import content, receive, replies
 from mta.api import errors
 from mta.api.compose import compose
 from mta.api.errors import ApiError
+from mta.api.esp_events import EspEvents
 from mta.api.idempotency import MAX_KEY_LENGTH, IdempotencyStore
 from mta.api.keys import ApiKeys
 from mta.auth.workload import TokenRefused, looks_like_jwt
@@ -72,7 +76,7 @@ class ApiServer:
                  idempotency: IdempotencyStore | None = None, stopping: Callable[[], bool] = lambda: False,
                  tls: ssl.SSLContext | None = None, header_timeout: float = HEADER_TIMEOUT,
                  body_timeout: float = BODY_TIMEOUT, suppression: SuppressionCheck | None = None,
-                 workloads: WorkloadIdentity | None = None) -> None:
+                 workloads: WorkloadIdentity | None = None, esp_events: EspEvents | None = None) -> None:
         self.config = config
         self.intake = intake
         self.keys = keys
@@ -84,6 +88,7 @@ class ApiServer:
         self.tls = tls
         self.suppression = suppression
         self.workloads = workloads
+        self.esp_events = esp_events
         self.header_timeout, self.body_timeout = header_timeout, body_timeout
         self.max_body = max_request_size(config)
         self.runner: web.AppRunner | None = None
@@ -95,6 +100,8 @@ class ApiServer:
         app.router.add_post("/v1/messages/raw", self._raw)
         app.router.add_get("/v1/messages/{id}", self._status)
         app.router.add_get("/v1/openapi.json", self._openapi)
+        if self.esp_events is not None:
+            app.router.add_post("/v1/events/{provider}", self.esp_events.handle)
         # aiohttp's keep-alive timeout runs from the connection's start and
         # from each response until a request header is complete: the header timeout.
         self.runner = web.AppRunner(app, access_log=None, keepalive_timeout=self.header_timeout)
@@ -107,6 +114,8 @@ class ApiServer:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+        if self.esp_events is not None:
+            await self.esp_events.close()
 
     # -- routes -------------------------------------------------------------------
 

@@ -35,15 +35,13 @@ from pathlib import Path
 
 import dns.resolver
 
-from mta.bounce.classify import ADDRESS_CATEGORIES, Classifier
 from mta.config import Config
 from mta.delivery.mx import make_sync_resolver
 from mta.feedback import reports, verify
+from mta.feedback.actions import FeedbackActions
 from mta.feedback.verp import ReturnPaths, Tagged
 from mta.intake import Envelope
 from mta.obs.log import event
-from mta.replies import Reply
-from mta.suppression import GLOBAL, SuppressionError, SuppressionList
 from spool import Recipient, Record
 from spool.ids import new_id
 from spool.safeio import write_file
@@ -52,13 +50,11 @@ log = logging.getLogger(__name__)
 
 
 class FeedbackReceiver:
-    def __init__(self, paths: ReturnPaths, directory: Path, classifier: Classifier,
+    def __init__(self, paths: ReturnPaths, directory: Path, actions: FeedbackActions,
                  resolver: Callable[[], dns.resolver.Resolver], authserv_id: str,
-                 suppressions: SuppressionList | None = None, scope: str = "global",
                  clock: Callable[[], float] = time.time) -> None:
-        self.paths, self.directory, self.classifier = paths, directory, classifier
-        self.resolver, self.authserv_id = resolver, authserv_id
-        self.suppressions, self.scope, self.clock = suppressions, scope, clock
+        self.paths, self.directory, self.actions = paths, directory, actions
+        self.resolver, self.authserv_id, self.clock = resolver, authserv_id, clock
 
     async def put(self, envelope: Envelope, data: bytes, *, queue_id: str | None = None) -> Record:
         queue_id = queue_id or new_id(self.clock())
@@ -101,64 +97,22 @@ class FeedbackReceiver:
             notices = [n for n in notices if n.recipient.lower() == tagged.recipient.lower()] or [
                 reports.Notice(tagged.recipient, n.action, n.status, n.diagnostic) for n in notices[:1]]
         for notice in notices:
-            reply = _reply(notice)
-            category = self.classifier.classify(reply)
-            common = {"queue_id": tagged.queue_id, "recipient": notice.recipient, "reply": str(reply),
-                      "category": category.value, "source": "report", **fields}
-            if notice.action == "delayed":
-                event("deferred", **common)
-                continue
-            event("bounced", level=logging.WARNING, **common)
-            if category in ADDRESS_CATEGORIES and fields["trusted"]:
-                await self._suppress(notice.recipient, category.value, tagged.queue_id, str(reply), report)
+            await self.actions.bounced(notice.recipient, notice.reply, delayed=notice.action == "delayed",
+                                       trusted=bool(fields["trusted"]), source="report", queue_id=tagged.queue_id,
+                                       sending_domain=report.sending_domain, **_without_trust(fields))
 
     async def _complaint(self, report: reports.Report, tagged: Tagged, fields: dict[str, object]) -> None:
-        recipient = tagged.recipient or report.complained
-        event("complained", level=logging.WARNING, queue_id=tagged.queue_id, recipient=recipient,
-              feedback_type=report.feedback_type or "abuse", sending_domain=report.sending_domain, **fields)
-        if recipient and fields["trusted"]:
-            await self._suppress(recipient, "complaint", tagged.queue_id, report.feedback_type or "abuse", report)
-
-    async def _suppress(self, address: str, reason: str, queue_id: str, detail: str,
-                        report: reports.Report) -> None:
-        if self.suppressions is None:
-            return
-        scope = GLOBAL
-        if self.scope == "sending_domain":
-            domain = report.sending_domain
-            if domain is None:
-                event("feedback_unscoped", level=logging.WARNING, queue_id=queue_id, recipient=address,
-                      reason="the report does not carry the original From: its sending domain is unknown")
-                return
-            scope = f"domain:{domain}"
-        elif self.scope == "account":
-            # Which account sent it is not in the return path nor in the report: nothing to scope by.
-            event("feedback_unscoped", level=logging.WARNING, queue_id=queue_id, recipient=address,
-                  reason="suppression.scope account: a report does not say which account sent the message")
-            return
-        try:
-            entry = await asyncio.to_thread(self.suppressions.add, address, reason, "report", detail, scope)
-        except SuppressionError as exc:
-            log.error("queue_id=%s cannot suppress %s: %s", queue_id, address, exc)
-            return
-        event("suppression_added", queue_id=queue_id, recipient=address, reason=entry.reason, source="report",
-              scope=scope, expires=entry.expires)
+        await self.actions.complained(tagged.recipient or report.complained,
+                                      feedback_type=report.feedback_type or "abuse", trusted=bool(fields["trusted"]),
+                                      source="report", queue_id=tagged.queue_id,
+                                      sending_domain=report.sending_domain, **_without_trust(fields))
 
 
-def _reply(notice: reports.Notice) -> Reply:
-    """The reply a bounce reports, as far as it says: the code and text of its Diagnostic-Code."""
-    text = notice.diagnostic
-    code_text, _, rest = text.partition(" ")
-    code = int(code_text) if code_text.isdigit() and len(code_text) == 3 else (
-        550 if notice.status.startswith("5") else 450)
-    enhanced = notice.status if notice.status[:1] in ("2", "4", "5") else ("5.0.0" if code >= 500 else "4.0.0")
-    body = rest if code_text.isdigit() else text
-    if body.startswith(enhanced):
-        body = body[len(enhanced):].strip()
-    return Reply(code, enhanced, body or "no diagnostic given")
+def _without_trust(fields: dict[str, object]) -> dict[str, object]:
+    return {key: value for key, value in fields.items() if key != "trusted"}
 
 
-def build(config: Config, suppressions: SuppressionList | None) -> tuple[ReturnPaths | None, FeedbackReceiver | None]:
+def build(config: Config, actions: FeedbackActions) -> tuple[ReturnPaths | None, FeedbackReceiver | None]:
     """The return paths and the receiver ``feedback`` asks for; (None, None) without ``feedback.domain``.
 
     ``OSError`` when the secret file cannot be read (the caller names the key)."""
@@ -167,7 +121,7 @@ def build(config: Config, suppressions: SuppressionList | None) -> tuple[ReturnP
         return None, None
     key = settings.secret_file.read_bytes().strip()
     paths = ReturnPaths(settings.domain, key)
-    receiver = FeedbackReceiver(paths, config.spool.path / "feedback", config.bounces.classifier(),
+    receiver = FeedbackReceiver(paths, config.spool.path / "feedback", actions,
                                 lambda: make_sync_resolver(config.dns.servers, config.dns.timeout),
-                                config.authserv_id or config.hostname, suppressions, config.suppression.scope)
+                                config.authserv_id or config.hostname)
     return paths, receiver

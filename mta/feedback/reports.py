@@ -28,8 +28,11 @@ import re
 from dataclasses import dataclass, field
 from email.message import Message
 
+from mta.replies import Reply
+
 _ADDRESS_TYPE = re.compile(r"^\s*(?:rfc822\s*;\s*)?<?(?P<address>[^<>\s;]+@[^<>\s;]+)>?\s*$", re.IGNORECASE)
 _ANGLE = re.compile(r"<([^<>]+@[^<>]+)>")
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,10 @@ class Notice:
     action: str  # failed | delayed
     status: str  # the enhanced code, e.g. 5.1.1
     diagnostic: str  # the remote server's reply, as the reporter gives it
+
+    @property
+    def reply(self) -> Reply:
+        return diagnostic_reply(self.status, self.diagnostic, self.status.startswith("5"))
 
 
 @dataclass
@@ -49,6 +56,28 @@ class Report:
     return_paths: list[str] = field(default_factory=list)  # where the report says the original came from
     reporter: str | None = None  # Reporting-MTA / Reported-Domain / User-Agent, for the log
     sending_domain: str | None = None  # the From domain of the original message the report includes
+
+
+def diagnostic_reply(status: str, diagnostic: str, permanent: bool) -> Reply:
+    """The reply a report gives as a status (``5.1.1``) and a diagnostic (``smtp; 550 5.1.1 no such user``)."""
+    text = diagnostic.strip()
+    kind, sep, rest = text.partition(";")
+    if sep and kind.strip().lower() in ("smtp", "x-postfix", "x-unix", "x-local"):
+        text = rest.strip()
+    code_text, _, rest = text.partition(" ")
+    has_code = code_text.isdigit() and len(code_text) == 3 and code_text[0] in "245"
+    code = int(code_text) if has_code else (550 if permanent else 450)
+    body = rest.strip() if has_code else text
+    given = _ENHANCED.match(body)
+    if _ENHANCED.fullmatch(status.strip()):
+        enhanced = status.strip()
+    elif given:  # "421 4.7.0 try later" with no Status of its own
+        enhanced = given[0]
+    else:
+        enhanced = "5.0.0" if code >= 500 else "4.0.0"
+    if body.startswith(enhanced):
+        body = body[len(enhanced):].strip()
+    return Reply(code, enhanced, body or "no diagnostic given")
 
 
 def _address(value: str | None) -> str | None:

@@ -51,6 +51,7 @@ REJECTION_REASONS = tuple(sorted({name.lower() for name, value in vars(replies).
                                   if isinstance(value, replies.Reply) and value.code >= 400}))
 # Why the webhook sender gives events up (mta.obs.webhooks), known from the start at 0.
 WEBHOOK_DROP_REASONS = ("rate", "outbox_full", "write_failed", "expired", "backlog_full")
+ESP_KINDS = ("delivered", "bounced", "deferred", "complained", "ignored", "refused")
 
 
 def reason_label(reply: Any) -> str:
@@ -166,11 +167,11 @@ class _Live(Collector):
 class Metrics:
     def __init__(self, domains: Sequence[str] = (), listeners: Sequence[str] = (),
                  registry: CollectorRegistry | None = None, webhook_endpoints: Sequence[str] = (),
-                 sending_domains: Sequence[str] = ()) -> None:
+                 sending_domains: Sequence[str] = (), esp_providers: Sequence[str] = ()) -> None:
         disable_created_metrics()  # the *_created series only add noise to every scrape
         self.registry = registry or CollectorRegistry()
         self.domains = {d.lower() for d in domains}
-        self.sending_domains = {d.lower() for d in sending_domains}  # labels of complaint counts; others: "other"
+        self.sending_domains = {d.lower() for d in sending_domains}  # labels of rate counts; others: "other"
         self.sources = Sources()
         r = self.registry
         self.received = Counter("kubemta_messages_received", "Messages offered at DATA, by listener and result",
@@ -180,9 +181,19 @@ class Metrics:
         self.workload_messages = Counter("kubemta_workload_messages", "Messages accepted from cluster workloads "
                                          "(ServiceAccount token or pod identity), by namespace", ["namespace"],
                                          registry=r)
-        self.complaints = Counter("kubemta_complaints", "Complaints (ARF reports) received, by the complained-about "
-                                  "mail's sending domain and whether SPF or DKIM passed", ["sending_domain", "trusted"],
+        self.complaints = Counter("kubemta_complaints", "Complaints received (ARF reports and ESP events), by the "
+                                  "complained-about mail's sending domain and whether they were proven (SPF or "
+                                  "DKIM passed, or the provider's signature)", ["sending_domain", "trusted"],
                                   registry=r)
+        # The denominators of bounce and complaint rates (the monitoring component's alerts).
+        self.sent = Counter("kubemta_sending_domain_sent", "Recipients whose delivery was concluded here (delivered, "
+                            "bounced or expired), by the sender's domain", ["sending_domain"], registry=r)
+        self.sending_bounces = Counter("kubemta_sending_domain_bounces", "Recipients that bounced, at once or "
+                                       "reported later, by the sender's domain and bounce category",
+                                       ["sending_domain", "category"], registry=r)
+        self.esp_events = Counter("kubemta_esp_events", "Event webhooks of email service providers, by provider "
+                                  "and what they said (refused: not proven to come from the provider)",
+                                  ["provider", "kind"], registry=r)
         self.feedback_reports = Counter("kubemta_feedback_reports", "Reports taken by feedback listeners, by what "
                                         "they matched", ["result"], registry=r)
         self.rejections = Counter("kubemta_rejections", "Refused commands and connections, by reason",
@@ -248,6 +259,15 @@ class Metrics:
                 self.outcomes.labels(domain, outcome)
             for category in CATEGORIES:
                 self.bounces.labels(category, domain)
+        for sending in [*sorted(self.sending_domains), "other"]:
+            self.sent.labels(sending)
+            for category in CATEGORIES:
+                self.sending_bounces.labels(sending, category)
+            for trusted in ("true", "false"):
+                self.complaints.labels(sending, trusted)
+        for provider in esp_providers:
+            for kind in ESP_KINDS:
+                self.esp_events.labels(provider, kind)
         for listener in listeners:
             for result in ("accepted", "rejected"):
                 self.received.labels(listener, result)
@@ -268,6 +288,11 @@ class Metrics:
     def domain_label(self, domain_or_address: Any) -> str:
         domain = str(domain_or_address or "").rpartition("@")[2].strip().lower().rstrip(".]").lstrip("[")
         return domain if domain in self.domains else "other"
+
+    def sending_label(self, fields: dict[str, Any]) -> str:
+        """The sending domain an event names (a report's or provider's From), else its envelope sender's."""
+        domain = str(fields.get("sending_domain") or str(fields.get("sender") or "").rpartition("@")[2]).lower()
+        return domain if domain in self.sending_domains else "other"
 
     # -- events --------------------------------------------------------------
 
@@ -298,8 +323,12 @@ class Metrics:
 
     def _outcome(self, name: str, fields: dict[str, Any]) -> None:
         domain = self.domain_label(fields.get("recipient"))
-        if fields.get("source") != "report":  # a later report: its delivery was counted when it happened
+        if fields.get("provider"):
+            self.esp_events.labels(str(fields["provider"]), name).inc()
+        if not fields.get("source"):  # a report or ESP event later: the delivery was counted when it happened
             self.outcomes.labels(domain, name).inc()
+            if name != "deferred":
+                self.sent.labels(self.sending_label(fields)).inc()
         if fields.get("tls_policy"):
             self.tls_policy.labels(str(fields["tls_policy"]), str(fields.get("tls_policy_result", "ok")), name).inc()
         delay = _number(fields.get("delay"))
@@ -307,13 +336,16 @@ class Metrics:
             self.latency.labels(domain).observe(delay)
         if name in ("bounced", "expired"):
             category = str(fields.get("category") or "other")
-            self.bounces.labels(category if category in CATEGORIES else "other", domain).inc()
+            category = category if category in CATEGORIES else "other"
+            self.bounces.labels(category, domain).inc()
+            self.sending_bounces.labels(self.sending_label(fields), category).inc()
 
     def _complained(self, fields: dict[str, Any]) -> None:
-        self.feedback_reports.labels("complaint").inc()
-        sending = str(fields.get("sending_domain") or "")
-        self.complaints.labels(sending if sending in self.sending_domains else "other",
-                               "true" if fields.get("trusted") else "false").inc()
+        if fields.get("provider"):
+            self.esp_events.labels(str(fields["provider"]), "complained").inc()
+        else:
+            self.feedback_reports.labels("complaint").inc()
+        self.complaints.labels(self.sending_label(fields), "true" if fields.get("trusted") else "false").inc()
 
     def _queued(self, fields: dict[str, Any]) -> None:
         if fields.get("dsn_for"):
@@ -355,6 +387,8 @@ _HANDLERS: dict[str, Callable[[Metrics, dict[str, Any]], None]] = {
     "complained": lambda m, f: m._complained(f),
     "feedback_unmatched": lambda m, f: m.feedback_reports.labels("unmatched").inc(),
     "feedback_ignored": lambda m, f: m.feedback_reports.labels("ignored").inc(),
+    "esp_event_ignored": lambda m, f: m.esp_events.labels(str(f.get("provider")), "ignored").inc(),
+    "esp_request_refused": lambda m, f: m.esp_events.labels(str(f.get("provider")), "refused").inc(),
     "deferred": lambda m, f: m._outcome("deferred", f),
     "bounced": lambda m, f: m._outcome("bounced", f),
     "expired": lambda m, f: m._outcome("expired", f),

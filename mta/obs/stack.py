@@ -32,7 +32,8 @@ class Observability:
         self.config = config
         self.metrics = Metrics(config.metrics.domains, [item.name for item in config.listeners],
                                webhook_endpoints=[item.name for item in config.webhooks.endpoints],
-                               sending_domains=[k.domain for k in config.dkim.keys] + config.identity.sending_domains) \
+                               sending_domains=[k.domain for k in config.dkim.keys] + config.identity.sending_domains,
+                               esp_providers=config.feedback.esp.providers) \
             if config.metrics.enabled else None
         self.disk = DiskGuard(config.spool.path, config.disk)
         self.webhooks = Webhooks(config.webhooks, config.spool.path / "webhooks", config.hostname, self.metrics)

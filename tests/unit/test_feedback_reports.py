@@ -13,7 +13,6 @@ import pytest
 
 from mta.bounce.classify import Category, Classifier
 from mta.feedback import reports
-from mta.feedback.receiver import _reply
 from mta.feedback.verp import ReturnPaths, Tagged
 from tests.ci import require
 
@@ -50,7 +49,7 @@ def test_a_real_dsn_for_25_recipients_is_25_content_bounces(corpus: Path) -> Non
     assert len(report.notices) == 25 and {n.action for n in report.notices} == {"failed"}
     first = report.notices[0]
     assert first.recipient == "xxxxxxx@dot.ca.gov" and first.status == "5.7.1"
-    reply = _reply(first)
+    reply = first.reply
     assert (reply.code, reply.enhanced) == (550, "5.7.1") and reply.text.startswith("Message content rejected")
     assert Classifier().classify(reply) is Category.CONTENT_REJECTED
 
@@ -60,7 +59,7 @@ def test_a_dsn_with_a_broken_boundary_and_no_diagnostic_still_names_its_recipien
     assert report.kind == "bounce" and report.reporter == "zinfandel.lacita.com"
     [notice] = report.notices
     assert (notice.recipient, notice.status, notice.diagnostic) == ("scoffman@wellpartner.com", "5.4.6", "")
-    reply = _reply(notice)
+    reply = notice.reply
     assert (reply.code, reply.enhanced) == (550, "5.4.6")
 
 
