@@ -15,19 +15,24 @@ test DNS (unbound):
   domain is not taken;
 - an ARF complaint (RFC 5965) sent to the feedback address, not the return
   path, is matched by its Original-Mail-From and suppresses as a complaint;
+- an ARF complaint from an address SPF fails, DKIM-signed by the receiver's
+  domain (with Mail::DKIM, not the verifier's library), is trusted; the same
+  report altered after signing is not;
 - eight receivers reporting at once each suppress their own recipient.
 """
 
 from __future__ import annotations
 
 import smtplib
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from mta.dkim import keys
 from mta.feedback.verp import ReturnPaths, Tagged
-from tests.conftest import HOSTS, World
+from tests.conftest import HOSTS, RECORDS, World
 from tests.harness import HOST, MtaServer, send_mail
 from tests.obs.logs import events, wait_for_event
 from tests.peers.net import free_port
@@ -150,6 +155,36 @@ def test_a_complaint_to_the_feedback_address_is_matched_and_suppresses_when_trus
         assert added["reason"] == "complaint"
     else:
         assert not events(server, "suppression_added", recipient="erin@dest.test")
+
+
+SIGNER = Path(__file__).parent.parent / "tools" / "dkimsign.pl"
+
+
+def test_a_dkim_signed_complaint_is_trusted_where_spf_fails_and_an_altered_one_is_not(world: World) -> None:
+    key = keys.generate("rsa")
+    key_path = world.root / "fbl.pem"
+    keys.write_private_key(key, key_path)
+    value = keys.txt_record(key)
+    chunks = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
+    world.dns.replace_records([*RECORDS, f"fbl._domainkey.dest.test. IN TXT {chunks}"])
+    world.sink("dest")
+    server, port = feedback_mta(world)
+    for n, name in enumerate(("frank", "grace")):
+        path = delivered_return_path(world, server, f"{name}@dest.test", n + 1)
+        signed = subprocess.run(["perl", str(SIGNER), "dest.test", "fbl", str(key_path)],
+                                input=arf(path, f"{name}@dest.test"), capture_output=True, timeout=30, check=True)
+        assert signed.stdout.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed; d=dest.test;")
+        data = signed.stdout if name == "frank" else signed.stdout.replace(b"hello", b"HELLO")
+        assert report(port, FORGER, "fbl@dest.test", f"fbl@{DOMAIN}", data)[0] == 250
+
+    [frank] = wait_for_event(server, "complained", recipient="frank@dest.test")
+    assert (frank["spf"], frank["dkim"], frank["trusted"]) == ("fail", "pass", True)
+    [grace] = wait_for_event(server, "complained", recipient="grace@dest.test")
+    assert (grace["spf"], grace["dkim"], grace["trusted"]) == ("fail", "fail", False)
+    wait_for_event(server, "suppression_added", recipient="frank@dest.test", reason="complaint")
+    assert not events(server, "suppression_added", recipient="grace@dest.test")
+    kept = [path.read_bytes() for path in (Path(server.config["spool"]["path"]) / "feedback").glob("*.eml")]
+    assert any(b"dkim=pass header.d=dest.test" in item.split(b"\r\n\r\n", 1)[0] for item in kept)
 
 
 def test_reports_in_parallel_each_suppress_their_own_recipient(world: World) -> None:
