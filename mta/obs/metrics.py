@@ -338,7 +338,8 @@ class Metrics:
             category = str(fields.get("category") or "other")
             category = category if category in CATEGORIES else "other"
             self.bounces.labels(category, domain).inc()
-            self.sending_bounces.labels(self.sending_label(fields), category).inc()
+            if fields.get("trusted") is not False:  # an unproven report is recorded, not believed
+                self.sending_bounces.labels(self.sending_label(fields), category).inc()
 
     def _complained(self, fields: dict[str, Any]) -> None:
         if fields.get("provider"):

@@ -35,6 +35,7 @@ from mta.feedback.verp import ReturnPaths, Tagged
 from tests.conftest import HOSTS, RECORDS, World
 from tests.harness import HOST, MtaServer, send_mail
 from tests.obs.logs import events, wait_for_event
+from tests.obs.scrape import scrape
 from tests.peers.net import free_port
 
 DOMAIN = "bounces.sender.test"
@@ -52,6 +53,7 @@ def feedback_mta(world: World) -> tuple[MtaServer, int]:
                        "trusted_networks": ["127.0.0.1/32"]},
                       {"name": "feedback", "address": f"{HOST}:{port}", "mode": "feedback"}],
         "feedback": {"domain": DOMAIN, "secret_file": str(secret)},
+        "identity": {"sending_domains": ["sender.test"]},
     })
     return server, port
 
@@ -119,6 +121,13 @@ def test_a_trusted_dsn_suppresses_and_a_forged_one_does_not(world: World) -> Non
         code, text = client.rcpt("alice@dest.test")
         assert (code, text[:5]) == (550, b"5.1.1")
         assert client.rcpt("bob@dest.test")[0] == 250  # an untrusted report said nothing about bob
+
+    metrics = scrape(server)
+    assert metrics.get("kubemta_sending_domain_sent_total", sending_domain="sender.test") == 2
+    # Both bounced; only the proven report counts toward the domain's hard-bounce rate.
+    assert metrics.get("kubemta_sending_domain_bounces_total", sending_domain="sender.test",
+                       category="invalid_recipient") == 1
+    assert metrics.get("kubemta_bounces_total", category="invalid_recipient", domain="other") == 2
 
     kept = sorted((Path(server.config["spool"]["path"]) / "feedback").glob("*.eml"))
     assert len(kept) == 2

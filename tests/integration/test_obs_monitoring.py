@@ -53,7 +53,7 @@ def test_the_alerts_the_issue_asks_for_exist() -> None:
     names = {item["alert"] for group in rule["spec"]["groups"] for item in group["rules"]}
     assert {"KubemtaQueueGrowing", "KubemtaOldestMessageTooOld", "KubemtaBounceRateHigh", "KubemtaNoDeliveries",
             "KubemtaSelfCheckFailing", "KubemtaSpoolDiskFilling", "KubemtaNotReady",
-            "KubemtaHardBounceRateHigh"} <= names
+            "KubemtaHardBounceRateHigh", "KubemtaComplaintRateHigh"} <= names
 
 
 def test_dashboard_is_grafana_json_with_the_promised_panels() -> None:
@@ -65,7 +65,9 @@ def test_dashboard_is_grafana_json_with_the_promised_panels() -> None:
     for metric in ("kubemta_messages_received_total", "kubemta_queue_messages",
                    "kubemta_queue_oldest_message_age_seconds", "kubemta_delivery_outcomes_total",
                    "kubemta_bounces_total", "kubemta_suppressions_added_total",
-                   "kubemta_delivery_latency_seconds_bucket", "kubemta_selfcheck_ok", "kubemta_spool_disk_free_bytes"):
+                   "kubemta_delivery_latency_seconds_bucket", "kubemta_selfcheck_ok", "kubemta_spool_disk_free_bytes",
+                   "kubemta_sending_domain_bounces_total", "kubemta_sending_domain_sent_total",
+                   "kubemta_complaints_total", "kubemta_esp_events_total", "kubemta_feedback_reports_total"):
         assert metric in exprs, metric
     for p in panels:
         assert p["targets"] and p["datasource"]["uid"] == "${datasource}", p["title"]
