@@ -5,7 +5,7 @@ PEM key parses, a certificate matches its key or a credentials file is well
 formed is found by the part that loads it, at start, when a rollout is
 already crash-looping.  ``problems`` runs those same loaders — DKIM keys,
 listener certificates and keys, credentials files, the HTTP API's keys
-file and certificate, smart-host logins, the drain secret — so a bad
+file and certificate, smart-host logins, the ESP event keys, the drain secret — so a bad
 Secret is caught before it is mounted in a pod.
 
 Failure: none raised; each file that would stop ``mta serve`` gives one
@@ -14,11 +14,13 @@ line naming its config key and the reason.
 
 from __future__ import annotations
 
+from mta.api.esp_events import EspEvents
 from mta.auth.credentials import Credentials, CredentialsError
 from mta.config import Config
 from mta.delivery.client import route_credentials
 from mta.dkim.keys import DkimKeyError, SigningKey
 from mta.drain import wire
+from mta.feedback.actions import FeedbackActions
 from mta.smtp.tls import ServerTls, TlsError
 
 
@@ -58,6 +60,13 @@ def problems(config: Config) -> list[str]:
                 route_credentials(route)
             except (OSError, ValueError) as exc:
                 found.append(f"routes.{n}.auth_file: {exc}")
+    if config.feedback.esp.providers:
+        try:  # reads every provider's key file as mta serve does
+            EspEvents(config.feedback.esp, FeedbackActions(config.bounces.classifier(), None, "global"))
+        except ValueError as exc:
+            found.append(str(exc))
+        except OSError as exc:
+            found.append(f"feedback.esp: {exc.filename}: {exc.strerror or exc}")
     # A missing drain secret only disables handoffs (mta serve warns); a bad one stops it.
     secret = config.drain.secret_file
     if secret is not None and secret.exists():

@@ -75,11 +75,18 @@ class EspEvents:
             except ValueError as exc:
                 raise ValueError(f"feedback.esp.sendgrid.public_key_file: {exc}") from None
         if settings.mailgun is not None:
-            self.mailgun = MailgunSignature(settings.mailgun.signing_key_file.read_bytes(), settings.mailgun.max_age)
+            key = settings.mailgun.signing_key_file.read_bytes().strip()
+            if not key:
+                raise ValueError("feedback.esp.mailgun.signing_key_file: the file is empty")
+            self.mailgun = MailgunSignature(key, settings.mailgun.max_age)
         if settings.ses is not None:
             self.sns = SnsSignature(settings.ses.topic_arns, settings.ses.cert_hosts, self.fetch)
             self.confirm = settings.ses.confirm_subscriptions
-            self.ssl = ssl.create_default_context(cafile=str(settings.ses.ca_file) if settings.ses.ca_file else None)
+            try:
+                self.ssl = ssl.create_default_context(cafile=str(settings.ses.ca_file) if settings.ses.ca_file
+                                                      else None)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise ValueError(f"feedback.esp.ses.ca_file: not a CA bundle: {exc}") from None
         if settings.postmark is not None:
             try:
                 self.postmark = BasicAuth(settings.postmark.credentials_file.read_text().partition("\n")[0])

@@ -320,3 +320,25 @@ def test_parallel_posts_from_every_provider_each_suppress_their_own_address(prov
             client.ehlo("app.kubemta.test")
             client.mail("news@app.test")
             assert {client.rcpt(f"p{n}@dest.test")[0] for n in range(first, first + 8)} == {550}
+
+
+def test_bad_key_files_are_named_by_check_config_and_stop_serve(world: World) -> None:
+    (world.root / "not-a-key").write_text("-----BEGIN PUBLIC KEY-----\nnonsense\n-----END PUBLIC KEY-----\n")
+    (world.root / "token-only").write_text("0123456789abcdef\n")
+    (world.root / "api-keys").write_text("")
+    for name in ("not-a-key", "token-only", "api-keys"):
+        (world.root / name).chmod(0o600)
+    server = world.mta({
+        "http_api": {"address": f"{HOST}:{free_port(HOST)}", "keys_file": str(world.root / "api-keys")},
+        "feedback": {"esp": {"sendgrid": {"public_key_file": str(world.root / "not-a-key")},
+                             "postmark": {"credentials_file": str(world.root / "token-only")}}},
+    }, start=False)
+    done = server.cli("check-config")
+    assert done.returncode != 0
+    assert "feedback.esp.sendgrid.public_key_file: not an ECDSA public key" in done.stderr, done.stderr
+    done = server.cli("serve")
+    assert done.returncode == 1 and "feedback.esp.sendgrid.public_key_file: not an ECDSA public key" in done.stderr
+    server.config["feedback"]["esp"].pop("sendgrid")
+    server.config_path.write_text(json.dumps(server.config))
+    done = server.cli("check-config")
+    assert "feedback.esp.postmark.credentials_file: the first line must be user:password" in done.stderr
