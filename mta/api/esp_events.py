@@ -128,9 +128,7 @@ class EspEvents:
             if self.postmark is not None and provider == "postmark":
                 self.postmark.check(request.headers)  # before reading a body nobody proved
             async with asyncio.timeout(BODY_TIMEOUT):
-                body = await request.content.read(MAX_BODY + 1)
-            if len(body) > MAX_BODY:
-                raise ApiError(413, "request_too_large", "5.3.4", f"at most {MAX_BODY} bytes")
+                body = await _body(request)
             news, acted = await self._proven(provider, request, body)
         except Forged as exc:
             event("esp_request_refused", level=logging.WARNING, provider=provider, client=client, reason=str(exc))
@@ -142,7 +140,10 @@ class EspEvents:
         except TimeoutError:
             return ApiError(408, "body_timeout", "4.4.2", "request body not received in time").response()
         except ApiError as exc:
-            return exc.response()
+            response = exc.response()
+            if exc.status == 413:
+                response.force_close()  # the rest of the body may still be on its way
+            return response
         except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
             event("esp_request_refused", level=logging.WARNING, provider=provider, client=client,
                   reason=f"not {provider}'s JSON: {exc}")
@@ -223,6 +224,17 @@ class EspEvents:
             assert item.reply is not None
             await self.actions.bounced(item.recipient, item.reply, delayed=item.kind == esp.DEFERRED, trusted=True,
                                        source=source, queue_id=None, sending_domain=item.sending_domain, **fields)
+
+
+async def _body(request: web.Request) -> bytes:
+    """The whole body, chunked or not; ``ApiError`` 413 past ``MAX_BODY``."""
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise ApiError(413, "request_too_large", "5.3.4", f"at most {MAX_BODY} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def build(config: Config, actions: FeedbackActions) -> EspEvents | None:

@@ -62,6 +62,7 @@ HEADER_TIMEOUT = 30.0  # as the handoff endpoint: longer than clients keep idle 
 BODY_TIMEOUT = 120.0  # a floor on the transfer rate for the largest body, not a target
 JSON_ALLOWANCE = 64 * 1024  # field names, headers and text beside the base64 attachments
 LISTENER = "http_api"  # the listener name in events and the record's attrs
+LINGERING_TIME = 1.0
 
 
 def max_request_size(config: Config) -> int:
@@ -104,7 +105,10 @@ class ApiServer:
             app.router.add_post("/v1/events/{provider}", self.esp_events.handle)
         # aiohttp's keep-alive timeout runs from the connection's start and
         # from each response until a request header is complete: the header timeout.
-        self.runner = web.AppRunner(app, access_log=None, keepalive_timeout=self.header_timeout)
+        # A body refused before it was read (413) is drained for lingering_time so that the client
+        # sees the answer; aiohttp's 10 s would also hold up every shutdown that follows one.
+        self.runner = web.AppRunner(app, access_log=None, keepalive_timeout=self.header_timeout,
+                                    lingering_time=LINGERING_TIME)
         await self.runner.setup()
         host, port = self.config.http_api.host_port
         await web.TCPSite(self.runner, host, port, ssl_context=self.tls, reuse_address=True).start()

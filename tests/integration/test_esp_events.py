@@ -292,6 +292,19 @@ def test_bad_requests_get_clear_errors(providers: Providers) -> None:
         == 400  # no Email
 
 
+def test_a_large_batch_is_read_whole_and_an_oversized_one_refused(providers: Providers) -> None:
+    url = providers.at("sendgrid")
+    batch = [sendgrid_event("open", f"reader{n}@dest.test", useragent="Mozilla/5.0 " + "x" * 200)
+             for n in range(3000)]
+    batch.append(sendgrid_event("bounce", "last@dest.test", status="5.1.1", reason=UNKNOWN_USER))
+    assert len(json.dumps(batch)) > 1_000_000
+    assert providers.sendgrid.post(url, batch) == (200, {"events": 3001})
+    wait_for_event(providers.server, "suppression_added", recipient="last@dest.test")
+    huge = [sendgrid_event("open", "x@dest.test", useragent="y" * 9_000_000)]
+    status, body = providers.sendgrid.post(url, huge)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+
+
 def test_parallel_posts_from_every_provider_each_suppress_their_own_address(providers: Providers) -> None:
     server = providers.server
 
