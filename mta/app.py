@@ -142,13 +142,12 @@ class App:
         except DkimKeyError as exc:
             raise StartupError(f"dkim.keys: {exc}") from None
         try:
-            loaded = self.spool.open()
+            # Earlier mail is loaded once the listeners take new mail (_load_queue).
+            cutoff = self.spool.take()
         except SpoolError as exc:
             raise StartupError(str(exc)) from None
         except OSError as exc:
             raise StartupError(f"spool.path {config.spool.path}: {exc.strerror}") from None
-        event("spool_loaded", path=str(config.spool_shard), messages=len(loaded.records),
-              quarantined=len(loaded.corrupt), removed_uncommitted=loaded.removed_uncommitted)
         try:
             suppressions = open_list(config)
         except SuppressionError as exc:
@@ -170,7 +169,7 @@ class App:
         limits = open_store(config.limits.store, await self._replicas())
         scheduler, intake = assemble(self.spool, config, courier, limits=limits)
         scheduler.suppressions = suppressions
-        scheduler.load(loaded.records)
+        intake.wait_for_load(cutoff, scheduler.loaded)
         reporter = build_reporter(config, self.tls_reports, intake) if self.tls_reports is not None else None
         api = self.drain.api
         identity = IdentityMonitor(config, keys, scheduler,
@@ -191,6 +190,7 @@ class App:
         self.workloads, self.pods = workload_identity.build(config, self.drain.api)
         control = ControlServer(socket_path(config.spool.path), Operator(scheduler), services.gate, reporter)
         report_task: asyncio.Task[None] | None = None
+        load_task: asyncio.Task[None] | None = None
         try:
             for item in config.listeners:
                 if item.name in delegated:
@@ -235,8 +235,13 @@ class App:
                 raise StartupError(str(exc)) from None
             event("started", hostname=config.hostname, pid=os.getpid(), workers=config.workers,
                   listeners=",".join(f"{item.name}={item.address}" for item in config.listeners))
-            await self._wait_for_signal(scheduler_task)
+            load_task = asyncio.create_task(self._load_queue(scheduler, cutoff))
+            await self._wait_for_signal(scheduler_task, load_task)
         finally:
+            if load_task is not None:
+                # The loader's thread cannot be stopped; the spool stays ours until it is done.
+                with contextlib.suppress(Exception):
+                    await load_task
             if report_task is not None:
                 report_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -287,16 +292,38 @@ class App:
         except OSError as exc:
             raise StartupError(f"http_api.address {config.address}: {exc.strerror}") from None
 
-    async def _wait_for_signal(self, scheduler_task: asyncio.Task[None]) -> None:
+    async def _load_queue(self, scheduler: Scheduler, cutoff: str) -> None:
+        """The spool's earlier mail, read in a thread while the listeners already take new mail."""
+        started = time.monotonic()
+        try:
+            loaded = await asyncio.to_thread(self.spool.load, cutoff)
+        except OSError as exc:
+            raise StartupError(f"spool.path {self.config.spool.path}: cannot load the queue: "
+                               f"{exc.strerror or exc}") from None
+        scheduler.load(loaded.records)
+        event("spool_loaded", path=str(self.config.spool_shard), messages=len(loaded.records),
+              quarantined=len(loaded.corrupt), removed_uncommitted=loaded.removed_uncommitted,
+              seconds=round(time.monotonic() - started, 3))
+
+    async def _wait_for_signal(self, scheduler_task: asyncio.Task[None], load_task: asyncio.Task[None]) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         stopper = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({stopper, scheduler_task}, return_when=asyncio.FIRST_COMPLETED)
+        watched = {stopper, scheduler_task, load_task}
+        while stopper in watched:
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            if load_task in done:
+                load_task.result()  # a spool that cannot be read stops the server, as it did at start
+                watched.discard(load_task)
+            if scheduler_task in done:
+                stopper.cancel()
+                scheduler_task.result()  # the scheduler must never end on its own: surface why
+                break
+            if stopper in done:
+                break
         stopper.cancel()
-        if scheduler_task in done:
-            scheduler_task.result()  # the scheduler must never end on its own: surface why
 
     async def _shutdown(self, scheduler: Scheduler, scheduler_task: asyncio.Task[None] | None,
                         control: ControlServer, health: HealthServer, workers: Workers) -> None:

@@ -2,7 +2,9 @@
 
 A spool directory is one shard of the queue (``mta`` runs one, shard ``0``).
 One process owns it: it holds the lock, loads it at open, and is the only
-one to change or remove what it holds.  Other processes of the same server
+one to change or remove what it holds.  ``mta serve`` takes it first
+(``take``) and loads it in the background (``load``) while its listeners
+already store new mail: the loader reads only ids from before the take.  Other processes of the same server
 (``mta.workers``) may attach to it and only add new messages; the owner
 finds those it was not told about with ``unannounced``.
 
@@ -20,7 +22,7 @@ A message's state is the directory its metadata is in; a state change is a
 rename.  Storing writes ``msg/<ID>`` and ``tmp/<ID>.json``, fsyncs both and
 the ``msg`` directory, then renames the metadata into ``incoming/`` and
 fsyncs that directory: the metadata file is the commit marker.  A message
-file without metadata was never acknowledged and is removed at open.  If two
+file without metadata was never acknowledged and is removed when loaded.  If two
 metadata files exist for one id (a crash between rename and unlink), the
 higher ``revision`` wins.
 
@@ -50,6 +52,7 @@ from typing import Any
 
 from spool.commit import Batch, Change, Committer
 from spool.errors import SpoolError, UnknownMessage
+from spool.ids import cutoff, since
 from spool.lock import DirectoryLock
 from spool.record import Record, RecordError, loads
 
@@ -109,6 +112,20 @@ class Spool:
 
     def open(self) -> LoadResult:
         """Take ownership, create the layout and load every message."""
+        self.take()
+        try:
+            return self.load()
+        except BaseException:
+            self.close()
+            raise
+
+    def take(self) -> str:
+        """Take ownership and create the layout, without reading what is queued.
+
+        Returns the cut-off for ``load``: mail stored from now on (the
+        listeners may take it at once) has ids from it on, and ``load``
+        leaves it to whoever stored it.
+        """
         for parent in reversed(self.root.parents):
             if not parent.exists():
                 _make_dir(parent, ROOT_MODE)
@@ -119,13 +136,24 @@ class Spool:
                 _make_dir(self.root / name, DIR_MODE)
             for leftover in (self.root / "tmp").iterdir():
                 leftover.unlink()
-            result = self._load()
         except BaseException:
             self.lock.release()
             raise
         self._committer = Committer(name=f"spool-commit:{self.root.name}", sync=self.sync)
         self._reaper = Committer(name=f"spool-reap:{self.root.name}", sync=self.sync)
-        return result
+        return cutoff()
+
+    def load(self, before: str | None = None) -> LoadResult:
+        """Every message queued before ``before`` (``take``'s cut-off; default, now).
+
+        Safe to run in a thread while new mail is stored and delivered: files
+        whose id is from the cut-off on are not looked at (a message file
+        whose metadata is still being written is not "uncommitted"), and a
+        file gone meanwhile is skipped.  Producers that reuse an older id (a
+        handoff from another pod, a retried idempotent request) must wait
+        until the load is done.
+        """
+        return self._load(before or cutoff())
 
     def attach(self) -> None:
         """Write new messages into a spool another process of this server owns.
@@ -322,22 +350,25 @@ class Spool:
         log.error("spool file %s quarantined to %s: %s", path, target, reason)
         result.corrupt.append(target.name)
 
-    def _metadata_files(self) -> Iterator[tuple[str, Path]]:
+    def _metadata_files(self, before: str) -> Iterator[tuple[str, Path]]:
         for state in STATES:
             for path in sorted((self.root / state).iterdir()):
-                yield state, path
+                if not since(path.name.removesuffix(".json"), before):
+                    yield state, path
 
-    def _load(self) -> LoadResult:
+    def _load(self, before: str) -> LoadResult:
         result = LoadResult()
         best: dict[str, tuple[Record, Path]] = {}
         bad_ids: set[str] = set()
-        for state, path in self._metadata_files():
+        for state, path in self._metadata_files(before):
             try:
                 if path.suffix != ".json":
                     raise RecordError("not a metadata file")
                 if not stat.S_ISREG(path.lstat().st_mode):
                     raise RecordError("not a regular file")
                 record = self.read_record(state, path.stem)
+            except FileNotFoundError:
+                continue  # changed state (renamed) or removed meanwhile: read under its new name, or gone
             except (RecordError, OSError) as exc:
                 bad_ids.add(path.name.removesuffix(".json"))
                 self._quarantine(path, str(exc), result)
@@ -370,7 +401,7 @@ class Spool:
                 continue
             result.records.append(record)
         for msg in (self.root / "msg").iterdir():
-            if msg.name in best:
+            if msg.name in best or since(msg.name, before):
                 continue
             if msg.name in bad_ids:
                 self._quarantine(msg, "its metadata failed to load", result)

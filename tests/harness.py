@@ -92,20 +92,26 @@ class MtaServer:
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
-    def wait_ready(self, timeout: float = 20.0) -> None:
+    def wait_ready(self, timeout: float = 20.0, loaded: bool = True) -> None:
+        """Until /readyz answers 200 and, with ``loaded``, the queue from before this start is loaded
+        (``mta serve`` takes mail while it loads the spool in the background)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"mta serve exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 with urllib.request.urlopen(f"http://{HOST}:{self.http_port}/readyz", timeout=2) as response:
-                    if response.status == 200:
+                    if response.status == 200 and (not loaded or self.loaded()):
                         wait_port(HOST, self.port, timeout=2)
                         return
             except OSError:
                 pass
             time.sleep(0.1)
         raise TimeoutError(f"mta serve not ready after {timeout}s:\n{self.log()}")
+
+    def loaded(self) -> bool:
+        """Whether the current start has logged ``spool_loaded``."""
+        return '"event":"spool_loaded"' in self.log().rpartition(f"---- start {self.starts} ----")[2]
 
     def readyz(self) -> tuple[int, dict[str, Any]]:
         try:

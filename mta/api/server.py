@@ -300,6 +300,7 @@ class ApiServer:
                 "smtputf8": not "".join([sender, *unique]).isascii(), "8bitmime": checked.eight_bit,
                 "8bit": checked.eight_bit, "utf8_headers": checked.utf8_headers, "long_lines": checked.long_lines,
                 **held_attrs(held)})
+            await self.intake.settled(queue_id)  # an earlier id is the spool loader's until it is done
             if queue_id in self.records:  # an idempotent retry after a crash that had stored it
                 stored = self.records[queue_id]
             else:

@@ -143,6 +143,7 @@ class HandoffServer:
         except wire.WireError as exc:
             event("handoff_refused", level=logging.WARNING, client=peer, reason=str(exc))
             return web.json_response({"error": str(exc)}, status=400)
+        await self.intake.settled(record.id)  # this spool's own earlier mail may still be loading
         if record.id in self.queued:
             event("handoff_duplicate", queue_id=record.id, client=peer)
             return web.json_response({"result": "duplicate", "id": record.id})

@@ -90,6 +90,7 @@ class Scheduler:
         self.clock = clock
         self.rng = rng or random.Random()
         self.records: dict[str, Record] = {}
+        self.loaded = asyncio.Event()  # the spool's earlier mail is tracked too (load)
         self._due = DueTimes()
         self.active: set[str] = set()  # in a delivery round or an operator action
         self._outstanding: dict[str, int] = {}  # jobs of the current round not yet reported
@@ -104,8 +105,11 @@ class Scheduler:
     # -- what is queued ------------------------------------------------------
 
     def load(self, records: Iterable[Record]) -> None:
+        """The spool's earlier mail, loaded (perhaps after new mail was accepted): then ``loaded`` is set."""
         for record in records:
-            self.track(record)
+            if record.id not in self.records:
+                self.track(record)
+        self.loaded.set()
 
     def accept(self, record: Record) -> None:
         """A newly spooled message: try it now (once, however often it is announced)."""

@@ -188,6 +188,8 @@ class Workers:
 
     def rescan(self, min_age: float = RESCAN_AGE) -> int:
         """Queue stored messages nobody announced; returns how many were found."""
+        if not self.scheduler.loaded.is_set():
+            return 0  # the loader is still reading them: everything not yet tracked looks unannounced
         found = self.spool.unannounced(self.scheduler.records, min_age)
         for record in found:
             self.scheduler.accept(record)

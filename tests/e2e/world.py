@@ -169,7 +169,9 @@ class Pod:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 status, body = self.readyz()
-                if status == 200:
+                # Ready, and the queue from before this start loaded (mta serve loads it in the background).
+                log = self.log_path.read_text(errors="replace").rpartition("---- start ")[2]
+                if status == 200 and '"event":"spool_loaded"' in log:
                     return
                 last = body
             except (OSError, ValueError) as exc:

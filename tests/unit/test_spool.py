@@ -152,6 +152,28 @@ def test_message_without_metadata_was_never_committed_and_is_removed(spool: Spoo
         spool.close()
 
 
+def test_a_load_after_take_leaves_mail_stored_since_to_its_writer(spool: Spool) -> None:
+    """``mta serve`` takes the spool, starts listening, then loads: what the listeners store meanwhile
+    (even a message file whose metadata is not written yet) is not the loader's."""
+    old = make_record()
+    spool.store_blocking(b"old", old)
+    (spool.root / "msg" / new_id()).write_bytes(b"never committed")
+    spool.close()
+    fresh = Spool(spool.root, spool.sync)
+    cutoff = fresh.take()
+    try:
+        new = make_record()
+        fresh.store_blocking(b"new", new)
+        half = new_id()
+        (fresh.root / "msg" / half).write_bytes(b"metadata on its way")
+        loaded = fresh.load(cutoff)
+        assert [r.id for r in loaded.records] == [old.id] and loaded.removed_uncommitted == 1
+        assert (fresh.root / "msg" / half).exists() and (fresh.root / "incoming" / f"{new.id}.json").exists()
+        assert loaded.corrupt == []
+    finally:
+        fresh.close()
+
+
 def test_a_failed_write_keeps_nothing(spool: Spool) -> None:
     first = spool.store_blocking(b"one\r\n", make_record())
     again = make_record()
