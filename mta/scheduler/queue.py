@@ -101,6 +101,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._stop_asked = asyncio.Event()
 
     # -- what is queued ------------------------------------------------------
 
@@ -171,6 +172,7 @@ class Scheduler:
     async def stop(self, deadline: float) -> None:
         """Stop starting attempts; let running ones finish until ``deadline``."""
         self._stopping = True
+        self._stop_asked.set()
         self._wake.set()
         for destination in self._destinations.values():
             destination.nudge()  # idle lanes leave now
@@ -278,8 +280,9 @@ class Scheduler:
                 if refusal is not None:
                     self._defer_all(destination, result.transient(451, "4.7.0", refusal))
                     break
-                if pause > 0:
-                    await asyncio.sleep(pause)  # a messages-per-minute rule
+                if pause > 0:  # a messages-per-minute rule; a stop does not wait for the minute
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop_asked.wait(), pause)
                     continue
                 job = destination.jobs.popleft()
                 destination.delivering += 1

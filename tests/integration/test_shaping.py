@@ -3,11 +3,12 @@ per-destination rates hold, and the daily cap stops delivery for the day."""
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 
 from tests.conftest import World
 from tests.harness import send_mail
-from tests.obs.logs import events, wait_for_event
+from tests.obs.logs import events, records, wait_for_event
 
 
 def test_a_throttling_destination_is_left_alone_for_its_cool_down(world: World) -> None:
@@ -35,6 +36,14 @@ def test_messages_per_minute_rule_holds(world: World) -> None:
     sink.wait_for_messages(2, timeout=20)
     time.sleep(3)
     assert len(sink.messages()) == 2  # the next two wait for the minute to pass
+    # A stop does not wait for that minute (nor for shutdown.timeout).
+    server.stop()
+    times = {item["event"]: item["ts"] for item in records(server.log())
+             if item.get("event") in ("stopping", "stopped")}
+    took = (dt.datetime.fromisoformat(times["stopped"]) - dt.datetime.fromisoformat(times["stopping"])).total_seconds()
+    assert took < 2.5, took  # the harness's shutdown.timeout is 5 s
+    server.start()  # nothing was lost: they go out after the restart (the rule counts per process)
+    sink.wait_for_messages(4, timeout=20)
 
 
 def test_daily_cap_holds_the_rest_until_tomorrow(world: World) -> None:
