@@ -75,6 +75,8 @@ def test_embedded_default_runs_from_an_empty_directory(tmp_path: Path) -> None:
     # Only DNS is pointed somewhere: at a loopback port nobody answers on, so
     # the test never sends a query off this machine.
     env["MTA__DNS__NAMESERVERS"] = f"[127.0.0.1:{free_port()}]"
+    # The message's delivery waits on that silent DNS; the stop need not wait the default 25 s for it.
+    env["MTA__SHUTDOWN__TIMEOUT"] = "1s"
     proc = subprocess.Popen([sys.executable, "-P", "-m", "mta.cli", "serve"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
