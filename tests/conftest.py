@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from mta.dkim import keys
 from tests.ci import (  # noqa: F401 -- hooks and the helper, installed for the whole suite
     pytest_runtest_makereport,
     pytest_sessionfinish,
@@ -104,6 +105,16 @@ class World:
     def start(self) -> None:
         (self.root / "dns").mkdir()
         self.dns.start()
+
+    def dkim_key(self, selector: str, domain: str) -> Path:
+        """A new RSA signing key, its public half published at ``selector._domainkey.domain``; the key file."""
+        key = keys.generate("rsa")
+        path = self.root / f"{selector}.{domain}.pem"
+        keys.write_private_key(key, path)
+        value = keys.txt_record(key)
+        chunks = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
+        self.dns.replace_records([*RECORDS, f"{selector}._domainkey.{domain}. IN TXT {chunks}"])
+        return path
 
     def sink(self, name: str, extra_args: list[str] | None = None) -> SmtpSink:
         """A receiving MTA for ``name``'s MX address."""

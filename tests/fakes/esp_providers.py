@@ -22,7 +22,6 @@ the JSON each one posts, its headers and its proof, made with real keys:
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import datetime as dt
 import hashlib
@@ -30,7 +29,6 @@ import hmac
 import json
 import secrets
 import ssl
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -44,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from mta.feedback.esp_auth import sns_string_to_sign
-from tests.peers.net import free_port
+from tests.peers.webthread import ThreadedWebApp
 
 
 def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
@@ -117,11 +115,13 @@ class Postmark:
         return post(url, json.dumps(record).encode(), headers)
 
 
-class Sns:
+class Sns(ThreadedWebApp):
     """The SNS side of an HTTPS subscription, and the web server that serves its signing certificate."""
 
+    what = "fake SNS"
+
     def __init__(self, tls: ssl.SSLContext, host: str = "127.0.0.1") -> None:
-        self.host, self.port, self.tls = host, free_port(host), tls
+        super().__init__(tls, host)
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sns.us-east-1.amazonaws.com")])
         now = dt.datetime.now(dt.UTC)
@@ -131,10 +131,6 @@ class Sns:
                             .sign(self.key, hashes.SHA256()))
         self.confirmed: list[str] = []  # tokens whose SubscribeURL was visited
         self.fetched = 0  # certificate downloads
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
 
     @property
     def cert_url(self) -> str:
@@ -174,31 +170,6 @@ class Sns:
             "x-amz-sns-message-type": message["Type"], "x-amz-sns-message-id": message["MessageId"],
             "x-amz-sns-topic-arn": message["TopicArn"]})
 
-    async def _serve(self) -> None:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_get("/confirm", self._confirm)
         app.router.add_get(f"/SimpleNotificationService-{self.port}.pem", self._cert)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, self.host, self.port, ssl_context=self.tls).start()
-        self._stop = asyncio.Event()
-        self._ready.set()
-        try:
-            await self._stop.wait()
-        finally:
-            await runner.cleanup()
-
-    def start(self) -> Sns:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(),), daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError(f"fake SNS on {self.host}:{self.port} did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(10)
-            self._loop.close()
-            self._loop = None

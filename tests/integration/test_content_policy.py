@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mta.dkim import keys
-from tests.conftest import RECORDS, World
+from tests.conftest import World
 from tests.harness import MtaServer
 from tests.peers.recorder import Received, Recorder
 
@@ -121,12 +120,7 @@ VERIFIER = Path(__file__).parent.parent / "tools" / "dkimverify.pl"
 
 
 def signing_config(world: World) -> dict[str, object]:
-    key = keys.generate("rsa")
-    key_path = world.root / "long.pem"
-    keys.write_private_key(key, key_path)
-    value = keys.txt_record(key)
-    chunks = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
-    world.dns.replace_records([*RECORDS, f"long._domainkey.sender.test. IN TXT {chunks}"])
+    key_path = world.dkim_key("long", "sender.test")
     return {"keys": [{"domain": "sender.test", "selector": "long", "key_file": str(key_path)}]}
 
 

@@ -18,10 +18,9 @@ import smtplib
 import subprocess
 from pathlib import Path
 
-from mta.dkim import keys
 from mta.message import normalise
 from tests.ci import require
-from tests.conftest import RECORDS, World
+from tests.conftest import World
 from tests.peers.recorder import Recorder
 
 CORPUS = Path("/usr/lib/python3.11/test/test_email/data")
@@ -42,12 +41,7 @@ def as_sent(data: bytes) -> bytes:
 def test_a_public_corpus_is_accepted_delivered_signed_and_kept(world: World) -> None:
     files = sorted(CORPUS.glob("msg_*.txt"))
     require(len(files) >= 40, f"the corpus in {CORPUS} (Debian package libpython3.11-testsuite) is missing")
-    key = keys.generate("rsa")
-    key_path = world.root / "corpus.pem"
-    keys.write_private_key(key, key_path)
-    value = keys.txt_record(key)
-    chunks = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
-    world.dns.replace_records([*RECORDS, f"corpus._domainkey.sender.test. IN TXT {chunks}"])
+    key_path = world.dkim_key("corpus", "sender.test")
     with Recorder() as recorder:
         server = world.mta({
             "delivery": {"port": recorder.port}, "limits": {"max_line_length": 1048576},

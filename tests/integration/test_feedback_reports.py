@@ -30,9 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from mta.dkim import keys
 from mta.feedback.verp import ReturnPaths, Tagged
-from tests.conftest import HOSTS, RECORDS, World
+from tests.conftest import HOSTS, World
 from tests.harness import HOST, MtaServer, send_mail
 from tests.obs.logs import events, wait_for_event
 from tests.obs.scrape import scrape
@@ -170,12 +169,7 @@ SIGNER = Path(__file__).parent.parent / "tools" / "dkimsign.pl"
 
 
 def test_a_dkim_signed_complaint_is_trusted_where_spf_fails_and_an_altered_one_is_not(world: World) -> None:
-    key = keys.generate("rsa")
-    key_path = world.root / "fbl.pem"
-    keys.write_private_key(key, key_path)
-    value = keys.txt_record(key)
-    chunks = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
-    world.dns.replace_records([*RECORDS, f"fbl._domainkey.dest.test. IN TXT {chunks}"])
+    key_path = world.dkim_key("fbl", "dest.test")
     world.sink("dest")
     server, port = feedback_mta(world)
     for n, name in enumerate(("frank", "grace")):

@@ -16,29 +16,22 @@ up within 10 seconds; ``stop`` waits at most 10 seconds for the thread.
 
 from __future__ import annotations
 
-import asyncio
 import ssl
-import threading
-from types import TracebackType
 
 from aiohttp import web
 
-from tests.peers.net import free_port
+from tests.peers.webthread import ThreadedWebApp
 
 
-class StsWebServer:
+class StsWebServer(ThreadedWebApp):
+    what = "MTA-STS web server"
+
     def __init__(self, tls: ssl.SSLContext, policies: dict[str, str] | None = None) -> None:
-        self.host = "127.0.0.1"
-        self.port = free_port()
-        self.tls = tls
+        super().__init__(tls)
         self.policies = dict(policies or {})
         self.redirect: set[str] = set()
         self.requests: list[str] = []
         self.posts: list[tuple[str, bytes]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
 
     async def _policy(self, request: web.Request) -> web.StreamResponse:
         host = request.host.rsplit(":", 1)[0].lower()
@@ -54,39 +47,6 @@ class StsWebServer:
         self.posts.append((request.headers.get("Content-Type", ""), await request.read()))
         return web.Response(status=201)
 
-    async def _serve(self) -> None:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_get("/.well-known/mta-sts.txt", self._policy)
         app.router.add_post("/tlsrpt", self._report)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, ssl_context=self.tls)
-        await site.start()
-        self._stop = asyncio.Event()
-        self._ready.set()
-        try:
-            await self._stop.wait()
-        finally:
-            await runner.cleanup()
-
-    def start(self) -> StsWebServer:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(),), daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError(f"MTA-STS web server on {self.host}:{self.port} did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(10)
-            self._loop.close()
-            self._loop = None
-
-    def __enter__(self) -> StsWebServer:
-        return self.start()
-
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
