@@ -238,16 +238,12 @@ class App:
             load_task = asyncio.create_task(self._load_queue(scheduler, cutoff))
             await self._wait_for_signal(scheduler_task, load_task)
         finally:
-            if load_task is not None:
-                # The loader's thread cannot be stopped; the spool stays ours until it is done.
-                with contextlib.suppress(Exception):
-                    await load_task
             if report_task is not None:
                 report_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await report_task
             await identity.stop()
-            await self._shutdown(scheduler, scheduler_task, control, health, workers)
+            await self._shutdown(scheduler, scheduler_task, control, health, workers, load_task)
             await limits.close()  # after the last session and delivery that counted in it
 
     async def _replicas(self) -> int:
@@ -326,7 +322,8 @@ class App:
         stopper.cancel()
 
     async def _shutdown(self, scheduler: Scheduler, scheduler_task: asyncio.Task[None] | None,
-                        control: ControlServer, health: HealthServer, workers: Workers) -> None:
+                        control: ControlServer, health: HealthServer, workers: Workers,
+                        load_task: asyncio.Task[None] | None) -> None:
         self.stopping = True
         self.drain.stopping = True  # refuse handoffs from other pods from now on
         event("stopping", timeout=self.config.shutdown.timeout)
@@ -343,6 +340,11 @@ class App:
             scheduler_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await scheduler_task
+        if load_task is not None:
+            # The loader's thread cannot be stopped, and a pod scaled away hands over its whole
+            # queue, not the part loaded so far: the spool stays ours until the load is done.
+            with contextlib.suppress(Exception):
+                await load_task
         # Deliveries have stopped: a pod scaled away hands its queue to the pods that stay.
         await self.drain.drain_if_scaled_down(scheduler)
         await self.drain.stop()

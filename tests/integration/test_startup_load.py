@@ -66,3 +66,16 @@ def test_mail_is_taken_and_delivered_while_a_large_queue_loads(world: World) -> 
     [_, again] = wait_for_event(server, "spool_loaded", count=2)
     assert (again["messages"], again["removed_uncommitted"]) == (QUEUED, 0)
     assert json.loads(server.queue("list", "--json").stdout)[0]["state"] == "deferred"
+
+
+def test_a_stop_while_loading_keeps_every_message(world: World) -> None:
+    server = world.mta(start=False)
+    fill(server.spool_dir, QUEUED)
+    server.start(wait=False)
+    server.wait_ready(timeout=60, loaded=False)
+    assert not server.loaded(), "the load ended before the stop: nothing tested"
+    server.stop()
+    assert server.proc is not None and server.proc.returncode == 0, server.log()[-2000:]
+    server.start()
+    [_, again] = wait_for_event(server, "spool_loaded", count=2)
+    assert (again["messages"], again["quarantined"]) == (QUEUED, 0)
