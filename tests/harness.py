@@ -111,7 +111,8 @@ class MtaServer:
 
     def loaded(self) -> bool:
         """Whether the current start has logged ``spool_loaded``."""
-        return '"event":"spool_loaded"' in self.log().rpartition(f"---- start {self.starts} ----")[2]
+        since = self.log().rpartition(f"---- start {self.starts} ----")[2]
+        return '"event":"spool_loaded"' in since or "event=spool_loaded " in since  # log.format json or text
 
     def readyz(self) -> tuple[int, dict[str, Any]]:
         try:
