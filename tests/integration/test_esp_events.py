@@ -246,6 +246,12 @@ def test_ses_through_sns_confirms_its_subscription_and_takes_only_signed_message
     assert rcpt(server, "victim@dest.test")[0] == 250 and rcpt(server, "other@dest.test")[0] == 250
     assert sns.fetched == 1  # the certificate is fetched once, and never from a host not allowed
 
+    # An allowed host whose certificate cannot be fetched: 503, so that SNS posts it again later.
+    gone = sns.message(TOPIC, "Notification", victim, cert_url=f"https://127.0.0.1:{free_port()}/cert.pem")
+    status, body = sns.post(url, gone)
+    assert (status, body["error"]["code"]) == (503, "certificate_unavailable")
+    assert rcpt(server, "victim@dest.test")[0] == 250
+
 
 def test_postmark_needs_its_basic_auth_and_maps_bounce_types(providers: Providers) -> None:
     server, url, postmark = providers.server, providers.at("postmark"), providers.postmark
